@@ -1,0 +1,34 @@
+# One-command setup: `make demo` and `make test` build .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the pinned CPU torch first, so pip never resolves a multi-GB CUDA build
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m hil.demo
+
+test: $(STAMP)
+	# pytest exits 5 when it collects no test: that is a failure here, never a silent pass
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/emulator.py
+	$(PY) benchmarks/calibration.py
+	$(PY) benchmarks/drivers.py
+
+clean:
+	rm -rf $(VENV) out runs

@@ -1,0 +1,186 @@
+"""The backend contract: named tiles of devices with read and pulse, optional MVM and
+rank-1 update, and a URL-scheme registry so the core never imports a backend package."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+import torch
+
+from hil.errors import BackendError, BackendURLError, UnsupportedOperation
+from hil.url import BackendURL
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares it can do; controllers never guess."""
+
+    mvm: bool = False
+    outer_update: bool = False
+    allocate: bool = True
+    max_pulses_per_command: int = 2**31 - 1
+    device: str = "cpu"
+
+
+class Tile(ABC):
+    """A rows x cols array of devices, read and written in weight units."""
+
+    def __init__(self, backend: Backend, name: str, rows: int, cols: int, dw_min: float):
+        self.backend = backend
+        self.name = name
+        self.shape = (int(rows), int(cols))
+        self.dw_min = float(dw_min)  # nominal weight change of one pulse
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @abstractmethod
+    def read(self) -> torch.Tensor:
+        """Return the weights as float32 [rows, cols] (with the backend's read noise)."""
+
+    @abstractmethod
+    def _pulse(self, n: torch.Tensor) -> None:
+        """Apply validated signed pulse counts (int32 [rows, cols], on this backend's device)."""
+
+    def pulse(self, n: torch.Tensor) -> None:
+        """Apply signed integer pulse counts per device: + potentiates, - depresses, 0 nothing."""
+        self._pulse(self.check_pulses(n))
+
+    def check_pulses(self, n: torch.Tensor) -> torch.Tensor:
+        """Validate a pulse-count map and return it as int32 on the backend's device."""
+        if not isinstance(n, torch.Tensor):
+            raise BackendError("pulse counts must be a torch.Tensor", tile=self.name, op="pulse")
+        if n.dtype.is_floating_point or n.dtype.is_complex or n.dtype == torch.bool:
+            raise BackendError(
+                f"pulse counts must be an integer tensor, got {n.dtype}", tile=self.name, op="pulse"
+            )
+        if tuple(n.shape) != self.shape:
+            raise BackendError(
+                f"pulse counts have shape {tuple(n.shape)}, tile is {self.shape}",
+                tile=self.name, op="pulse",
+            )
+        limit = self.backend.capabilities.max_pulses_per_command
+        if n.numel() and int(n.abs().max()) > limit:
+            raise BackendError(
+                f"pulse count {int(n.abs().max())} exceeds {limit} per command",
+                tile=self.name, op="pulse",
+            )
+        return n.to(device=self.backend.capabilities.device, dtype=torch.int32)
+
+    def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Analog MVM: x [B, cols] -> [B, rows]; transpose: [B, rows] -> [B, cols]."""
+        raise UnsupportedOperation("backend has no analog MVM", tile=self.name, op="mvm")
+
+    def outer_update(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> None:
+        """Stochastic pulse-train rank-1 update aiming at W += lr * sum_b d_b x_b^T."""
+        raise UnsupportedOperation(
+            "backend has no parallel rank-1 update", tile=self.name, op="outer_update"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self.shape[0]}x{self.shape[1]}>"
+
+
+class Backend(ABC):
+    """A set of named tiles behind one URL; a context manager whose close() makes outputs safe."""
+
+    capabilities: Capabilities = Capabilities()
+
+    def __init__(self, url: str):
+        self.url = url
+        self._tiles: dict[str, Tile] = {}
+        self.closed = False
+
+    @abstractmethod
+    def _allocate(self, name: str, rows: int, cols: int) -> Tile:
+        """Create the tile (backend-specific)."""
+
+    def allocate(self, name: str, rows: int, cols: int) -> Tile:
+        """Reserve a new rows x cols tile under ``name``."""
+        self._check_open("allocate", name)
+        if name in self._tiles:
+            raise BackendError("tile already allocated", tile=name, op="allocate")
+        if int(rows) < 1 or int(cols) < 1:
+            raise BackendError(f"bad tile shape {rows}x{cols}", tile=name, op="allocate")
+        tile = self._allocate(name, int(rows), int(cols))
+        self._tiles[name] = tile
+        return tile
+
+    def tile(self, name: str) -> Tile:
+        """Return the tile called ``name``."""
+        self._check_open("tile", name)
+        try:
+            return self._tiles[name]
+        except KeyError:
+            known = ", ".join(sorted(self._tiles)) or "none"
+            raise BackendError(f"no such tile (known: {known})", tile=name, op="tile") from None
+
+    def tiles(self) -> dict[str, Tile]:
+        return dict(self._tiles)
+
+    def _check_open(self, op: str, name: str | None = None) -> None:
+        if self.closed:
+            raise BackendError("backend is closed", tile=name, op=op)
+
+    def close(self) -> None:
+        """Release the backend; drivers set instrument outputs safe here."""
+        self.closed = True
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+BackendFactory = Callable[[BackendURL], Backend]
+_REGISTRY: dict[str, BackendFactory | str] = {}
+
+
+def register_backend(scheme: str, factory: BackendFactory | str) -> None:
+    """Register a backend factory (or a lazy 'module:function' path) for a URL scheme."""
+    _REGISTRY[scheme.lower()] = factory
+
+
+def _resolve(scheme: str) -> BackendFactory:
+    target = _REGISTRY.get(scheme)
+    if target is None:
+        for ep in entry_points(group="hil.backends"):
+            if ep.name == scheme:
+                target = ep.value
+                break
+    if target is None:
+        known = sorted(set(_REGISTRY) | {ep.name for ep in entry_points(group="hil.backends")})
+        raise BackendURLError(f"unknown backend scheme {scheme!r} (known: {', '.join(known)})")
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module), attr)
+        _REGISTRY[scheme] = target
+    return target
+
+
+def open_backend(url: str) -> Backend:
+    """Open the backend behind ``url``; use it as a context manager so close() always runs."""
+    parsed = BackendURL.parse(url)
+    backend = _resolve(parsed.scheme)(parsed)
+    try:
+        parsed.finish()
+    except BackendURLError:
+        backend.close()
+        raise
+    return backend
+
+
+# Schemes shipped with analog-hil, resolved lazily (also declared as entry points).
+for _scheme, _target in {
+    "sim": "sim_backend:open_sim",
+    "twin": "calibration.twin:open_twin",
+    "visa": "drivers.visa_backend:open_visa",
+    "serial": "drivers.serial_backend:open_serial",
+}.items():
+    register_backend(_scheme, _target)

@@ -1,0 +1,43 @@
+"""The ``hil`` command line: one typer app; each area adds its commands in its own module."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from hil.errors import ConfigError, HilError
+
+app = typer.Typer(
+    name="hil",
+    help="analog-hil: characterize, calibrate and train on resistive crossbar chips.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+# Command modules register themselves on `app` when imported (lazy heavy imports inside).
+from hil.cli import calibration_cmds, chip_cmds, train_cmds  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script: bad input is one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except (ConfigError, HilError, FileNotFoundError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise

@@ -1,0 +1,70 @@
+"""Closed-loop write-verify programming built only on Tile.read and Tile.pulse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hil.backend import Tile
+
+
+@dataclass
+class ProgramResult:
+    """Outcome of write-verify: which devices reached the target and the final error."""
+
+    converged: torch.Tensor  # bool [rows, cols]
+    error: torch.Tensor  # float [rows, cols], read - target after the last read
+    iterations: int
+    pulses: int  # total pulses applied over all devices
+
+    @property
+    def fraction_converged(self) -> float:
+        return float(self.converged.float().mean())
+
+
+def program(
+    tile: Tile,
+    target: torch.Tensor | float,
+    tol: float | None = None,
+    max_iter: int = 100,
+    max_pulses: int = 64,
+    mask: torch.Tensor | None = None,
+) -> ProgramResult:
+    """Drive every device (or those in ``mask``) to ``target`` within ``tol`` by read-pulse-read.
+
+    Each round reads the tile, converts the remaining error into pulse counts with
+    a per-device estimate of the step size (learned from the previous round, so
+    devices whose response is smaller or larger than nominal are not under- or
+    over-driven), and pulses only the devices still outside ``tol``.
+    """
+    tol = tile.dw_min if tol is None else float(tol)
+    w = tile.read()
+    target_t = torch.as_tensor(target, dtype=w.dtype, device=w.device).expand_as(w)
+    active_mask = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(w.device)
+    step = torch.full_like(w, tile.dw_min)  # per-device step estimate (weight per pulse)
+    total = 0
+    it = 0
+    for it in range(1, max_iter + 1):
+        err = target_t - w
+        todo = active_mask & (err.abs() > tol)
+        if not bool(todo.any()):
+            it -= 1
+            break
+        n = torch.round(err / step).clamp(-max_pulses, max_pulses)
+        # at least one pulse toward the target for every device outside the tolerance
+        n = torch.where(todo & (n == 0), torch.sign(err), n)
+        n = torch.where(todo, n, torch.zeros_like(n)).to(torch.int32)
+        tile.pulse(n)
+        total += int(n.abs().sum())
+        w_new = tile.read()
+        nf = n.to(w.dtype)
+        moved = (w_new - w) / torch.where(n != 0, nf, torch.ones_like(nf))
+        ok = (n != 0) & (moved > 0.05 * tile.dw_min)
+        # damped per-device update of the step estimate; keeps it in a sane range
+        step = torch.where(ok, 0.5 * step + 0.5 * moved, step)
+        step = step.clamp(0.05 * tile.dw_min, 20 * tile.dw_min)
+        w = w_new
+    err = w - target_t
+    converged = (err.abs() <= tol) | ~active_mask
+    return ProgramResult(converged=converged, error=err, iterations=it, pulses=total)
