@@ -24,6 +24,7 @@ class Capabilities:
     allocate: bool = True
     max_pulses_per_command: int = 2**31 - 1
     device: str = "cpu"
+    snapshot: bool = False  # state_dict()/load_state_dict() restore the devices (emulators)
 
 
 class Tile(ABC):
@@ -126,6 +127,14 @@ class Backend(ABC):
     def _check_open(self, op: str, name: str | None = None) -> None:
         if self.closed:
             raise BackendError("backend is closed", tile=name, op=op)
+
+    def state_dict(self) -> dict[str, object]:
+        """Device state for checkpoints (emulators only: a real chip keeps its own state)."""
+        raise UnsupportedOperation("backend cannot snapshot its devices", op="state_dict")
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore the device state saved by :meth:`state_dict`."""
+        raise UnsupportedOperation("backend cannot restore its devices", op="load_state_dict")
 
     def close(self) -> None:
         """Release the backend; drivers set instrument outputs safe here."""

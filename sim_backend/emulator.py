@@ -140,10 +140,24 @@ class SimBackend(Backend):
                  population: PopulationFactory | None = None):
         super().__init__(url)
         self.config = config
-        self.capabilities = Capabilities(mvm=True, outer_update=True, device=config.device)
+        self.capabilities = Capabilities(mvm=True, outer_update=True, device=config.device,
+                                         snapshot=True)
         self._population = population or (
             lambda name, rows, cols, gen: sample_devices(config, rows, cols, gen))
 
     def _allocate(self, name: str, rows: int, cols: int) -> SimTile:
         gen = tile_generator(self.config.seed, name, self.config.device)
         return SimTile(self, name, self._population(name, rows, cols, gen), gen)
+
+    def state_dict(self) -> dict[str, object]:
+        """Weights and generator state of every tile (device parameters follow from the seed)."""
+        return {name: {"shape": t.shape, "w": t.w.cpu().clone(), "rng": t.gen.get_state()}
+                for name, t in self._tiles.items()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for name, entry in state.items():
+            if name not in self._tiles:
+                self.allocate(name, *entry["shape"])
+            tile = self._tiles[name]
+            tile.w = entry["w"].to(tile.w.device).clone()
+            tile.gen.set_state(entry["rng"])
