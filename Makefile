@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m hil.demo
+	$(VENV)/bin/hil demo --out out/demo
 
 test: $(STAMP)
 	# pytest exits 5 when it collects no test: that is a failure here, never a silent pass
