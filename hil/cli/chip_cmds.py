@@ -1,5 +1,59 @@
-"""CLI commands of this area, registered on the shared app (heavy imports stay inside commands)."""
+"""CLI commands of the drivers area: ``hil serve-virtual-chip`` serves any backend URL as a
+test chip over SCPI (TCP) or the framed serial protocol (TCP or a pty), with fault injection."""
 
 from __future__ import annotations
 
-from hil.cli import app  # noqa: F401
+import time
+
+import typer
+
+from hil.cli import app
+
+
+@app.command("serve-virtual-chip")
+def serve_virtual_chip(
+    backend: str = typer.Option("sim://", "--backend", help="Backend URL the chip emulates."),
+    port: int | None = typer.Option(None, "--port", min=0, max=65535,
+                                    help="Listen on 127.0.0.1:PORT (0: any free port)."),
+    pty: bool = typer.Option(False, "--pty", help="Serve on a new pseudo-terminal instead."),
+    protocol: str = typer.Option("", "--protocol",
+                                 help="scpi or serial (default: scpi on TCP, serial on a pty)."),
+    profile: str = typer.Option("virtual", "--profile", help="Profile name or YAML path."),
+    drop: float = typer.Option(0.0, "--drop", min=0.0, max=0.99,
+                               help="Fraction of replies to drop."),
+    corrupt: float = typer.Option(0.0, "--corrupt", min=0.0, max=0.99,
+                                  help="Fraction of CRC-checked replies to corrupt."),
+    delay: float = typer.Option(0.0, "--delay", min=0.0, help="Seconds to delay each reply."),
+    close_after: int | None = typer.Option(None, "--close-after", min=1,
+                                           help="Drop the connection after command N (once)."),
+    fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the fault injection."),
+    duration: float | None = typer.Option(None, "--duration", min=0.0,
+                                          help="Stop after this many seconds (default: Ctrl-C)."),
+) -> None:
+    """Serve BACKEND as a virtual crossbar test chip until Ctrl-C; prints the URL to open."""
+    from drivers.virtual_chip import Faults, VirtualChip
+    from hil.errors import ConfigError
+
+    if pty == (port is not None):
+        raise ConfigError("serve-virtual-chip", "--port/--pty", "give exactly one of them")
+    transport = "pty" if pty else "tcp"
+    protocol = protocol or ("serial" if pty else "scpi")
+    if protocol not in ("scpi", "serial"):
+        raise ConfigError("serve-virtual-chip", "--protocol", "must be scpi or serial")
+    faults = Faults(drop=drop, corrupt=corrupt, delay_s=delay, close_after=close_after,
+                    seed=fault_seed)
+    chip = VirtualChip(backend, protocol, transport, faults, profile, port=port or 0)
+    try:
+        typer.echo(chip.url, err=False)
+        typer.echo(f"virtual chip ({protocol} on {chip.address}) serving {backend}; "
+                   "Ctrl-C stops it", err=True)
+        deadline = None if duration is None else time.monotonic() + duration
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        chip.close()
+        fw = chip.firmware
+        typer.echo(f"stopped: {fw.device_pulses} device-pulses applied, outputs "
+                   f"{'on' if fw.outputs else 'off'}", err=True)

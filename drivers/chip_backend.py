@@ -1,0 +1,256 @@
+"""The backend contract over a chip link: station interlock before every command, bounded
+retries with backoff and reconnection, sequence-numbered exactly-once operations, outputs
+made safe on close, on any error and on Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from drivers.link import ChipLink, ChipRejected, TileInfo, check_name, next_seq
+from drivers.profile import NUMPY_DTYPES_BY_NAME, Profile, PulseShape
+from drivers.safety import POLARITIES, Interlock
+from drivers.transport import LinkDown
+from drivers.weight_map import TileMap, WeightMap
+from hil.backend import Backend, Capabilities, Tile
+from hil.errors import BackendError, InstrumentTimeout, ProtocolError, SafetyLimitError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRYABLE = (InstrumentTimeout, ProtocolError, LinkDown)
+
+
+class ChipTile(Tile):
+    """A tile on a chip: reads and pulses go over the link, in weight units."""
+
+    def __init__(self, backend: ChipBackend, info: TileInfo, dw_min_g: float,
+                 wmap: TileMap | None):
+        self.info = info
+        self.wmap = wmap
+        dw = dw_min_g * abs(wmap.scale) if wmap is not None else dw_min_g
+        super().__init__(backend, info.name, info.rows, info.cols, dw)
+        self.chip: ChipBackend = backend
+
+    def read(self) -> torch.Tensor:
+        g = self.chip._sequenced("read", self.name,
+                                 lambda seq: self.chip.link.read(seq, self.name, self.shape))
+        w = self.wmap.to_weight(g) if self.wmap is not None else g.copy()
+        return torch.from_numpy(w)
+
+    def pulse(self, n: torch.Tensor) -> None:
+        """Signed pulse counts; checked against the station limits before anything is sent."""
+        if isinstance(n, torch.Tensor) and not (n.dtype.is_floating_point or n.dtype.is_complex
+                                                or n.dtype == torch.bool):
+            if tuple(n.shape) == self.shape:
+                counts = n.detach().cpu().numpy()
+                self.chip.interlock.check_counts(self.name, self.info.row, self.info.col, counts)
+        super().pulse(n)
+
+    def _pulse(self, n: torch.Tensor) -> None:
+        counts = n.cpu().numpy()
+        if self.wmap is not None and self.wmap.scale < 0:
+            counts = -counts  # potentiating the conductance lowers the weight
+        self.chip.interlock.check_counts(self.name, self.info.row, self.info.col, counts)
+        wire = np.ascontiguousarray(counts.astype(self.chip.wire_dtype))
+        self.chip._sequenced("pulse", self.name,
+                             lambda seq: self.chip.link.pulse(seq, self.name, wire), arm=True)
+
+    def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        if not self.chip.capabilities.mvm:
+            return super().mvm(x, transpose)
+        rows, cols = self.shape
+        n_in, n_out = (rows, cols) if transpose else (cols, rows)
+        squeeze = x.dim() == 1
+        xb = x.detach().reshape(1, -1) if squeeze else x.detach()
+        if xb.dim() != 2 or xb.shape[1] != n_in:
+            raise BackendError(f"mvm input has shape {tuple(x.shape)}, tile takes {n_in}",
+                               tile=self.name, op="mvm")
+        xa = np.ascontiguousarray(xb.cpu().numpy(), dtype="<f4")
+        y = self.chip._sequenced(
+            "mvm", self.name,
+            lambda seq: self.chip.link.mvm(seq, self.name, transpose, xa, n_out))
+        if self.wmap is not None:
+            g_ref = np.broadcast_to(self.wmap.g_ref, self.shape)
+            ref = xa.astype(np.float64) @ (g_ref if transpose else g_ref.T)
+            y = ((y.astype(np.float64) - ref) * self.wmap.scale).astype(np.float32)
+        out = torch.from_numpy(np.array(y))
+        return out.reshape(-1) if squeeze else out
+
+
+class ChipBackend(Backend):
+    """A chip behind a ChipLink (SCPI or frames), governed by a station profile."""
+
+    def __init__(self, url: str, link: ChipLink, profile: Profile,
+                 weight_map: WeightMap | None = None, retries: int = 4, backoff_s: float = 0.02,
+                 sleep: Callable[[float], None] = time.sleep):
+        super().__init__(url)
+        self.link = link
+        self.profile = profile
+        self.interlock = Interlock(profile.limits, profile.arrays)
+        self.weight_map = weight_map
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._sleep = sleep
+        self.shapes = {"potentiate": profile.pulses.potentiate, "depress": profile.pulses.depress}
+        self.armed = False
+        for polarity, shape in self.shapes.items():
+            self.interlock.check_shape(polarity, shape)
+        try:
+            self._handshake()
+        except BaseException:
+            self.link.transport.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------------------
+    def _handshake(self) -> None:
+        p = self.profile
+        idn = self._retry("identify", None, self.link.identify)
+        if p.chip.idn_contains not in idn:
+            raise BackendError(f"instrument identifies as {idn!r}, profile {p.name!r} expects "
+                               f"{p.chip.idn_contains!r}", op="identify")
+        caps = self._retry("capabilities", None, self.link.capabilities)
+        if caps.pulse_dtype != p.chip.pulse_dtype:
+            raise BackendError(f"chip takes {caps.pulse_dtype} pulse counts, profile says "
+                               f"{p.chip.pulse_dtype}", op="capabilities")
+        chip_limits = self._retry("limits", None, self.link.limits)
+        arrays = self._retry("tile map", None, self.link.arrays)
+        expected = [(a.rows, a.cols) for a in p.arrays]
+        if arrays != expected:
+            raise BackendError(f"chip reports arrays {arrays}, profile {p.name!r} expects "
+                               f"{expected}", op="tile map")
+        for polarity, shape in self.shapes.items():
+            if (abs(shape.amplitude_v) > chip_limits["MAXAMPL"]
+                    or shape.width_s > chip_limits["MAXWIDT"]
+                    or shape.compliance_a > chip_limits["MAXCOMP"]):
+                raise SafetyLimitError(f"{polarity} pulse exceeds the chip's ratings "
+                                       f"{chip_limits}", op="pulse shape")
+        self.wire_dtype = NUMPY_DTYPES_BY_NAME[caps.pulse_dtype]
+        self.capabilities = Capabilities(
+            mvm=caps.mvm, outer_update=False, allocate=True, device="cpu",
+            max_pulses_per_command=int(min(p.limits.max_pulses_per_command, caps.max_pulses,
+                                           chip_limits["MAXPULSE"])))
+        self.seq = self._retry("sequence", None, self.link.last_seq)
+        for info, dw_min_g in self._retry("tile list", None, self.link.list_tiles):
+            self._register(info, dw_min_g)  # tiles an earlier session left on the chip
+
+    def _register(self, info: TileInfo, dw_min_g: float) -> ChipTile:
+        wmap = (self.weight_map.for_tile(info.name, (info.rows, info.cols))
+                if self.weight_map is not None else None)
+        tile = ChipTile(self, info, dw_min_g, wmap)
+        self._tiles[info.name] = tile
+        return tile
+
+    # -- the contract ----------------------------------------------------------------------
+    def _allocate(self, name: str, rows: int, cols: int) -> Tile:
+        check_name(name)
+        info = self._place(name, rows, cols)
+        self.interlock.check_region(name, info.array, info.row, info.col, rows, cols)
+        dw_min_g = self._sequenced("allocate", name, lambda seq: self.link.alloc(seq, info))
+        return self._register(info, dw_min_g)
+
+    def _place(self, name: str, rows: int, cols: int) -> TileInfo:
+        """The profile's fixed placement, else first fit in row bands of the allowed region."""
+        fixed = self.profile.tiles.get(name)
+        if fixed is not None:
+            return TileInfo(name, fixed.array, fixed.row, fixed.col, rows, cols)
+        (r0, r1), (c0, _c1) = self.profile.limits.allowed_rows, self.profile.limits.allowed_cols
+        for index, spec in enumerate(self.profile.arrays):
+            used = [t.info for t in self._tiles.values() if isinstance(t, ChipTile)
+                    and t.info.array == index]
+            row = max([r0, *(u.row + u.rows for u in used)])
+            if row + rows - 1 <= min(r1, spec.rows - 1) and c0 + cols <= spec.cols:
+                return TileInfo(name, index, row, c0, rows, cols)
+        raise BackendError(f"no room for a {rows}x{cols} tile in the allowed region",
+                           tile=name, op="allocate")
+
+    def set_pulse_shape(self, polarity: str, amplitude_v: float, width_s: float,
+                        compliance_a: float) -> None:
+        """Change the physical pulse of one polarity (checked now, sent when next armed)."""
+        self._check_open("set_pulse_shape")
+        if polarity not in POLARITIES:
+            raise SafetyLimitError(f"unknown polarity {polarity!r}", op="pulse shape")
+        shape = PulseShape.model_construct(amplitude_v=float(amplitude_v), width_s=float(width_s),
+                                           compliance_a=float(compliance_a))
+        self.interlock.check_shape(polarity, shape)
+        self.shapes[polarity] = shape
+        self.armed = False
+
+    def close(self) -> None:
+        """Outputs off (confirmed), then release the link; safe to call twice."""
+        if self.closed:
+            return
+        try:
+            self.make_safe()
+        finally:
+            self.closed = True
+            self.link.transport.close()
+
+    # -- reliability -----------------------------------------------------------------------
+    def _sequenced(self, op: str, tile: str, fn: Callable[[int], T], arm: bool = False) -> T:
+        """Run a sequence-numbered operation exactly once, retrying with the same number."""
+        self._check_open(op, tile)
+        seq = next_seq(self.seq)
+
+        def attempt() -> T:
+            if arm and not self.armed:
+                self.link.arm(self.shapes["potentiate"], self.shapes["depress"])
+                self.armed = True
+            return fn(seq)
+
+        try:
+            result = self._retry(op, tile, attempt)
+        except ChipRejected:
+            self.seq = seq  # the chip consumed the number with its error reply
+            raise
+        self.seq = seq
+        return result
+
+    def _retry(self, op: str, tile: str | None, fn: Callable[[], T]) -> T:
+        """Bounded retries with exponential backoff and reconnection; on any failure that
+        escapes (including KeyboardInterrupt) the outputs are made safe first."""
+        attempt = 0
+        try:
+            while True:
+                try:
+                    return fn()
+                except RETRYABLE as exc:
+                    if attempt >= self.retries:
+                        raise
+                    attempt += 1
+                    log.warning("%s on %s failed (%s); retry %d of %d", op, tile, exc, attempt,
+                                self.retries)
+                    self._sleep(self.backoff_s * 2 ** (attempt - 1))
+                    self._reconnect(isinstance(exc, LinkDown))
+        except BaseException:
+            self.make_safe()
+            raise
+
+    def _reconnect(self, link_down: bool) -> None:
+        """A fresh connection after a dropped link, else just discard pending input."""
+        self.armed = False  # the chip grounds its outputs when a connection drops
+        try:
+            if link_down:
+                self.link.transport.reconnect()
+            else:
+                self.link.transport.resync()
+        except RETRYABLE as exc:
+            log.warning("reconnect failed: %s", exc)
+
+    def make_safe(self) -> None:
+        """Switch the outputs off and confirm it (best effort: a fresh connection, 2 tries)."""
+        self.armed = False
+        for attempt in range(2):
+            try:
+                if attempt:
+                    self.link.transport.reconnect()
+                else:
+                    self.link.transport.resync()
+                self.link.set_output(False)
+                return
+            except Exception as exc:  # noqa: BLE001 - report and try once more
+                log.error("could not confirm outputs off (try %d): %s", attempt + 1, exc)

@@ -1,0 +1,207 @@
+"""The test chip's firmware logic, independent of the wire: tiles on any hil backend,
+pulse shapes, outputs, an error queue, its own interlock, and the sequence-number cache
+that makes every sequenced operation happen exactly once."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from drivers.link import (
+    E_DATA_RANGE,
+    E_ILLEGAL,
+    E_NO_TILE,
+    E_SEQUENCE,
+    E_SETTINGS_CONFLICT,
+    NAME_RE,
+    NUMPY_DTYPES,
+    TileInfo,
+    format_kv,
+    format_tiles,
+    next_seq,
+)
+from drivers.profile import DTYPE_MAX, Profile
+from hil.backend import Backend
+from hil.errors import HilError
+
+RATINGS = {"MAXAMPL": 5.0, "MAXWIDT": 1e-3, "MAXCOMP": 1e-2}  # the chip's absolute maxima
+IDN = "analog-hil,virtual-chip,VC-0001,0.1.0"
+
+
+class ChipError(Exception):
+    """A command the firmware refuses; becomes an error status and an error-queue entry."""
+
+    def __init__(self, code: int, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class ChipFirmware:
+    """One chip: thread-safe, shared by every connection and both protocols."""
+
+    def __init__(self, backend: Backend, profile: Profile):
+        self.backend = backend
+        self.arrays = [(a.rows, a.cols) for a in profile.arrays]
+        self.pulse_dtype = profile.chip.pulse_dtype
+        self.np_dtype = np.dtype(NUMPY_DTYPES[self.pulse_dtype])
+        self.lock = threading.RLock()
+        self.outputs = False
+        self.shapes: dict[str, tuple[float, float, float] | None] = {"POT": None, "DEP": None}
+        self.errors: deque[tuple[int, str]] = deque(maxlen=32)
+        self.last_seq = 0
+        self._cached: tuple[int, bytes] | None = None
+        self.placements: dict[str, TileInfo] = {}
+        self.log: list[str] = []  # what the chip did, for tests: 'OUTP ON', 'PULSE name seq', ...
+        self.device_pulses = 0  # total |count| applied
+        self.replayed = 0  # sequenced commands answered from the cache (retries)
+        self.active_connection = 0
+
+    # -- plain queries -------------------------------------------------------------------
+    def idn(self) -> str:
+        return IDN
+
+    def caps(self) -> str:
+        return format_kv({"MVM": int(self.backend.capabilities.mvm), "ALLOC": 1,
+                          "DTYPE": self.pulse_dtype})
+
+    def limits(self) -> str:
+        return format_kv({"MAXPULSE": DTYPE_MAX[self.pulse_dtype], **RATINGS})
+
+    def tile_map(self) -> str:
+        return ",".join(f"{r}x{c}" for r, c in self.arrays)
+
+    def seq(self) -> str:
+        return str(self.last_seq)
+
+    def tile_list(self) -> str:
+        with self.lock:
+            return format_tiles([(info, self.backend.tile(name).dw_min)
+                                 for name, info in self.placements.items()])
+
+    def next_error(self) -> str:
+        with self.lock:
+            code, msg = self.errors.popleft() if self.errors else (0, "No error")
+        return f'{code},"{msg}"'
+
+    def output_state(self) -> str:
+        return "1" if self.outputs else "0"
+
+    # -- settings ------------------------------------------------------------------------
+    def push_error(self, code: int, message: str) -> None:
+        self.errors.append((code, message.replace('"', "'")))
+
+    def set_shape(self, polarity: str, args: str) -> None:
+        if polarity not in self.shapes:
+            raise ChipError(E_ILLEGAL, f"unknown polarity {polarity}")
+        try:
+            amp, width, comp = (float(v) for v in args.split(","))
+        except ValueError:
+            raise ChipError(E_ILLEGAL, f"bad pulse shape {args}") from None
+        if not (np.isfinite([amp, width, comp]).all() and abs(amp) <= RATINGS["MAXAMPL"]
+                and 0 < width <= RATINGS["MAXWIDT"] and 0 < comp <= RATINGS["MAXCOMP"]):
+            raise ChipError(E_DATA_RANGE, f"pulse shape {args} exceeds the chip ratings")
+        with self.lock:
+            self.shapes[polarity] = (amp, width, comp)
+            self.log.append(f"PULS:{polarity} {args}")
+
+    def set_output(self, on: bool) -> None:
+        with self.lock:
+            if on and None in self.shapes.values():
+                raise ChipError(E_SETTINGS_CONFLICT, "pulse shapes not set")
+            self.outputs = on
+            self.log.append("OUTP ON" if on else "OUTP OFF")
+
+    def connection_opened(self) -> int:
+        with self.lock:
+            self.active_connection += 1
+            return self.active_connection
+
+    def connection_closed(self, conn: int) -> None:
+        """Watchdog: the current host went away, so ground the outputs."""
+        with self.lock:
+            if conn == self.active_connection and self.outputs:
+                self.outputs = False
+                self.log.append("OUTP OFF (watchdog)")
+
+    # -- sequenced operations ------------------------------------------------------------
+    def sequenced(self, seq: int, fn: Callable[[], bytes]) -> tuple[int, bytes]:
+        """Run fn once per sequence number: the last one is answered from the cache."""
+        with self.lock:
+            if seq == self.last_seq and self._cached is not None:
+                self.replayed += 1
+                return self._cached
+            if seq != next_seq(self.last_seq):
+                msg = f"sequence {seq} is neither {self.last_seq} nor the next"
+                self.push_error(E_SEQUENCE, msg)
+                return E_SEQUENCE, msg.encode()
+            try:
+                result = (0, fn())
+            except ChipError as exc:
+                self.push_error(exc.code, exc.message)
+                result = (exc.code, exc.message.encode())
+            except HilError as exc:
+                self.push_error(E_ILLEGAL, str(exc))
+                result = (E_ILLEGAL, str(exc).encode())
+            self.last_seq, self._cached = seq, result
+            return result
+
+    def _tile(self, name: str):
+        if name not in self.placements:
+            raise ChipError(E_NO_TILE, f"no tile {name}")
+        return self.backend.tile(name)
+
+    def alloc(self, args: str) -> bytes:
+        parts = args.split(",")
+        if len(parts) != 6 or not NAME_RE.match(parts[0]) or not all(
+                p.isdigit() for p in parts[1:]):
+            raise ChipError(E_ILLEGAL, f"bad allocation {args}")
+        info = TileInfo(parts[0], *(int(p) for p in parts[1:]))
+        if info.name in self.placements:
+            raise ChipError(E_SETTINGS_CONFLICT, f"tile {info.name} exists")
+        if info.array >= len(self.arrays) or info.rows < 1 or info.cols < 1:
+            raise ChipError(E_DATA_RANGE, f"bad region {args}")
+        rows, cols = self.arrays[info.array]
+        if info.row + info.rows > rows or info.col + info.cols > cols:
+            raise ChipError(E_DATA_RANGE, f"region {args} outside array {info.array}")
+        for other in self.placements.values():
+            if other.array == info.array and not (
+                    info.row >= other.row + other.rows or other.row >= info.row + info.rows
+                    or info.col >= other.col + other.cols or other.col >= info.col + info.cols):
+                raise ChipError(E_SETTINGS_CONFLICT, f"region overlaps tile {other.name}")
+        tile = self.backend.allocate(info.name, info.rows, info.cols)
+        self.placements[info.name] = info
+        self.log.append(f"ALLOC {args}")
+        return np.array([tile.dw_min], "<f8").tobytes()
+
+    def read(self, name: str) -> bytes:
+        w = self._tile(name).read()
+        return np.ascontiguousarray(w.detach().cpu().numpy(), "<f4").tobytes()
+
+    def pulse(self, name: str, data: bytes, seq: int) -> bytes:
+        tile = self._tile(name)
+        rows, cols = tile.shape
+        if len(data) != rows * cols * self.np_dtype.itemsize:
+            raise ChipError(E_ILLEGAL, f"pulse block of {len(data)} bytes for {rows}x{cols}")
+        if not self.outputs:
+            raise ChipError(E_SETTINGS_CONFLICT, "outputs are off")
+        counts = np.frombuffer(data, self.np_dtype).reshape(rows, cols)
+        n = torch.from_numpy(counts.astype(np.int32))
+        tile.pulse(n)
+        self.device_pulses += int(np.abs(counts, dtype=np.int64).sum())
+        self.log.append(f"PULSE {name} {seq}")
+        return b""
+
+    def mvm(self, name: str, transpose: bool, batch: int, data: bytes) -> bytes:
+        tile = self._tile(name)
+        rows, cols = tile.shape
+        n_in = rows if transpose else cols
+        if batch < 1 or len(data) != 4 * batch * n_in:
+            raise ChipError(E_ILLEGAL, f"mvm block of {len(data)} bytes for batch {batch}")
+        x = torch.from_numpy(np.frombuffer(data, "<f4").reshape(batch, n_in).copy())
+        y = tile.mvm(x, transpose=transpose)
+        return np.ascontiguousarray(y.detach().cpu().numpy(), "<f4").tobytes()

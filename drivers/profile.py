@@ -1,0 +1,127 @@
+"""Station profiles: the YAML per setup naming the chip, the physical pulses, the tile map
+and the station safety limits, validated by pydantic so a bad file fails in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hil.errors import ConfigError
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+DTYPE_MAX = {"int8": 127, "int16": 32767, "int32": 2**31 - 1}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PulseShape(_Strict):
+    """The physical pulse that realises one pulse of a polarity."""
+
+    amplitude_v: float
+    width_s: float = Field(gt=0)
+    compliance_a: float = Field(gt=0)
+
+
+class Pulses(_Strict):
+    potentiate: PulseShape
+    depress: PulseShape
+
+
+class ArraySpec(_Strict):
+    """One physical crossbar array on the chip."""
+
+    rows: int = Field(ge=1, le=1 << 20)
+    cols: int = Field(ge=1, le=1 << 20)
+
+
+class Placement(_Strict):
+    """A fixed place for a named tile: array index and top-left device."""
+
+    array: int = Field(ge=0)
+    row: int = Field(ge=0)
+    col: int = Field(ge=0)
+
+
+class StationLimits(_Strict):
+    """What this station may ever apply; checked before any byte is sent."""
+
+    max_amplitude_v: float = Field(gt=0)
+    max_width_s: float = Field(gt=0)
+    max_compliance_a: float = Field(gt=0)
+    max_pulses_per_command: int = Field(ge=1)
+    allowed_rows: tuple[int, int]
+    allowed_cols: tuple[int, int]
+
+    @model_validator(mode="after")
+    def _ranges(self) -> StationLimits:
+        for name in ("allowed_rows", "allowed_cols"):
+            lo, hi = getattr(self, name)
+            if lo < 0 or hi < lo:
+                raise ValueError(f"{name} must be [first, last] with 0 <= first <= last")
+        return self
+
+
+class ChipSpec(_Strict):
+    idn_contains: str = Field(min_length=1)
+    pulse_dtype: Literal["int8", "int16", "int32"] = "int16"
+
+
+class Profile(_Strict):
+    """A station profile (drivers/profiles/NAME.yaml)."""
+
+    name: str
+    description: str = ""
+    chip: ChipSpec
+    pulses: Pulses
+    arrays: list[ArraySpec] = Field(min_length=1)
+    tiles: dict[str, Placement] = Field(default_factory=dict)
+    limits: StationLimits
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        dmax = DTYPE_MAX[self.chip.pulse_dtype]
+        if self.limits.max_pulses_per_command > dmax:
+            raise ValueError(
+                f"limits.max_pulses_per_command={self.limits.max_pulses_per_command} does not "
+                f"fit chip.pulse_dtype={self.chip.pulse_dtype} (max {dmax})"
+            )
+        for name, p in self.tiles.items():
+            if p.array >= len(self.arrays):
+                raise ValueError(f"tiles.{name}.array={p.array} but there are "
+                                 f"{len(self.arrays)} arrays")
+        return self
+
+
+def profile_path(name_or_path: str) -> Path:
+    """A bare name means drivers/profiles/NAME.yaml; anything else is a file path."""
+    if "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")):
+        return PROFILE_DIR / f"{name_or_path}.yaml"
+    return Path(name_or_path)
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Read and validate a profile; ConfigError names the file and the field."""
+    path = profile_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+        raise ConfigError(str(path), "profile",
+                          f"no such profile file (shipped: {known})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), "yaml", str(exc).replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "<top>", "a profile must be a mapping")
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "<top>"
+        raise ConfigError(str(path), field, err["msg"]) from None
+
+NUMPY_DTYPES_BY_NAME = {"int8": "<i1", "int16": "<i2", "int32": "<i4"}
