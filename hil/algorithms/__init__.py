@@ -1,0 +1,35 @@
+"""Analog training algorithms over tiles of any backend, independent of autograd (PAPER.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hil.algorithms.base import AnalogAlgorithm, stochastic_round
+from hil.algorithms.residual import ResidualLearning, ResidualLearningV2, TikiTaka, TTv2
+from hil.algorithms.sgd import AnalogSGD
+from hil.backend import Backend
+
+ALGORITHMS: dict[str, type[AnalogAlgorithm]] = {
+    "analog_sgd": AnalogSGD,
+    "tiki_taka": TikiTaka,
+    "residual": ResidualLearning,
+    "rlv2": ResidualLearningV2,
+    "ttv2": TTv2,
+}
+
+
+def make_algorithm(name: str, backend: Backend, shape: tuple[int, int], **kw: Any
+                   ) -> AnalogAlgorithm:
+    """Build an algorithm by its config name (one of ``ALGORITHMS``)."""
+    try:
+        cls = ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r} (one of {', '.join(ALGORITHMS)})") from None
+    if cls is AnalogSGD:
+        for key in ("transfer_lr", "gamma", "transfer_every", "transfer", "zero_shift"):
+            kw.pop(key, None)
+    return cls(backend, shape, **kw)
+
+
+__all__ = ["ALGORITHMS", "AnalogAlgorithm", "AnalogSGD", "ResidualLearning",
+           "ResidualLearningV2", "TTv2", "TikiTaka", "make_algorithm", "stochastic_round"]

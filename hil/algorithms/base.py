@@ -1,0 +1,149 @@
+"""Shared machinery of the analog training algorithms: tiles, pulse rounding, schedules, state.
+
+An algorithm owns named tiles on one backend and turns desired weight changes into
+integer pulses. Its randomness (stochastic rounding) comes from its own seeded CPU
+generator, so the same run is bit-identical on any backend that returns the same reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from hil.backend import Backend, Tile
+from hil.program import program
+
+UpdateMode = Literal["auto", "outer", "pulse"]
+TransferSchedule = Literal["full", "column"]
+
+
+def stochastic_round(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Round to floor(x) or floor(x) + 1 with probability frac(x): unbiased, int32."""
+    x = x.detach().to("cpu", torch.float64)
+    lo = torch.floor(x)
+    u = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+    return (lo + (u < (x - lo)).to(torch.float64)).to(torch.int32)
+
+
+class AnalogAlgorithm:
+    """Base class: tiles named ``{prefix}.{role}``, pulse helpers, an update path, state.
+
+    Subclasses set ``roles`` (the tiles they allocate) and implement ``weight`` and
+    ``_apply``. ``step(grad)`` takes the gradient of the loss at ``weight()``; with
+    ``x`` and ``d`` (layer input and output gradient) and a backend that declares
+    ``outer_update``, the gradient tile is updated by the backend's stochastic
+    pulse-train rank-1 update instead of pulse counts from the dense gradient.
+    """
+
+    roles: ClassVar[tuple[str, ...]] = ("W",)
+    gamma: float = 0.0
+
+    def __init__(
+        self,
+        backend: Backend,
+        shape: tuple[int, int],
+        lr: float,
+        *,
+        prefix: str = "layer",
+        seed: int = 0,
+        update: UpdateMode = "auto",
+        max_pulses: int | None = None,
+    ):
+        if update not in ("auto", "outer", "pulse"):
+            raise ValueError(f"update must be 'auto', 'outer' or 'pulse', got {update!r}")
+        if update == "outer" and not backend.capabilities.outer_update:
+            raise ValueError("update='outer' but the backend declares no outer_update")
+        self.backend = backend
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.lr = float(lr)
+        self.prefix = prefix
+        self.update = update
+        self.max_pulses = max_pulses
+        self.step_count = 0
+        self.gen = torch.Generator(device="cpu")
+        self.gen.manual_seed(int(seed))
+        self.tiles: dict[str, Tile] = {
+            role: backend.allocate(f"{prefix}.{role}", *self.shape) for role in self.roles
+        }
+
+    # -- reading ---------------------------------------------------------------------
+    def read(self, role: str) -> torch.Tensor:
+        """The weights of one tile (role) as float32 on the CPU."""
+        return self.tiles[role].read().detach().to("cpu", torch.float32)
+
+    def weight(self) -> torch.Tensor:
+        """The weight the forward pass uses, read from the backend."""
+        raise NotImplementedError
+
+    def mvm_terms(self) -> list[tuple[Tile, float]]:
+        """(tile, coefficient) pairs whose weighted sum is ``weight()`` (for analog MVM)."""
+        return [(self.tiles["W"], 1.0)]
+
+    # -- writing ---------------------------------------------------------------------
+    def pulse_delta(self, tile: Tile, delta: torch.Tensor) -> torch.Tensor:
+        """Apply a desired change as stochastically rounded pulse counts; return the counts."""
+        n = stochastic_round(delta / tile.dw_min, self.gen)
+        if self.max_pulses is not None:
+            n = n.clamp(-self.max_pulses, self.max_pulses)
+        self.pulse_counts(tile, n)
+        return n
+
+    def pulse_counts(self, tile: Tile, n: torch.Tensor) -> None:
+        """Apply signed pulse counts, split into commands within the backend's limit."""
+        limit = self.backend.capabilities.max_pulses_per_command
+        rest = n.to(torch.int64)
+        while bool(rest.any()):
+            part = rest.clamp(-limit, limit)
+            tile.pulse(part.to(torch.int32))
+            rest = rest - part
+
+    def use_outer(self, x: torch.Tensor | None, d: torch.Tensor | None) -> bool:
+        """Whether this step updates through the backend's rank-1 pulse-train update."""
+        if x is None or d is None or self.update == "pulse":
+            return False
+        return bool(self.backend.capabilities.outer_update)
+
+    def gradient_update(self, tile: Tile, lr: float, grad: torch.Tensor | None,
+                        x: torch.Tensor | None, d: torch.Tensor | None) -> None:
+        """Move ``tile`` by -lr * grad, through outer_update(x, d) when that path applies."""
+        if self.use_outer(x, d):
+            tile.outer_update(x.detach(), d.detach(), -lr)
+            return
+        if grad is None:
+            if x is None or d is None:
+                raise ValueError("step needs grad, or x and d")
+            grad = d.detach().reshape(-1, self.shape[0]).t().to("cpu", torch.float32) @ \
+                x.detach().reshape(-1, self.shape[1]).to("cpu", torch.float32)
+        grad = grad.detach().to("cpu", torch.float32).reshape(self.shape)
+        self.pulse_delta(tile, -lr * grad)
+
+    def step(self, grad: torch.Tensor | None = None, *, x: torch.Tensor | None = None,
+             d: torch.Tensor | None = None, lr_scale: float = 1.0) -> None:
+        """One training step from the gradient at ``weight()`` (or from x and d, see class)."""
+        self._apply(grad, x, d, self.lr * lr_scale)
+        self.step_count += 1
+
+    def _apply(self, grad: torch.Tensor | None, x: torch.Tensor | None,
+               d: torch.Tensor | None, lr: float) -> None:
+        raise NotImplementedError
+
+    # -- initialization --------------------------------------------------------------
+    def program_weights(self, w0: torch.Tensor, tol: float | None = None,
+                        max_iter: int = 60) -> float:
+        """Write-verify W to ``w0`` (e.g. a layer's initial weights); return fraction converged."""
+        target = w0.detach().to(torch.float32).reshape(self.shape)
+        return program(self.tiles["W"], target, tol=tol, max_iter=max_iter).fraction_converged
+
+    # -- checkpoints -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """All digital state: step, rates, generator state (and subclass buffers)."""
+        return {"step": self.step_count, "lr": self.lr, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        self.lr = float(state["lr"])
+        self.gen.set_state(state["gen"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.prefix!r}, shape={self.shape}, lr={self.lr})"

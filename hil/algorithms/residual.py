@@ -1,0 +1,183 @@
+"""Residual Learning (Tiki-Taka at gamma = 0), Residual Learning v2 and TTv2 (PAPER.md).
+
+All three keep a fast tile P that takes the gradient and a slow tile W that receives
+P through a transfer. The forward pass uses W_bar = W + gamma * P.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hil.algorithms.base import AnalogAlgorithm, TransferSchedule, UpdateMode
+from hil.backend import Backend, Tile
+from hil.program import program
+
+
+class _TwoTile(AnalogAlgorithm):
+    """W and P tiles, the transfer schedule and optional zero-shifting of P.
+
+    Transfer schedule: every ``transfer_every`` steps either the full array
+    (``transfer='full'``) or one column, cycling through the columns
+    (``transfer='column'``, Tiki-Taka's usual schedule).
+
+    Zero-shifting (``zero_shift=True``): P is driven to its own symmetric point by
+    alternating up/down pulses, a reference tile ``{prefix}.P_ref`` is write-verified
+    to the P values read there, and P is read as P - P_ref from then on, so the
+    symmetric point of the P that the algorithm sees is 0 (G(0) = 0, PAPER.md).
+    """
+
+    roles = ("W", "P")
+
+    def __init__(
+        self,
+        backend: Backend,
+        shape: tuple[int, int],
+        lr: float,
+        transfer_lr: float,
+        gamma: float = 0.0,
+        *,
+        prefix: str = "layer",
+        seed: int = 0,
+        update: UpdateMode = "auto",
+        max_pulses: int | None = None,
+        transfer_every: int = 1,
+        transfer: TransferSchedule = "full",
+        zero_shift: bool = False,
+        zero_shift_cycles: int = 1000,
+    ):
+        if transfer not in ("full", "column"):
+            raise ValueError(f"transfer must be 'full' or 'column', got {transfer!r}")
+        if int(transfer_every) < 1:
+            raise ValueError("transfer_every must be >= 1")
+        super().__init__(backend, shape, lr, prefix=prefix, seed=seed, update=update,
+                         max_pulses=max_pulses)
+        self.transfer_lr = float(transfer_lr)
+        self.gamma = float(gamma)
+        self.transfer_every = int(transfer_every)
+        self.transfer = transfer
+        self.column = 0  # next column of the 'column' schedule
+        self.zero_shift = bool(zero_shift)
+        if self.zero_shift:
+            self.tiles["P_ref"] = backend.allocate(f"{prefix}.P_ref", *self.shape)
+            self._setup_zero_shift(int(zero_shift_cycles))
+
+    def _setup_zero_shift(self, cycles: int) -> None:
+        p, ref = self.tiles["P"], self.tiles["P_ref"]
+        up = torch.ones(self.shape, dtype=torch.int32)
+        for _ in range(cycles):  # alternating pulses settle each device at its symmetric point
+            p.pulse(up)
+            p.pulse(-up)
+        program(ref, p.read().detach().to("cpu", torch.float32), max_iter=100)
+
+    def read_p(self) -> torch.Tensor:
+        """P as the algorithm sees it (minus the reference tile when zero-shifting)."""
+        p = self.read("P")
+        return p - self.read("P_ref") if self.zero_shift else p
+
+    def weight(self) -> torch.Tensor:
+        w = self.read("W")
+        return w + self.gamma * self.read_p() if self.gamma else w
+
+    def mvm_terms(self) -> list[tuple[Tile, float]]:
+        terms = [(self.tiles["W"], 1.0)]
+        if self.gamma:
+            terms.append((self.tiles["P"], self.gamma))
+            if self.zero_shift:
+                terms.append((self.tiles["P_ref"], -self.gamma))
+        return terms
+
+    def _columns(self) -> slice:
+        if self.transfer == "full":
+            return slice(None)
+        j = self.column
+        self.column = (j + 1) % self.shape[1]
+        return slice(j, j + 1)
+
+    def _apply(self, grad, x, d, lr: float) -> None:
+        self.gradient_update(self.tiles["P"], lr, grad, x, d)
+        if (self.step_count + 1) % self.transfer_every == 0:
+            self._transfer(self._columns())
+
+    def _transfer(self, cols: slice) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "transfer_lr": self.transfer_lr, "column": self.column}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.transfer_lr = float(state["transfer_lr"])
+        self.column = int(state["column"])
+
+
+class ResidualLearning(_TwoTile):
+    """P <- P - lr grad(W_bar) (pulses on P); W <- W + transfer_lr * P (pulses on W).
+
+    gamma = 0 is Tiki-Taka. Both updates go through the device responses, as in
+    PAPER.md: P' = P - a g F(P) - a|g| G(P), W' = W + b P' F(W) - b|P'| G(W).
+    """
+
+    def _transfer(self, cols: slice) -> None:
+        delta = torch.zeros(self.shape)
+        delta[:, cols] = self.transfer_lr * self.read_p()[:, cols]
+        self.pulse_delta(self.tiles["W"], delta)
+
+
+class TikiTaka(ResidualLearning):
+    """Residual Learning with gamma = 0 (the forward pass uses W alone)."""
+
+    def __init__(self, backend: Backend, shape: tuple[int, int], lr: float,
+                 transfer_lr: float, **kw: Any):
+        kw.pop("gamma", None)
+        super().__init__(backend, shape, lr, transfer_lr, 0.0, **kw)
+
+
+class _Buffered(_TwoTile):
+    """A digital buffer H between P and W with the threshold transfer of PAPER.md:
+    where |H| >= dw_min, one pulse of sign(H) on W and H gives back sign(H) dw_min."""
+
+    decay: bool = True
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.H = torch.zeros(self.shape, dtype=torch.float32)
+
+    def _transfer(self, cols: slice) -> None:
+        p = self.read_p()[:, cols]
+        b = self.transfer_lr
+        h = self.H[:, cols]
+        h = (1 - b) * h + b * p if self.decay else h + b * p
+        dw = self.tiles["W"].dw_min
+        n = torch.where(h.abs() >= dw, torch.sign(h), torch.zeros_like(h))
+        self.H[:, cols] = h - n * dw
+        if bool(n.any()):
+            counts = torch.zeros(self.shape, dtype=torch.int32)
+            counts[:, cols] = n.to(torch.int32)
+            self.pulse_counts(self.tiles["W"], counts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "H": self.H.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.H = state["H"].to(torch.float32).clone()
+
+
+class ResidualLearningV2(_Buffered):
+    """H <- (1 - b) H + b (P + eps) (eps: the read noise of P), threshold transfer to W;
+    the gradient is taken at W_bar = W + gamma P."""
+
+    decay = True
+
+
+class TTv2(_Buffered):
+    """Baseline TTv2: H <- H + b (P + eps) without decay, gradient taken at W."""
+
+    decay = False
+
+    def __init__(self, backend: Backend, shape: tuple[int, int], lr: float,
+                 transfer_lr: float, **kw: Any):
+        kw.pop("gamma", None)
+        super().__init__(backend, shape, lr, transfer_lr, 0.0, **kw)
