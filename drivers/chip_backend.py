@@ -158,12 +158,15 @@ class ChipBackend(Backend):
         fixed = self.profile.tiles.get(name)
         if fixed is not None:
             return TileInfo(name, fixed.array, fixed.row, fixed.col, rows, cols)
-        (r0, r1), (c0, _c1) = self.profile.limits.allowed_rows, self.profile.limits.allowed_cols
+        (r0, r1), (c0, c1) = self.profile.limits.allowed_rows, self.profile.limits.allowed_cols
+        if rows > r1 - r0 + 1 or cols > c1 - c0 + 1:
+            raise SafetyLimitError(f"a {rows}x{cols} tile does not fit the allowed rows "
+                                   f"{r0}..{r1}, cols {c0}..{c1}", tile=name, op="allocate")
         for index, spec in enumerate(self.profile.arrays):
             used = [t.info for t in self._tiles.values() if isinstance(t, ChipTile)
                     and t.info.array == index]
             row = max([r0, *(u.row + u.rows for u in used)])
-            if row + rows - 1 <= min(r1, spec.rows - 1) and c0 + cols <= spec.cols:
+            if row + rows - 1 <= min(r1, spec.rows - 1) and c0 + cols - 1 <= min(c1, spec.cols - 1):
                 return TileInfo(name, index, row, c0, rows, cols)
         raise BackendError(f"no room for a {rows}x{cols} tile in the allowed region",
                            tile=name, op="allocate")
@@ -232,13 +235,13 @@ class ChipBackend(Backend):
 
     def _reconnect(self, link_down: bool) -> None:
         """A fresh connection after a dropped link, else just discard pending input."""
-        self.armed = False  # the chip grounds its outputs when a connection drops
         try:
-            if link_down:
-                self.link.transport.reconnect()
-            else:
-                self.link.transport.resync()
+            if link_down or self.link.transport.resync():
+                self.armed = False  # the chip grounds its outputs when a connection drops
+                if link_down:
+                    self.link.transport.reconnect()
         except RETRYABLE as exc:
+            self.armed = False
             log.warning("reconnect failed: %s", exc)
 
     def make_safe(self) -> None:

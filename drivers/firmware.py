@@ -88,6 +88,10 @@ class ChipFirmware:
             code, msg = self.errors.popleft() if self.errors else (0, "No error")
         return f'{code},"{msg}"'
 
+    def clear_errors(self) -> None:
+        with self.lock:
+            self.errors.clear()
+
     def output_state(self) -> str:
         return "1" if self.outputs else "0"
 

@@ -117,12 +117,12 @@ class ScpiLink(ChipLink):
         return parse_error(self._line("SYST:ERR?", "error queue"))
 
     def arm(self, potentiate: PulseShape, depress: PulseShape) -> None:
-        self.transport.write(f"PULS:POT {format_shape(potentiate)}\n"
+        self.transport.write(f"*CLS\nPULS:POT {format_shape(potentiate)}\n"
                              f"PULS:DEP {format_shape(depress)}\nOUTP ON\n".encode("ascii"))
         self._confirm(True)
 
     def set_output(self, on: bool) -> None:
-        self.transport.write(b"OUTP ON\n" if on else b"OUTP OFF\n")
+        self.transport.write(b"*CLS\nOUTP ON\n" if on else b"*CLS\nOUTP OFF\n")
         self._confirm(on)
 
     def _confirm(self, on: bool) -> None:

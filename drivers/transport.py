@@ -3,6 +3,7 @@ in-process loopback; each maps its failures onto InstrumentTimeout or LinkDown."
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -11,6 +12,9 @@ from hil.errors import BackendError, InstrumentTimeout
 
 class LinkDown(BackendError):
     """The connection to the instrument dropped or cannot be opened."""
+
+
+INTERBYTE_TIMEOUT_S = 0.1  # firmware discards a partial request after this much silence
 
 
 class Transport(ABC):
@@ -33,9 +37,11 @@ class Transport(ABC):
     def reconnect(self) -> None:
         """Drop the connection and open a fresh one (discarding any pending input)."""
 
-    def resync(self) -> None:
-        """Discard pending input before a retry (default: a fresh connection)."""
+    def resync(self) -> bool:
+        """Discard pending input before a retry; True if that took a fresh connection
+        (the default), after which the chip has grounded its outputs."""
         self.reconnect()
+        return True
 
     @abstractmethod
     def close(self) -> None: ...
@@ -127,6 +133,7 @@ class SerialTransport(Transport):
         import serial
 
         self.name = port
+        self._partial = False
         self.baud = baud
         self.timeout_s = timeout_s
         self._serial = serial
@@ -149,8 +156,10 @@ class SerialTransport(Transport):
         if self._port is None:
             raise LinkDown(f"{self.name} is not connected", op="write")
         try:
+            self._partial = True  # stays set if the write is interrupted (Ctrl-C)
             self._port.write(data)
             self._port.flush()
+            self._partial = False
         except self._serial.SerialTimeoutException:
             raise InstrumentTimeout(f"{self.name}: write timed out", op="write") from None
         except (self._serial.SerialException, OSError) as exc:
@@ -184,15 +193,21 @@ class SerialTransport(Transport):
         self._drop()
         self._open()
 
-    def resync(self) -> None:
-        """Flush input but keep the port (replies are matched by opcode and sequence)."""
+    def resync(self) -> bool:
+        """Flush input but keep the port (replies are matched by opcode and sequence); after
+        an interrupted write, first stay silent until the firmware drops the partial frame."""
+        if self._partial:
+            time.sleep(3 * INTERBYTE_TIMEOUT_S)
+            self._partial = False
         if self._port is None:
             self._open()
-            return
+            return True
         try:
             self._port.reset_input_buffer()
         except (self._serial.SerialException, OSError):
             self.reconnect()
+            return True
+        return False
 
     def _drop(self) -> None:
         if self._port is not None:

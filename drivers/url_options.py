@@ -18,7 +18,7 @@ class DriverOptions:
     backoff_s: float
 
     @classmethod
-    def from_url(cls, url: BackendURL, default_timeout_s: float = 2.0) -> DriverOptions:
+    def from_url(cls, url: BackendURL, default_timeout_s: float = 10.0) -> DriverOptions:
         profile = load_profile(url.get_str("profile", "virtual") or "virtual")
         calib = url.get_str("calib")
         return cls(

@@ -23,6 +23,7 @@ from drivers.frames import MAX_BODY, REQ_HEAD, REQ_SYNC, SEQUENCED, Op, reply_fr
 from drivers.link import E_COMMAND, E_ILLEGAL
 from drivers.profile import load_profile
 from drivers.scpi import data_reply
+from drivers.transport import INTERBYTE_TIMEOUT_S
 from hil.backend import Backend, open_backend
 
 PROTOCOLS = ("scpi", "serial")
@@ -108,6 +109,9 @@ class ScpiHandler:
         fw = self.fw
         verb, _, args = text.partition(" ")
         verb = verb.upper()
+        if verb == "*CLS" and not args:
+            fw.clear_errors()
+            return None, False
         plain = {"*IDN?": fw.idn, "SYST:CAP?": fw.caps, "SYST:LIM?": fw.limits,
                  "TILE:MAP?": fw.tile_map, "SYST:SEQ?": fw.seq, "TILE:LIST?": fw.tile_list,
                  "SYST:ERR?": fw.next_error, "OUTP?": fw.output_state}
@@ -244,9 +248,20 @@ class Session:
         self.handler = handler
         self.faults = faults
         self.buf = bytearray()
+        self.last_input = 0.0
+        self.discarded = 0  # partial requests dropped by the inter-byte timeout
 
     def feed(self, data: bytes) -> tuple[list[bytes], bool]:
-        """Replies to send for the new input, and whether to close the connection now."""
+        """Replies to send for the new input, and whether to close the connection now.
+
+        A partial request followed by INTERBYTE_TIMEOUT_S of silence is discarded (as a
+        UART firmware does), so a host interrupted mid-write can resynchronise.
+        """
+        now = time.monotonic()
+        if self.buf and now - self.last_input > INTERBYTE_TIMEOUT_S:
+            self.buf.clear()
+            self.discarded += 1
+        self.last_input = now
         self.buf += data
         out: list[bytes] = []
         while True:
@@ -298,13 +313,13 @@ class _TcpServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(0.1)
             self.conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+            ident = self.fw.connection_opened()  # in accept order: the newest is the host
+            t = threading.Thread(target=self._serve, args=(conn, ident), daemon=True,
                                  name="virtual-chip-conn")
             self.threads.append(t)
             t.start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        ident = self.fw.connection_opened()
+    def _serve(self, conn: socket.socket, ident: int) -> None:
         session = Session(HANDLERS[self.protocol](self.fw), self.faults)
         try:
             while not self.stop.is_set():
@@ -353,7 +368,7 @@ class _PtyServer:
         self.thread.start()
 
     def _serve(self) -> None:
-        ident = self.fw.connection_opened()
+        self.fw.connection_opened()
         while not self.stop.is_set():
             ready, _, _ = select.select([self.master], [], [], 0.1)
             if not ready:
@@ -362,14 +377,13 @@ class _PtyServer:
                 data = os.read(self.master, 1 << 16)
             except OSError:
                 break
-            replies, reset = self.session.feed(data)
+            replies, _reset = self.session.feed(data)
             for reply in replies:
                 view = memoryview(reply)
                 while view:
                     view = view[os.write(self.master, view):]
-            if reset:  # a pty cannot be closed under the host: emulate a link reset instead
-                self.fw.connection_closed(ident)
-                ident = self.fw.connection_opened()
+            # reset: a pty cannot be closed under the host; the reply is lost and the
+            # input discarded (Session.feed), like a board whose UART was reset
 
     def close(self) -> None:
         self.stop.set()

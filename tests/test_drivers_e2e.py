@@ -1,0 +1,139 @@
+"""End to end through real sockets and ptys: the same seeded training on sim://, on visa://
+to the virtual chip and on serial:// over a pty gives bit-identical weights, also with
+dropped replies, corrupted replies and a forced disconnect (no pulse lost, none doubled)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from drivers.virtual_chip import Faults, VirtualChip, running
+from drivers.weight_map import write_weight_map
+from hil.backend import open_backend
+from hil.errors import BackendURLError, ConfigError
+
+SIM = "sim://?model=power&gamma=0.5&tau=0.6&d2d=0.2&c2c=0.1&read_noise=0.005&seed=7"
+TIMEOUT = 0.2  # short, so that each dropped reply costs little; late replies are handled
+
+
+def rlv2_run(url: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small seeded Residual Learning v2 run towards a fixed target."""
+    from hil.algorithms import ResidualLearningV2
+
+    with open_backend(url) as be:
+        alg = ResidualLearningV2(be, (6, 8), lr=0.1, transfer_lr=0.3, gamma=0.5, seed=3,
+                                 prefix="fc1")
+        target = torch.linspace(-0.3, 0.3, 48).reshape(6, 8)
+        for _ in range(25):
+            alg.step(alg.weight() - target)
+        return alg.read("W"), alg.read("P")
+
+
+def scripted_run(url: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded pulse/read/MVM sequence independent of the training code."""
+    gen = torch.Generator().manual_seed(11)
+    with open_backend(url) as be:
+        a, b = be.allocate("a", 5, 7), be.allocate("b", 3, 4)
+        for _ in range(30):
+            a.pulse(torch.randint(-4, 5, (5, 7), generator=gen, dtype=torch.int32))
+            b.pulse(torch.randint(-2, 3, (3, 4), generator=gen, dtype=torch.int32))
+            w = a.read()
+        y = a.mvm(torch.randn(2, 7, generator=gen)) if be.capabilities.mvm else a.read()
+        return w, torch.cat([y.reshape(-1), b.read().reshape(-1)])
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {"rlv2": rlv2_run(SIM), "scripted": scripted_run(SIM)}
+
+
+def same(x, y) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(x, y, strict=True))
+
+
+@pytest.mark.parametrize("protocol, transport", [("scpi", "tcp"), ("serial", "pty"),
+                                                 ("serial", "tcp")])
+def test_scripted_sequence_bit_identical(reference, protocol, transport):
+    with running(SIM, protocol, transport) as url:
+        assert url.startswith("visa://" if protocol == "scpi" else "serial://")
+        assert same(scripted_run(url), reference["scripted"])
+
+
+@pytest.mark.parametrize("protocol, transport", [("scpi", "tcp"), ("serial", "pty")])
+def test_rlv2_bit_identical_on_sim_visa_and_serial_pty(reference, protocol, transport):
+    with VirtualChip(SIM, protocol, transport) as chip:
+        result = rlv2_run(chip.url)
+        assert chip.firmware.replayed == 0
+    assert same(result, reference["rlv2"])
+
+
+@pytest.mark.parametrize("protocol, transport", [("scpi", "tcp"), ("serial", "pty")])
+def test_rlv2_bit_identical_with_dropped_replies_and_a_disconnect(reference, protocol,
+                                                                  transport):
+    with VirtualChip(SIM, protocol, transport) as clean:
+        rlv2_run(clean.url)
+        clean_pulses = clean.firmware.device_pulses
+        clean_log = [e for e in clean.firmware.log if e.startswith("PULSE")]
+    faults = Faults(drop=0.05, close_after=60, seed=5)
+    with VirtualChip(SIM, protocol, transport, faults=faults, timeout_s=TIMEOUT) as chip:
+        result = rlv2_run(chip.url)
+        fw = chip.firmware
+    assert same(result, reference["rlv2"])
+    assert faults.dropped > 0 and faults.disconnects == 1 and fw.replayed > 0
+    # exactly once: the same pulse commands, each applied once, none lost
+    assert fw.device_pulses == clean_pulses
+    assert [e for e in fw.log if e.startswith("PULSE")] == clean_log
+    assert not fw.outputs and fw.log[-1] == "OUTP OFF"
+
+
+def test_scripted_bit_identical_with_corrupted_replies(reference):
+    faults = Faults(drop=0.05, corrupt=0.05, close_after=25, seed=2)
+    with VirtualChip(SIM, "serial", "tcp", faults=faults, timeout_s=TIMEOUT) as chip:
+        assert same(scripted_run(chip.url), reference["scripted"])
+    assert faults.corrupted > 0
+    faults = Faults(corrupt=0.08, seed=4)
+    with VirtualChip(SIM, "scpi", "tcp", faults=faults, timeout_s=TIMEOUT) as chip:
+        assert same(scripted_run(chip.url), reference["scripted"])
+    assert faults.corrupted > 0
+
+
+def test_calibration_weight_map(tmp_path):
+    """w = (G - G_ref) * scale; a negative scale flips the pulse polarity on the wire."""
+    g_ref = np.full((2, 3), 0.1)
+    path = tmp_path / "calib.h5"
+    write_weight_map(str(path), {"cal": (g_ref, -2.0)})
+    with VirtualChip("sim://?seed=1") as chip:
+        with open_backend(f"{chip.url}&calib={path}") as be:
+            tile = be.allocate("cal", 2, 3)
+            assert tile.dw_min == pytest.approx(2e-3)
+            g0 = chip.backend.tile("cal").w.clone()
+            assert torch.allclose(tile.read(), ((g0 - 0.1) * -2.0).float())
+            tile.pulse(torch.ones(2, 3, dtype=torch.int32))
+            assert bool((chip.backend.tile("cal").w < g0).all())  # G went down, w up
+            x = torch.tensor([[1.0, 2.0, -1.0]])
+            expect = x @ ((chip.backend.tile("cal").w.double() - 0.1) * -2.0).float().t()
+            assert torch.allclose(tile.mvm(x), expect, atol=0.5)  # paper I/O: 7/9-bit, noise
+        with pytest.raises(ConfigError, match="weight_map/other"):
+            with open_backend(f"{chip.url}&calib={path}") as be:
+                be.allocate("other", 1, 1)
+
+
+def test_url_errors_before_any_connection(tmp_path):
+    # port 9 on loopback has no listener: these must fail before trying to connect
+    with pytest.raises(BackendURLError, match="unknown parameter"):
+        open_backend("visa://TCPIP0::127.0.0.1::9::SOCKET?profil=virtual")
+    with pytest.raises(BackendURLError, match="baud"):
+        open_backend("serial://socket://127.0.0.1:9?baud=fast")
+    with pytest.raises(ConfigError, match="calib"):
+        open_backend(f"serial://socket://127.0.0.1:9?calib={tmp_path / 'missing.h5'}")
+
+
+def test_tiles_persist_on_the_chip_across_sessions():
+    with VirtualChip("sim://?seed=2", "serial", "pty") as chip:
+        with open_backend(chip.url) as be:
+            be.allocate("keep", 4, 4).pulse(torch.ones(4, 4, dtype=torch.int32))
+            w = be.tile("keep").read()
+        with open_backend(chip.url) as be:
+            assert torch.equal(be.tile("keep").read(), w)
+            assert be.tile("keep").dw_min == 1e-3
