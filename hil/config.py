@@ -1,0 +1,134 @@
+"""Training-run configuration: YAML read with yaml.safe_load, validated by pydantic models.
+
+A bad file raises ConfigError naming the file and the first offending field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hil.errors import BackendURLError, ConfigError
+from hil.url import BackendURL
+
+AlgorithmName = Literal["digital", "analog_sgd", "tiki_taka", "residual", "rlv2", "ttv2"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """A fully connected network: inputs from the data, ``hidden`` widths, an activation."""
+
+    kind: Literal["fcn"] = "fcn"
+    hidden: list[int] = Field(default_factory=lambda: [256, 128])
+    activation: Literal["sigmoid", "tanh", "relu"] = "sigmoid"
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(h < 1 for h in v):
+            raise ValueError("hidden widths must be >= 1")
+        return v
+
+
+class DataConfig(_Strict):
+    """Which data set: sklearn digits, MNIST IDX files in ``path``, or least squares."""
+
+    name: Literal["digits", "mnist", "least_squares"] = "digits"
+    path: str | None = None
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    limit_train: int | None = Field(None, ge=1)
+    limit_test: int | None = Field(None, ge=1)
+    n_inputs: int = Field(16, ge=1)  # least squares only
+    n_outputs: int = Field(4, ge=1)  # least squares only
+
+
+class AlgorithmConfig(_Strict):
+    """The training algorithm and its rates (PAPER.md names: lr = alpha, transfer_lr = beta)."""
+
+    name: AlgorithmName = "rlv2"
+    lr: float = Field(0.05, gt=0)
+    transfer_lr: float = Field(0.05, gt=0, le=1)
+    gamma: float = Field(0.1, ge=0)
+    transfer_every: int = Field(1, ge=1)
+    transfer: Literal["full", "column"] = "full"
+    update: Literal["auto", "outer", "pulse"] = "auto"
+    io: Literal["auto", "analog", "digital"] = "auto"
+    zero_shift: bool = False
+    max_pulses: int | None = Field(None, ge=1)
+    digital_lr: float | None = Field(None, gt=0)  # biases; default: lr
+
+
+class TrainConfig(_Strict):
+    """Epochs, batch size, the step learning-rate schedule and checkpointing."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(10, ge=1)
+    lr_decay: float = Field(0.5, gt=0, le=1)
+    decay_every: int | None = Field(None, ge=1)  # epochs; default: halfway
+    checkpoint_every: int | None = Field(None, ge=1)  # steps; always at each epoch end
+
+    @property
+    def decay_period(self) -> int:
+        return self.decay_every or max(1, self.epochs // 2)
+
+
+class RunConfig(_Strict):
+    """One training run."""
+
+    name: str = "run"
+    seed: int = Field(0, ge=0)
+    backend: str = "sim://"
+    out_dir: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("backend")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        try:
+            BackendURL.parse(v)
+        except BackendURLError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+def parse_config(data: Any, path: str = "<config>") -> RunConfig:
+    """Validate a loaded mapping; a failure is one ConfigError naming ``path`` and the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, "<top>", "expected a mapping of settings")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "<top>"
+        raise ConfigError(path, field, err["msg"]) from None
+    if cfg.data.name == "mnist":
+        if not cfg.data.path:
+            raise ConfigError(path, "data.path", "mnist needs the directory of the IDX files")
+        if not Path(cfg.data.path).is_dir():
+            raise ConfigError(path, "data.path", f"{cfg.data.path} is not a directory")
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(str(p), "<file>", exc.strerror or str(exc)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
+        raise ConfigError(str(p), where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, str(p))

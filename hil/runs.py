@@ -1,0 +1,273 @@
+"""Training runs: model and backend from a RunConfig, the epoch loop, atomic checkpoints,
+``--resume`` to the same final weights, the HDF5 run file and PNG curves.
+
+Used by ``hil train``, by experiments/table8.py and by the demo (``demo_training``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from hil.backend import Backend, open_backend
+from hil.config import RunConfig, parse_config
+from hil.data import Dataset, least_squares, load_digits, load_mnist
+from hil.errors import BackendURLError, ConfigError
+from hil.runstore import RunFile, plot_curves, read_metrics
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILE = "run.h5"
+CURVES = "curves.png"
+
+
+@dataclass
+class RunResult:
+    """What a run left behind: where, how far it got, and its per-epoch metrics."""
+
+    out_dir: Path
+    completed: bool
+    global_step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_accuracy(self) -> float | None:
+        acc = self.metrics.get("test_acc")
+        return float(acc[-1]) if acc is not None and len(acc) else None
+
+
+def load_dataset(cfg: RunConfig, config_path: str = "<config>") -> Dataset:
+    """The data set a config names (errors name the config file and field)."""
+    d = cfg.data
+    if d.name == "digits":
+        ds = load_digits(d.test_fraction, seed=cfg.seed)
+    elif d.name == "mnist":
+        try:
+            return load_mnist(d.path, d.limit_train, d.limit_test)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(config_path, "data.path", str(exc)) from None
+    else:
+        ds = least_squares(n_inputs=d.n_inputs, n_outputs=d.n_outputs, seed=cfg.seed)
+    ds.x_train, ds.y_train = ds.x_train[:d.limit_train], ds.y_train[:d.limit_train]
+    ds.x_test, ds.y_test = ds.x_test[:d.limit_test], ds.y_test[:d.limit_test]
+    return ds
+
+
+def build_model(cfg: RunConfig, ds: Dataset) -> nn.Sequential:
+    """The digital FCN (seeded init); log-softmax output for classification."""
+    torch.manual_seed(cfg.seed)
+    act = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}[cfg.model.activation]
+    layers: list[nn.Module] = []
+    width = ds.n_inputs
+    for h in cfg.model.hidden:
+        layers += [nn.Linear(width, h), act()]
+        width = h
+    layers.append(nn.Linear(width, ds.n_outputs))
+    if ds.task == "classification":
+        layers.append(nn.LogSoftmax(dim=-1))
+    return nn.Sequential(*layers)
+
+
+def make_analog(model: nn.Module, cfg: RunConfig, backend: Backend, program_init: bool) -> None:
+    """Convert the model's layers in place, one seeded algorithm per layer."""
+    from hil.algorithms import make_algorithm
+    from hil.layers import convert_to_analog
+
+    a = cfg.algorithm
+    counter = iter(range(1_000_000))
+
+    def factory(be: Backend, shape: tuple[int, int], prefix: str):
+        return make_algorithm(
+            a.name, be, shape, lr=a.lr, transfer_lr=a.transfer_lr, gamma=a.gamma,
+            transfer_every=a.transfer_every, transfer=a.transfer, zero_shift=a.zero_shift,
+            update=a.update, max_pulses=a.max_pulses, prefix=prefix,
+            seed=cfg.seed * 1000 + next(counter))
+
+    convert_to_analog(model, backend, factory, io=a.io, program_init=program_init)
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    return F.nll_loss(out, y) if task == "classification" else F.mse_loss(out, y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, batch: int = 1000) -> tuple[float, float | None]:
+    """Test loss and accuracy (None for regression)."""
+    total, correct = 0.0, 0
+    n = ds.x_test.shape[0]
+    for i in range(0, n, batch):
+        out = model(ds.x_test[i:i + batch])
+        y = ds.y_test[i:i + batch]
+        total += float(_loss(out, y, ds.task)) * y.shape[0]
+        if ds.task == "classification":
+            correct += int((out.argmax(-1) == y).sum())
+    return total / n, (correct / n if ds.task == "classification" else None)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temp file beside ``path``, then os.replace: never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str = "<config>",
+              resume: bool = False, backend_url: str | None = None,
+              console: Console | None = None, progress: bool = True,
+              stop_after_steps: int | None = None) -> RunResult:
+    """Train as ``cfg`` says; checkpoint atomically; with ``resume`` continue from the
+    checkpoint in ``out_dir``. ``stop_after_steps`` stops abruptly after that many global
+    steps without a final checkpoint (what a kill leaves; used by tests)."""
+    console = console or Console()
+    if backend_url is not None:
+        cfg = parse_config({**cfg.model_dump(), "backend": backend_url}, config_path)
+    out = Path(out_dir or cfg.out_dir or Path("runs") / cfg.name)
+    ckpt_path = out / CHECKPOINT
+    ckpt: dict[str, Any] | None = None
+    if resume:
+        if not ckpt_path.exists():
+            raise ConfigError(str(out), "--resume", "no checkpoint to resume from")
+        ckpt = torch.load(ckpt_path, weights_only=False)
+    elif (out / RUN_FILE).exists() or ckpt_path.exists():
+        raise ConfigError(str(out), "out_dir", "already holds a run (use --resume or another "
+                                               "out_dir)")
+    ds = load_dataset(cfg, config_path)
+    analog = cfg.algorithm.name != "digital"
+    backend: Backend | None = None
+    if analog:
+        try:
+            backend = open_backend(cfg.backend)
+        except BackendURLError as exc:
+            raise ConfigError(config_path, "backend", str(exc)) from None
+    try:
+        return _train(cfg, ds, out, backend, ckpt, console, progress, stop_after_steps)
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
+           ckpt: dict[str, Any] | None, console: Console, progress: bool,
+           stop_after_steps: int | None) -> RunResult:
+    from hil.optim import AnalogOptimizer
+
+    model = build_model(cfg, ds)
+    a = cfg.algorithm
+    if backend is not None:
+        make_analog(model, cfg, backend, program_init=ckpt is None)
+        opt: Any = AnalogOptimizer(model, a.digital_lr or a.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=a.lr)
+    pos = {"epoch": 0, "batch": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if backend is not None and ckpt.get("backend") is not None:
+            backend.load_state_dict(ckpt["backend"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        pos = dict(ckpt["position"])
+    out.mkdir(parents=True, exist_ok=True)
+    config = cfg.model_dump()
+    run = RunFile(out / RUN_FILE, config, keep_rows=pos["epoch"])
+    snapshot = backend is not None and backend.capabilities.snapshot
+
+    def checkpoint() -> None:
+        save_checkpoint(out / CHECKPOINT, {
+            "config": config, "position": dict(pos), "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+            "backend": backend.state_dict() if snapshot else None,
+        })
+
+    t = cfg.train
+    n = ds.x_train.shape[0]
+    steps_per_epoch = (n + t.batch_size - 1) // t.batch_size
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+                   console=console, disable=not progress, transient=False)
+    completed = True
+    try:
+        with bar:
+            task = bar.add_task("train", total=steps_per_epoch, loss=float("nan"))
+            while pos["epoch"] < t.epochs:
+                epoch = pos["epoch"]
+                scale = t.lr_decay ** (epoch // t.decay_period)
+                if isinstance(opt, AnalogOptimizer):
+                    opt.set_lr_scale(scale)
+                else:
+                    for g in opt.param_groups:
+                        g["lr"] = a.lr * scale
+                order = _epoch_order(cfg.seed, epoch, n)
+                bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}",
+                           completed=pos["batch"])
+                t0 = time.perf_counter()
+                while pos["batch"] < steps_per_epoch:
+                    idx = order[pos["batch"] * t.batch_size:(pos["batch"] + 1) * t.batch_size]
+                    opt.zero_grad()
+                    loss = _loss(model(ds.x_train[idx]), ds.y_train[idx], ds.task)
+                    loss.backward()
+                    opt.step()
+                    pos["batch"] += 1
+                    pos["global_step"] += 1
+                    pos["loss_sum"] += float(loss.detach()) * idx.shape[0]
+                    pos["loss_n"] += idx.shape[0]
+                    bar.update(task, advance=1, loss=pos["loss_sum"] / pos["loss_n"])
+                    if stop_after_steps is not None and pos["global_step"] >= stop_after_steps:
+                        completed = False
+                        return RunResult(out, False, pos["global_step"], run.read())
+                    if t.checkpoint_every and pos["global_step"] % t.checkpoint_every == 0:
+                        checkpoint()
+                test_loss, test_acc = evaluate(model, ds)
+                row = {"epoch": epoch + 1, "train_loss": pos["loss_sum"] / max(pos["loss_n"], 1),
+                       "test_loss": test_loss, "lr_scale": scale,
+                       "epoch_seconds": time.perf_counter() - t0}
+                if test_acc is not None:
+                    row["test_acc"] = test_acc
+                run.append(row)
+                pos.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
+                checkpoint()
+                acc = f", test accuracy {100 * test_acc:.2f}%" if test_acc is not None else ""
+                console.print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, "
+                              f"test loss {test_loss:.4f}{acc}", highlight=False)
+    finally:
+        run.close()
+        if completed:
+            metrics = read_metrics(out / RUN_FILE)
+            if len(metrics.get("train_loss", [])):
+                plot_curves(metrics, out / CURVES, f"{cfg.name}: {a.name}")
+    return RunResult(out, True, pos["global_step"], read_metrics(out / RUN_FILE))
+
+
+def demo_training(console: Console, out_dir: Path, backend_url: str) -> RunResult:
+    """A short run for ``hil demo``: digits, 64-32-10 tanh FCN, RLv2 on ``backend_url``,
+    through the same code as ``hil train``; prints a summary and writes curves.png."""
+    cfg = parse_config({
+        "name": "demo-digits-rlv2", "seed": 0, "backend": backend_url,
+        "model": {"hidden": [32], "activation": "tanh"},
+        "data": {"name": "digits", "limit_train": 600},
+        "algorithm": {"name": "rlv2", "lr": 0.1, "transfer_lr": 0.1, "gamma": 0.1},
+        "train": {"epochs": 3, "batch_size": 10},
+    }, "<demo>")
+    out = Path(out_dir) / "training"
+    if (out / RUN_FILE).exists() or (out / CHECKPOINT).exists():
+        for name in (RUN_FILE, CHECKPOINT, CURVES):
+            (out / name).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    result = train_run(cfg, out, console=console, progress=True)
+    acc = result.final_accuracy
+    console.print(f"[bold]training demo[/bold]: RLv2 on {backend_url}, digits 64-32-10, "
+                  f"{result.global_step} steps in {time.perf_counter() - t0:.1f} s, "
+                  f"test accuracy {100 * (acc or 0):.1f}%; curves: {out / CURVES}")
+    return result
