@@ -1,0 +1,470 @@
+"""Batched per-device fitting of response families to pulse traces, with model selection.
+
+Every device's binned mean step is fitted by weighted least squares (Levenberg-Marquardt,
+all devices at once in torch) for the linear, power and exponential families; the
+tabulated family is the binned means themselves. An information criterion (BIC by
+default) on the chi-square of the bin means picks a family per device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from calibration.steps import StepBins, bin_steps
+from hil.errors import ConfigError
+from hil.response import (
+    ExpResponse,
+    LinearResponse,
+    MixedResponse,
+    PowerResponse,
+    Response,
+    TabulatedResponse,
+)
+
+Tensor = torch.Tensor
+FAMILIES: tuple[str, ...] = ("linear", "power", "exp", "tabulated")
+N_PARAMS = {"linear": 4, "power": 5, "exp": 5}
+GAMMA_LIMITS = {"power": (0.05, 20.0), "exp": (-20.0, 20.0)}
+
+
+def _shape(family: str, u: Tensor, g: Tensor) -> Tensor:
+    """h(u) of a family with its free shape parameter g (log gamma for power, gamma for exp)."""
+    u = u.clamp_min(0)
+    if family == "linear":
+        return u
+    if family == "power":
+        return u.pow(g.exp())
+    small = g.abs() < 1e-6
+    gs = torch.where(small, torch.ones_like(g), g)
+    return torch.where(small, u, torch.expm1(gs * u) / torch.expm1(gs))
+
+
+def _predict(family: str, p: Tensor, x: Tensor) -> Tensor:
+    """Signed per-pulse step [D, 2, K] for params p [D, 5] = tmin, tmax, g, log A+, log A-."""
+    tmin, tmax, g, la_p, la_m = (p[:, i].view(-1, 1) for i in range(5))
+    half = 0.5 * (tmax - tmin)
+    up = la_p.exp() * _shape(family, (tmax - x[:, 0]) / half, g)
+    dn = -la_m.exp() * _shape(family, (x[:, 1] - tmin) / half, g)
+    return torch.stack([up, dn], 1)
+
+
+def _cost(family: str, p: Tensor, bins: StepBins, wt: Tensor) -> Tensor:
+    r = (bins.y - _predict(family, p, bins.x)) * wt
+    c = (r * r).sum((1, 2))
+    bad = ~torch.isfinite(c) | (p[:, 1] - p[:, 0] <= 1e-3)
+    return torch.where(bad, torch.full_like(c, float("inf")), c)
+
+
+def _clamp_g(family: str, p: Tensor) -> Tensor:
+    if family == "linear":
+        return p
+    lo, hi = GAMMA_LIMITS[family]
+    if family == "power":
+        lo, hi = math.log(lo), math.log(hi)
+    p = p.clone()
+    p[:, 2] = p[:, 2].clamp(lo, hi)
+    return p
+
+
+def _shape_grad(family: str, u: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """h(u), dh/du and dh/dg of a family (zero where u <= 0)."""
+    pos = u > 0
+    uc = u.clamp_min(1e-300)
+    if family == "linear":
+        h = u.clamp_min(0)
+        return h, pos.to(u.dtype), torch.zeros_like(u)
+    if family == "power":
+        gam = g.exp()
+        lu = uc.log()
+        h = torch.where(pos, (gam * lu).exp(), torch.zeros_like(u))
+        return h, torch.where(pos, gam * h / uc, torch.zeros_like(u)), h * lu * gam
+    small = g.abs() < 1e-6
+    gs = torch.where(small, torch.full_like(g, 1e-6), g)
+    uu = u.clamp_min(0)
+    e = torch.expm1(gs * uu)
+    den = torch.expm1(gs)
+    h = e / den
+    hu = torch.where(pos, gs * (e + 1) / den, torch.zeros_like(u))
+    hg = (uu * (e + 1) * den - e * (den + 1)) / (den * den)
+    return h, hu, hg
+
+
+def _jacobian(family: str, p: Tensor, bins: StepBins, wt: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted residuals [D, M] and their analytic Jacobian [D, M, 5]."""
+    tmin, tmax, g, la_p, la_m = (p[:, i].view(-1, 1) for i in range(5))
+    half = 0.5 * (tmax - tmin)
+    u = (tmax - bins.x[:, 0]) / half
+    v = (bins.x[:, 1] - tmin) / half
+    hu_, hu_u, hu_g = _shape_grad(family, u, g)
+    hv_, hv_v, hv_g = _shape_grad(family, v, g)
+    ap, am = la_p.exp(), la_m.exp()
+    pred_up, pred_dn = ap * hu_, -am * hv_
+    zero = torch.zeros_like(u)
+    # d pred / d (tmin, tmax, g, la+, la-) for each branch
+    d_up = [ap * hu_u * u / (2 * half), ap * hu_u * (1 - u / 2) / half, ap * hu_g, pred_up, zero]
+    d_dn = [am * hv_v * (1 - v / 2) / half, am * hv_v * v / (2 * half), -am * hv_g, zero, pred_dn]
+    res = (bins.y - torch.stack([pred_up, pred_dn], 1)) * wt
+    jac = -torch.stack([torch.stack([a, b], 1) for a, b in zip(d_up, d_dn, strict=True)], 3)
+    jac = jac * wt.unsqueeze(3)
+    return res.flatten(1), jac.flatten(1, 2)
+
+
+def _levenberg_marquardt(family: str, p: Tensor, bins: StepBins, wt: Tensor,
+                         iters: int) -> Tensor:
+    """Minimize the weighted squared residual of every device at once (analytic Jacobian)."""
+    free = [0, 1, 3, 4] if family == "linear" else [0, 1, 2, 3, 4]
+    n_free = len(free)
+    lam = torch.full((p.shape[0],), 1e-2, dtype=p.dtype, device=p.device)
+    cost = _cost(family, p, bins, wt)
+    eye = torch.eye(n_free, dtype=p.dtype, device=p.device)
+    for _ in range(iters):
+        r0, jac = _jacobian(family, p, bins, wt)
+        jac = torch.nan_to_num(jac[:, :, free], nan=0.0, posinf=0.0, neginf=0.0)
+        r0 = torch.nan_to_num(r0, nan=0.0, posinf=0.0, neginf=0.0)
+        jtj = jac.transpose(1, 2) @ jac
+        jtr = (jac.transpose(1, 2) @ r0.unsqueeze(2)).squeeze(2)
+        diag = torch.diagonal(jtj, dim1=1, dim2=2).clamp_min(1e-12)
+        a = jtj + lam.view(-1, 1, 1) * torch.diag_embed(diag) + 1e-12 * eye
+        delta = torch.linalg.solve(a, -jtr.unsqueeze(2)).squeeze(2)
+        delta = torch.nan_to_num(delta, nan=0.0)
+        trial = p.clone()
+        trial[:, free] += delta
+        trial = _clamp_g(family, trial)
+        c_new = _cost(family, trial, bins, wt)
+        better = c_new < cost
+        if not bool((better & (c_new < cost * (1 - 1e-7))).any()):
+            if bool((lam > 1e3).all()):
+                break  # no device improves any more
+        p = torch.where(better.unsqueeze(1), trial, p)
+        cost = torch.where(better, c_new, cost)
+        lam = torch.where(better, lam * 0.3, lam * 4).clamp(1e-9, 1e9)
+    return p
+
+
+def _initial(bins: StepBins, wt: Tensor) -> Tensor:
+    """Linear (soft-bounds) start: straight lines through each branch's bin means."""
+    w2 = wt * wt
+    x, y = bins.x, bins.y
+    sw = w2.sum(2)
+    mx = (w2 * x).sum(2) / sw.clamp_min(1e-300)
+    my = (w2 * y).sum(2) / sw.clamp_min(1e-300)
+    cov = (w2 * (x - mx.unsqueeze(2)) * (y - my.unsqueeze(2))).sum(2)
+    vx = (w2 * (x - mx.unsqueeze(2)) ** 2).sum(2).clamp_min(1e-300)
+    slope = cov / vx
+    xs = torch.where(bins.n > 0, x, torch.full_like(x, float("nan")))
+    xlo = torch.nan_to_num(xs, nan=float("inf")).amin((1, 2))
+    xhi = torch.nan_to_num(xs, nan=float("-inf")).amax((1, 2))
+    span = (xhi - xlo).clamp_min(1e-6)
+    # zero crossing of each line, kept within a sane distance of the data
+    tmax = torch.where(slope[:, 0] < 0, mx[:, 0] - my[:, 0] / slope[:, 0], xhi + span)
+    tmin = torch.where(slope[:, 1] < 0, mx[:, 1] - my[:, 1] / slope[:, 1], xlo - span)
+    tmax = torch.nan_to_num(tmax, nan=1.0).clamp(xhi - 0.1 * span, xhi + 3 * span)
+    tmin = torch.nan_to_num(tmin, nan=-1.0).clamp(xlo - 3 * span, xlo + 0.1 * span)
+    half = 0.5 * (tmax - tmin)
+    a_p = (-slope[:, 0] * half).abs()
+    a_m = (-slope[:, 1] * half).abs()
+    fallback = my.abs().clamp_min(1e-12)
+    a_p = torch.where(torch.isfinite(a_p) & (a_p > 0), a_p, fallback[:, 0])
+    a_m = torch.where(torch.isfinite(a_m) & (a_m > 0), a_m, fallback[:, 1])
+    zero = torch.zeros_like(tmin)
+    return torch.stack([tmin, tmax, zero, a_p.clamp_min(1e-12).log(),
+                        a_m.clamp_min(1e-12).log()], 1)
+
+
+def _gamma_start(family: str, p0: Tensor, bins: StepBins, wt: Tensor) -> Tensor:
+    """Best shape parameter from a small grid (amplitudes solved in closed form)."""
+    grid = ([math.log(g) for g in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)] if family == "power"
+            else [-2.0, -0.5, 0.5, 1.0, 2.0, 3.0, 5.0])
+    best_p, best_c = p0, None
+    for g in grid:
+        p = p0.clone()
+        p[:, 2] = g
+        p[:, 3:] = 0.0
+        basis = _predict(family, p, bins.x)  # unit amplitudes
+        w2 = wt * wt
+        num = (w2 * basis * bins.y).sum(2)
+        den = (w2 * basis * basis).sum(2).clamp_min(1e-300)
+        amp = (num / den).clamp_min(1e-12)
+        p[:, 3:] = amp.log()
+        c = _cost(family, p, bins, wt)
+        if best_c is None:
+            best_p, best_c = p, c
+        else:
+            better = c < best_c
+            best_p = torch.where(better.unsqueeze(1), p, best_p)
+            best_c = torch.where(better, c, best_c)
+    return best_p
+
+
+@dataclass
+class FitResult:
+    """Per-device fit of pulse traces; all values in the units of the states.
+
+    ``c2c`` is relative (std of one pulse's step over its mean, like the emulator's
+    ``c2c``); ``read_noise`` is absolute. ``params[family]`` holds each family's
+    parameters even where another family was selected.
+    """
+
+    model: np.ndarray  # str per device ('none' where the trace has no steps)
+    family_index: np.ndarray  # int per device, index into FAMILIES (-1: none)
+    dw_min: np.ndarray
+    tau_min: np.ndarray
+    tau_max: np.ndarray
+    gamma: np.ndarray
+    asym: np.ndarray
+    symmetric_point: np.ndarray
+    c2c: np.ndarray
+    read_noise: np.ndarray
+    r2: np.ndarray  # R^2 of the selected q+- on the binned mean steps
+    r2_const: np.ndarray  # R^2 of a constant step per direction, same data
+    chi2_red: np.ndarray  # reduced chi-square of the selected family
+    n_steps: np.ndarray
+    ic: np.ndarray  # [D, 4] information criterion per family
+    criterion: str
+    params: dict[str, dict[str, np.ndarray]]  # family -> name -> [D] (tabulated: [D, K])
+    bins: dict[str, np.ndarray]  # x, y, n, var [D, 2, K] in state units
+    response: Response = field(repr=False)
+
+    @property
+    def n_devices(self) -> int:
+        return int(self.dw_min.shape[0])
+
+    def _eval(self, w: np.ndarray | Tensor, plus: bool) -> np.ndarray | Tensor:
+        as_np = not isinstance(w, Tensor)
+        wt = torch.as_tensor(np.asarray(w) if as_np else w, dtype=torch.float64)
+        q = self.response.q_plus(wt) if plus else self.response.q_minus(wt)
+        return q.numpy() if as_np else q.to(w.dtype)
+
+    def q_plus(self, w: np.ndarray | Tensor) -> np.ndarray | Tensor:
+        """Fitted potentiation response per device at w [..., n_devices] (state units)."""
+        return self._eval(w, True)
+
+    def q_minus(self, w: np.ndarray | Tensor) -> np.ndarray | Tensor:
+        """Fitted depression response per device at w [..., n_devices] (state units)."""
+        return self._eval(w, False)
+
+    def step_plus(self, w: np.ndarray | Tensor) -> np.ndarray | Tensor:
+        """Expected step of one potentiation pulse: dw_min * q+(w)."""
+        return self.q_plus(w) * self.dw_min
+
+    def step_minus(self, w: np.ndarray | Tensor) -> np.ndarray | Tensor:
+        """Expected step of one depression pulse (negative): -dw_min * q-(w)."""
+        return -self.q_minus(w) * self.dw_min
+
+
+def _weighted_r2(y: Tensor, pred: Tensor, w: Tensor) -> Tensor:
+    """R^2 over both branches of the signed bin means, around their pooled weighted mean."""
+    sw = w.sum((1, 2)).clamp_min(1e-300)
+    mean = (w * y).sum((1, 2)) / sw
+    tot = (w * (y - mean.view(-1, 1, 1)) ** 2).sum((1, 2)).clamp_min(1e-300)
+    return 1 - (w * (y - pred) ** 2).sum((1, 2)) / tot
+
+
+def _tabulated(bins: StepBins, dw: Tensor, tmin: Tensor, tmax: Tensor,
+               grid_size: int) -> TabulatedResponse:
+    """q+- per device on a common grid over the measured states, from the bin means."""
+    has = bins.n > 0
+    xs = torch.where(has, bins.x, torch.full_like(bins.x, float("nan")))
+    lo = torch.nan_to_num(xs, nan=float("inf")).amin((1, 2))
+    hi = torch.nan_to_num(xs, nan=float("-inf")).amax((1, 2))
+    hi = torch.maximum(hi, lo + 1e-9)
+    t = torch.linspace(0, 1, grid_size, dtype=lo.dtype, device=lo.device)
+    grid = lo.unsqueeze(1) + (hi - lo).unsqueeze(1) * t  # [D, G]
+    tables = []
+    for j, sign in ((0, 1.0), (1, -1.0)):
+        x = torch.where(has[:, j], bins.x[:, j], torch.full_like(bins.x[:, j], float("inf")))
+        order = torch.argsort(x, 1)
+        xo = x.gather(1, order)
+        yo = (sign * bins.y[:, j]).gather(1, order) / dw.unsqueeze(1)
+        n_has = has[:, j].sum(1)
+        # empty bins are sorted last: pad them with the last measured point
+        last = (n_has - 1).clamp_min(0).unsqueeze(1)
+        pos = torch.arange(xo.shape[1], device=xo.device).unsqueeze(0)
+        xo = torch.where(pos <= last, xo, xo.gather(1, last) + 1e-9 * (pos - last))
+        yo = torch.where(pos <= last, yo, yo.gather(1, last))
+        xo = torch.where(n_has.unsqueeze(1) > 0, xo, grid[:, :1] + 1e-9 * pos)
+        yo = torch.where(n_has.unsqueeze(1) > 0, yo, torch.zeros_like(yo))
+        table = TabulatedResponse(xo.contiguous(), yo.contiguous(), yo.contiguous())
+        tables.append(table._interp(table.qp, grid.t().contiguous()).t())
+    return TabulatedResponse(grid.contiguous(), tables[0].contiguous(), tables[1].contiguous(),
+                             tau_min=tmin, tau_max=tmax)
+
+
+def _as_tensor(a: object, name: str, ndim: int) -> Tensor:
+    t = torch.as_tensor(np.asarray(a, dtype=np.float64) if not isinstance(a, Tensor) else a)
+    if t.dim() == ndim - 1:
+        t = t.unsqueeze(-1)
+    if t.dim() != ndim:
+        raise ConfigError("<traces>", name, f"expected {ndim} dimensions, got {t.dim()}")
+    return t.to(torch.float64)
+
+
+def fit_traces(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *,
+               criterion: str = "bic", bins: int = 24, window: int = 8, iters: int = 40,
+               families: tuple[str, ...] = FAMILIES, grid_size: int = 32) -> FitResult:
+    """Fit response families to the traces of every device at once and pick one per device.
+
+    states [n_steps + 1, n_devices] (the read before the first pulse and after each
+    pulse, any unit; NaN breaks a sequence), directions [n_steps] (+1 potentiation,
+    -1 depression; +-n for n pulses between reads). Invariant to the states' unit and offset.
+    """
+    if criterion not in ("bic", "aic"):
+        raise ValueError("criterion must be 'bic' or 'aic'")
+    unknown = set(families) - set(FAMILIES)
+    if unknown or not {"linear", "power", "exp"} & set(families):
+        raise ValueError(f"families must include a parametric one from {FAMILIES}")
+    s = _as_tensor(states, "states", 2)
+    d = torch.as_tensor(np.asarray(directions) if not isinstance(directions, Tensor)
+                        else directions).reshape(-1)
+    if d.dtype.is_floating_point:
+        if not bool(torch.all(torch.isfinite(d) & (d == d.round()))):
+            raise ConfigError("<traces>", "directions", "must be integers (+1 / -1)")
+    d = d.to(torch.int64)
+    if s.shape[0] != d.shape[0] + 1:
+        raise ConfigError("<traces>", "directions",
+                          f"{d.shape[0]} directions for {s.shape[0]} states (need states - 1)")
+    # normalize per device: offset and unit invariance
+    finite = torch.isfinite(s)
+    center = torch.nanmedian(torch.where(finite, s, torch.nan), 0).values
+    smax = torch.where(finite, s, -torch.inf).amax(0)
+    smin = torch.where(finite, s, torch.inf).amin(0)
+    scale = smax - smin
+    usable = torch.isfinite(scale) & (scale > 0)
+    scale_safe = torch.where(usable, scale, torch.ones_like(scale))
+    center = torch.where(usable, center, torch.zeros_like(center))
+    sn = (s - center) / scale_safe
+    st = bin_steps(sn, d, bins=bins, window=window)
+    n_dev = s.shape[1]
+    has_steps = usable & (st.n_steps >= 4) & ((st.n[:, 0] > 0).sum(1) >= 2) \
+        & ((st.n[:, 1] > 0).sum(1) >= 2)
+    if not bool(has_steps.any()):
+        raise ConfigError("<traces>", "states",
+                          "no trace has steps to fit (need reads that change, in both "
+                          "directions, with at least 2 distinct states per direction)")
+    wt = torch.where(torch.isfinite(st.var), st.var.clamp_min(1e-300).rsqrt(),
+                     torch.zeros_like(st.var))
+    wt = torch.where(has_steps.view(-1, 1, 1), wt, torch.zeros_like(wt))
+    st.x = torch.where(st.n > 0, st.x, torch.zeros_like(st.x))
+    p_lin0 = _initial(st, wt)
+    fits: dict[str, Tensor] = {}
+    chi2: dict[str, Tensor] = {}
+    for fam in ("linear", "power", "exp"):
+        if fam not in families:
+            continue
+        p0 = p_lin0 if fam == "linear" else _gamma_start(fam, fits.get("linear", p_lin0),
+                                                         st, wt)
+        p = _levenberg_marquardt(fam, p0, st, wt, iters)
+        fits[fam] = p
+        chi2[fam] = _cost(fam, p, st, wt)
+    n_eff = st.n_steps.clamp_min(2)
+    penalty = 2.0 if criterion == "aic" else None
+    n_bins = (st.n > 0).sum((1, 2)).to(torch.float64)
+    ic = torch.full((n_dev, len(FAMILIES)), float("inf"), dtype=torch.float64)
+    for j, fam in enumerate(FAMILIES):
+        if fam == "tabulated":
+            if fam in families:
+                k = n_bins
+                ic[:, j] = k * (penalty if penalty else n_eff.log())
+            continue
+        if fam in fits:
+            k = N_PARAMS[fam]
+            ic[:, j] = chi2[fam] + k * (penalty if penalty else n_eff.log())
+    ic = torch.nan_to_num(ic, nan=float("inf"))
+    choice = ic.argmin(1)
+    # best parametric family gives dw_min, bounds, gamma, asym (also for tabulated devices)
+    par_ic = ic.clone()
+    par_ic[:, FAMILIES.index("tabulated")] = float("inf")
+    par_choice = par_ic.argmin(1)
+
+    def to_units(fam: str) -> dict[str, Tensor]:
+        p = fits[fam]
+        a_p, a_m = p[:, 3].exp(), p[:, 4].exp()
+        g = p[:, 2].exp() if fam == "power" else (p[:, 2] if fam == "exp"
+                                                  else torch.ones_like(p[:, 2]))
+        asym = ((a_p - a_m) / (a_p + a_m)).clamp(-0.999, 0.999)
+        return {"tau_min": center + scale_safe * p[:, 0], "tau_max": center + scale_safe * p[:, 1],
+                "gamma": g, "asym": asym, "dw_min": scale_safe * 0.5 * (a_p + a_m)}
+
+    units = {fam: to_units(fam) for fam in fits}
+
+    def pick(name: str) -> Tensor:
+        out = torch.full((n_dev,), float("nan"), dtype=torch.float64)
+        for j, fam in enumerate(FAMILIES):
+            if fam in units:
+                out = torch.where(par_choice == j, units[fam][name], out)
+        return torch.where(has_steps, out, torch.full_like(out, float("nan")))
+
+    dw_min, tmin, tmax = pick("dw_min"), pick("tau_min"), pick("tau_max")
+    classes = {"linear": LinearResponse, "power": PowerResponse, "exp": ExpResponse}
+    members: list[Response] = []
+    safe = {}
+    for fam in ("linear", "power", "exp"):
+        if fam in units:
+            u = units[fam]
+            lo_ = torch.where(has_steps, u["tau_min"], torch.full_like(u["tau_min"], -1.0))
+            hi_ = torch.where(has_steps, u["tau_max"], torch.full_like(u["tau_max"], 1.0))
+            hi_ = torch.maximum(hi_, lo_ + 1e-12 * (lo_.abs() + 1))
+            safe[fam] = classes[fam](tau_min=lo_, tau_max=hi_, gamma=u["gamma"],
+                                     asym=u["asym"])
+        else:  # keep member indices aligned with FAMILIES
+            safe[fam] = LinearResponse(tau_min=-torch.ones(n_dev, dtype=torch.float64),
+                                       tau_max=torch.ones(n_dev, dtype=torch.float64))
+        members.append(safe[fam])
+    x_units = center.view(-1, 1, 1) + scale_safe.view(-1, 1, 1) * st.x
+    y_units = scale_safe.view(-1, 1, 1) * st.y
+    tab_bins = StepBins(x=x_units, y=y_units, n=st.n, var=st.var, n_steps=st.n_steps,
+                        read_noise=st.read_noise, c2c=st.c2c)
+    dw_safe = torch.where(torch.isfinite(dw_min) & (dw_min > 0), dw_min, torch.ones_like(dw_min))
+    tmin_safe = torch.where(has_steps, tmin, torch.full_like(tmin, -1.0))
+    tmax_safe = torch.where(has_steps, tmax, torch.full_like(tmax, 1.0))
+    tab = _tabulated(tab_bins, dw_safe, tmin_safe, tmax_safe, grid_size)
+    members.append(tab)
+    response = MixedResponse(members, choice)
+    sym = response.symmetric_point()
+    # goodness of fit of the selected family on the bin means (normalized units)
+    w2 = wt * wt
+    pred = torch.zeros_like(st.y)
+    for j, fam in enumerate(FAMILIES):
+        if fam in fits:
+            pj = _predict(fam, fits[fam], st.x)
+        elif fam == "tabulated":
+            pj = st.y
+        else:
+            continue
+        pred = torch.where((choice == j).view(-1, 1, 1), pj, pred)
+    pred = torch.nan_to_num(pred)
+    r2 = _weighted_r2(st.y, pred, w2)
+    dir_mean = (w2 * st.y).sum(2, keepdim=True) / w2.sum(2, keepdim=True).clamp_min(1e-300)
+    r2_const = _weighted_r2(st.y, dir_mean.expand_as(st.y), w2)
+    chi = (w2 * (st.y - pred) ** 2).sum((1, 2))
+    k_sel = torch.tensor([N_PARAMS.get(f, 0) for f in FAMILIES], dtype=torch.float64)[choice]
+    k_sel = torch.where(choice == FAMILIES.index("tabulated"), n_bins, k_sel)
+    chi2_red = chi / (n_bins - k_sel).clamp_min(1)
+
+    def npy(t: Tensor, nan_off: bool = True) -> np.ndarray:
+        a = t.detach().cpu().numpy().astype(np.float64)
+        if nan_off:
+            a = np.where(has_steps.numpy(), a, np.nan)
+        return a
+
+    model = np.array([FAMILIES[i] for i in choice.tolist()], dtype=object)
+    model[~has_steps.numpy()] = "none"
+    fam_idx = np.where(has_steps.numpy(), choice.numpy(), -1)
+    params = {fam: {k: npy(v) for k, v in units[fam].items()} for fam in units}
+    params["tabulated"] = {"w_grid": tab.w_grid.numpy(), "qp": tab.qp.numpy(),
+                           "qm": tab.qm.numpy()}
+    return FitResult(
+        model=model, family_index=fam_idx, dw_min=npy(dw_min), tau_min=npy(tmin),
+        tau_max=npy(tmax), gamma=npy(pick("gamma")), asym=npy(pick("asym")),
+        symmetric_point=npy(sym), c2c=npy(st.c2c), read_noise=npy(st.read_noise * scale_safe),
+        r2=npy(r2), r2_const=npy(r2_const), chi2_red=npy(chi2_red),
+        n_steps=st.n_steps.numpy().astype(np.int64), ic=ic.numpy(), criterion=criterion,
+        params=params,
+        bins={"x": x_units.numpy(), "y": y_units.numpy(), "n": st.n.numpy(),
+              "var": (scale_safe.view(-1, 1, 1) ** 2 * st.var).numpy()},
+        response=response,
+    )
