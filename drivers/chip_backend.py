@@ -60,6 +60,22 @@ class ChipTile(Tile):
         self.chip._sequenced("pulse", self.name,
                              lambda seq: self.chip.link.pulse(seq, self.name, wire), arm=True)
 
+    def pulse_device(self, row: int, col: int, count: int) -> None:
+        """Pulse one device with one single-crosspoint command (slow path; checked likewise)."""
+        if not (0 <= row < self.shape[0] and 0 <= col < self.shape[1]):
+            raise BackendError(f"device ({row}, {col}) outside {self.shape}", tile=self.name,
+                               op="pulse")
+        if self.wmap is not None and self.wmap.scale < 0:
+            count = -count
+        one = np.zeros((1, 1), np.int64)
+        one[0, 0] = count
+        self.chip.interlock.check_counts(self.name, self.info.row + row, self.info.col + col,
+                                         one)
+        self.chip._sequenced(
+            "pulse", self.name,
+            lambda seq: self.chip.link.pulse_device(seq, self.name, row, col, int(count)),
+            arm=True)
+
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         if not self.chip.capabilities.mvm:
             return super().mvm(x, transpose)

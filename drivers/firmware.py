@@ -200,6 +200,23 @@ class ChipFirmware:
         self.log.append(f"PULSE {name} {seq}")
         return b""
 
+    def pulse_device(self, name: str, row: int, col: int, count: int, seq: int) -> bytes:
+        """Single-crosspoint pulse: the same device physics as a one-device pulse map."""
+        tile = self._tile(name)
+        rows, cols = tile.shape
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise ChipError(E_DATA_RANGE, f"device ({row}, {col}) outside {rows}x{cols}")
+        if abs(count) > DTYPE_MAX[self.pulse_dtype]:
+            raise ChipError(E_DATA_RANGE, f"pulse count {count} too large")
+        if not self.outputs:
+            raise ChipError(E_SETTINGS_CONFLICT, "outputs are off")
+        n = torch.zeros(rows, cols, dtype=torch.int32)
+        n[row, col] = count
+        tile.pulse(n)
+        self.device_pulses += abs(count)
+        self.log.append(f"PULSE {name} {seq}")
+        return b""
+
     def mvm(self, name: str, transpose: bool, batch: int, data: bytes) -> bytes:
         tile = self._tile(name)
         rows, cols = tile.shape

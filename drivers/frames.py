@@ -51,9 +51,10 @@ class Op(IntEnum):
     READ = 0x21
     PULSE = 0x22
     MVM = 0x23
+    PULSE_DEV = 0x24
 
 
-SEQUENCED = frozenset({Op.ALLOC, Op.READ, Op.PULSE, Op.MVM})
+SEQUENCED = frozenset({Op.ALLOC, Op.READ, Op.PULSE, Op.MVM, Op.PULSE_DEV})
 
 
 def request_frame(op: int, seq: int, body: bytes) -> bytes:
@@ -176,6 +177,10 @@ class FrameLink(ChipLink):
 
     def pulse(self, seq: int, name: str, counts: np.ndarray) -> None:
         self._request(Op.PULSE, name_field(name) + counts.tobytes(), seq, 0, name)
+
+    def pulse_device(self, seq: int, name: str, row: int, col: int, count: int) -> None:
+        body = name_field(name) + struct.pack("<IIi", row, col, count)
+        self._request(Op.PULSE_DEV, body, seq, 0, name)
 
     def mvm(self, seq: int, name: str, transpose: bool, x: np.ndarray,
             out_features: int) -> np.ndarray:

@@ -206,5 +206,9 @@ class ChipLink(ABC):
     def pulse(self, seq: int, name: str, counts: np.ndarray) -> None: ...
 
     @abstractmethod
+    def pulse_device(self, seq: int, name: str, row: int, col: int, count: int) -> None:
+        """Pulse one device of a tile (single-crosspoint command)."""
+
+    @abstractmethod
     def mvm(self, seq: int, name: str, transpose: bool, x: np.ndarray,
             out_features: int) -> np.ndarray: ...

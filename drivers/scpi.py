@@ -151,6 +151,10 @@ class ScpiLink(ChipLink):
         cmd = f"TILE:PULS? {seq},{name},".encode("ascii") + ieee_block(counts.tobytes()) + b"\n"
         self._data(cmd, seq, 0, "pulse", name)
 
+    def pulse_device(self, seq: int, name: str, row: int, col: int, count: int) -> None:
+        cmd = f"TILE:PULS:DEV? {seq},{name},{row},{col},{count}\n".encode("ascii")
+        self._data(cmd, seq, 0, "pulse", name)
+
     def mvm(self, seq: int, name: str, transpose: bool, x: np.ndarray,
             out_features: int) -> np.ndarray:
         batch = x.shape[0]

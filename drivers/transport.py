@@ -68,6 +68,11 @@ class VisaTransport(Transport):
         inst.timeout = self.timeout_ms
         inst.read_termination = "\n"
         inst.write_termination = ""
+        inst.chunk_size = 1 << 20
+        # pyvisa-py receives in 4 KiB pieces by default; whole-tile blocks want larger ones
+        session = getattr(self._rm.visalib, "sessions", {}).get(inst.session)
+        if session is not None and hasattr(session, "max_recv_size"):
+            session.max_recv_size = 1 << 20
         self._inst = inst
 
     def _fail(self, exc: Exception, op: str) -> BackendError:

@@ -124,7 +124,8 @@ class ScpiHandler:
             if verb == "OUTP" and args.upper() in ("ON", "OFF", "1", "0"):
                 fw.set_output(args.upper() in ("ON", "1"))
                 return None, False
-            if verb in ("TILE:ALLOC?", "TILE:READ?", "TILE:PULS?", "TILE:MVM?"):
+            if verb in ("TILE:ALLOC?", "TILE:READ?", "TILE:PULS?", "TILE:MVM?",
+                        "TILE:PULS:DEV?"):
                 return self._sequenced(verb, args, block), True
         except ChipError as exc:
             fw.push_error(exc.code, exc.message)
@@ -146,6 +147,13 @@ class ScpiHandler:
             status, payload = fw.sequenced(seq, lambda: fw.read(rest))
         elif verb == "TILE:PULS?":
             status, payload = fw.sequenced(seq, lambda: fw.pulse(rest, _need(block), seq))
+        elif verb == "TILE:PULS:DEV?":
+            def run_device() -> bytes:
+                parts = rest.split(",")
+                if len(parts) != 4 or not all(p.lstrip("-").isdigit() for p in parts[1:]):
+                    raise ChipError(E_ILLEGAL, f"bad device pulse arguments {rest}")
+                return fw.pulse_device(parts[0], *(int(p) for p in parts[1:]), seq)
+            status, payload = fw.sequenced(seq, run_device)
         else:
             def run_mvm() -> bytes:
                 name, transpose, batch = _split3(rest)
@@ -232,6 +240,11 @@ class FrameHandler:
         name, rest = body[1:1 + body[0]].decode("ascii", "replace"), body[1 + body[0]:]
         if op == Op.PULSE:
             return fw.pulse(name, rest, seq)
+        if op == Op.PULSE_DEV:
+            if len(rest) != 12:
+                raise ChipError(E_ILLEGAL, "device pulse body must be 12 bytes")
+            row, col, count = struct.unpack("<IIi", rest)
+            return fw.pulse_device(name, row, col, count, seq)
         if len(rest) < 5:
             raise ChipError(E_ILLEGAL, "mvm body too short")
         transpose, batch = struct.unpack_from("<BI", rest)

@@ -11,7 +11,7 @@ import torch
 from drivers.virtual_chip import Faults, VirtualChip, running
 from drivers.weight_map import write_weight_map
 from hil.backend import open_backend
-from hil.errors import BackendURLError, ConfigError
+from hil.errors import BackendURLError, ConfigError, SafetyLimitError
 
 SIM = "sim://?model=power&gamma=0.5&tau=0.6&d2d=0.2&c2c=0.1&read_noise=0.005&seed=7"
 TIMEOUT = 0.2  # short, so that each dropped reply costs little; late replies are handled
@@ -99,10 +99,10 @@ def test_scripted_bit_identical_with_corrupted_replies(reference):
 
 
 def test_calibration_weight_map(tmp_path):
-    """w = (G - G_ref) * scale; a negative scale flips the pulse polarity on the wire."""
+    """w = (G - G_ref) / weight_scale; a negative scale flips the pulse polarity."""
     g_ref = np.full((2, 3), 0.1)
     path = tmp_path / "calib.h5"
-    write_weight_map(str(path), {"cal": (g_ref, -2.0)})
+    write_weight_map(str(path), {"cal": (g_ref, -0.5)})
     with VirtualChip("sim://?seed=1") as chip:
         with open_backend(f"{chip.url}&calib={path}") as be:
             tile = be.allocate("cal", 2, 3)
@@ -114,7 +114,7 @@ def test_calibration_weight_map(tmp_path):
             x = torch.tensor([[1.0, 2.0, -1.0]])
             expect = x @ ((chip.backend.tile("cal").w.double() - 0.1) * -2.0).float().t()
             assert torch.allclose(tile.mvm(x), expect, atol=0.5)  # paper I/O: 7/9-bit, noise
-        with pytest.raises(ConfigError, match="weight_map/other"):
+        with pytest.raises(ConfigError, match="tiles/other"):
             with open_backend(f"{chip.url}&calib={path}") as be:
                 be.allocate("other", 1, 1)
 
@@ -137,3 +137,22 @@ def test_tiles_persist_on_the_chip_across_sessions():
         with open_backend(chip.url) as be:
             assert torch.equal(be.tile("keep").read(), w)
             assert be.tile("keep").dw_min == 1e-3
+
+
+@pytest.mark.parametrize("protocol, transport", [("scpi", "tcp"), ("serial", "pty")])
+def test_single_device_pulses_match_pulse_maps(protocol, transport):
+    url = "sim://?model=power&gamma=0.5&c2c=0.1&seed=9"
+    with open_backend(url) as be:
+        tile = be.allocate("d", 3, 3)
+        for row, col, count in [(0, 1, 3), (2, 2, -2), (0, 1, -1)]:
+            n = torch.zeros(3, 3, dtype=torch.int32)
+            n[row, col] = count
+            tile.pulse(n)
+        expect = tile.read()
+    with running(url, protocol, transport) as chip_url, open_backend(chip_url) as be:
+        tile = be.allocate("d", 3, 3)
+        for row, col, count in [(0, 1, 3), (2, 2, -2), (0, 1, -1)]:
+            tile.pulse_device(row, col, count)
+        assert torch.equal(tile.read(), expect)
+        with pytest.raises(SafetyLimitError):
+            tile.pulse_device(1, 1, 5000)

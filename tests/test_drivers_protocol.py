@@ -244,3 +244,11 @@ def test_frames_corrupted_reply_is_protocol_error():
     with pytest.raises(ProtocolError, match="CRC"):
         be.allocate("t", 1, 1)
     assert not fake.script
+
+
+def test_scpi_single_device_pulse_exact_bytes():
+    script = [*SCPI_OPEN, (b"TILE:ALLOC? 42,t,0,0,0,2,2\n", data_reply(42, 0, f8(0.01))),
+              *SCPI_ARM, (b"TILE:PULS:DEV? 43,t,1,0,-7\n", data_reply(43, 0, b""))]
+    be, fake = scpi_backend(script)
+    be.allocate("t", 2, 2).pulse_device(1, 0, -7)
+    assert not fake.script
