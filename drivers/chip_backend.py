@@ -76,6 +76,29 @@ class ChipTile(Tile):
             lambda seq: self.chip.link.pulse_device(seq, self.name, row, col, int(count)),
             arm=True)
 
+    def outer_update(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> None:
+        """On-chip pulse-train rank-1 update. Each sample is one pulse-train application of
+        at most train-length coincidences per device, which the interlock bounds like a
+        pulse command; the tile must lie wholly inside the allowed rows and columns."""
+        bl = self.chip.train_length
+        if not bl:
+            return super().outer_update(x, d, lr)
+        rows, cols = self.shape
+        xa = np.ascontiguousarray(x.detach().to("cpu", torch.float32).reshape(-1, cols).numpy())
+        da = np.ascontiguousarray(d.detach().to("cpu", torch.float32).reshape(-1, rows).numpy())
+        if xa.shape[0] != da.shape[0]:
+            raise BackendError("outer_update: x and d have different batch sizes",
+                               tile=self.name, op="outer_update")
+        lr_g = float(lr) * (self.wmap.weight_scale if self.wmap is not None else 1.0)
+        if not (np.isfinite(lr_g) and np.isfinite(xa).all() and np.isfinite(da).all()):
+            raise BackendError("outer_update: non-finite input", tile=self.name,
+                               op="outer_update")
+        worst = np.full((rows, cols), bl, np.int64)
+        self.chip.interlock.check_counts(self.name, self.info.row, self.info.col, worst)
+        self.chip._sequenced("outer_update", self.name,
+                             lambda seq: self.chip.link.outer(seq, self.name, lr_g, xa, da),
+                             arm=True)
+
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         if not self.chip.capabilities.mvm:
             return super().mvm(x, transpose)
@@ -146,8 +169,10 @@ class ChipBackend(Backend):
                 raise SafetyLimitError(f"{polarity} pulse exceeds the chip's ratings "
                                        f"{chip_limits}", op="pulse shape")
         self.wire_dtype = NUMPY_DTYPES_BY_NAME[caps.pulse_dtype]
+        self.train_length = caps.outer_train_length
         self.capabilities = Capabilities(
-            mvm=caps.mvm, outer_update=False, allocate=True, device="cpu",
+            mvm=caps.mvm, outer_update=caps.outer_train_length > 0, allocate=True,
+            device="cpu",
             max_pulses_per_command=int(min(p.limits.max_pulses_per_command, caps.max_pulses,
                                            chip_limits["MAXPULSE"])))
         self.seq = self._retry("sequence", None, self.link.last_seq)

@@ -65,9 +65,16 @@ class ChipFirmware:
     def idn(self) -> str:
         return IDN
 
+    @property
+    def train_length(self) -> int:
+        """Pulse-train length of the backend's rank-1 update (0: the chip has none)."""
+        if not self.backend.capabilities.outer_update:
+            return 0
+        return int(getattr(getattr(self.backend, "config", None), "train_length", 0) or 0)
+
     def caps(self) -> str:
         return format_kv({"MVM": int(self.backend.capabilities.mvm), "ALLOC": 1,
-                          "DTYPE": self.pulse_dtype})
+                          "DTYPE": self.pulse_dtype, "OUTER": self.train_length})
 
     def limits(self) -> str:
         return format_kv({"MAXPULSE": DTYPE_MAX[self.pulse_dtype], **RATINGS})
@@ -215,6 +222,25 @@ class ChipFirmware:
         tile.pulse(n)
         self.device_pulses += abs(count)
         self.log.append(f"PULSE {name} {seq}")
+        return b""
+
+    def outer(self, name: str, lr: float, batch: int, data: bytes, seq: int) -> bytes:
+        """Stochastic pulse-train rank-1 update of x [batch, cols] and d [batch, rows]."""
+        tile = self._tile(name)
+        rows, cols = tile.shape
+        if not self.train_length:
+            raise ChipError(E_ILLEGAL, "this chip has no rank-1 update")
+        if batch < 1 or len(data) != 4 * batch * (rows + cols):
+            raise ChipError(E_ILLEGAL, f"outer block of {len(data)} bytes for batch {batch}")
+        if self.train_length > DTYPE_MAX[self.pulse_dtype]:
+            raise ChipError(E_DATA_RANGE, "pulse trains longer than the pulse limit")
+        if not np.isfinite(lr):
+            raise ChipError(E_ILLEGAL, "learning rate is not finite")
+        if not self.outputs:
+            raise ChipError(E_SETTINGS_CONFLICT, "outputs are off")
+        xd = torch.from_numpy(np.frombuffer(data, "<f4").reshape(batch, cols + rows).copy())
+        tile.outer_update(xd[:, :cols], xd[:, cols:], lr)
+        self.log.append(f"OUTER {name} {seq}")
         return b""
 
     def mvm(self, name: str, transpose: bool, batch: int, data: bytes) -> bytes:

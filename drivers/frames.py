@@ -52,9 +52,11 @@ class Op(IntEnum):
     PULSE = 0x22
     MVM = 0x23
     PULSE_DEV = 0x24
+    OUTER = 0x25
 
 
-SEQUENCED = frozenset({Op.ALLOC, Op.READ, Op.PULSE, Op.MVM, Op.PULSE_DEV})
+SEQUENCED = frozenset({Op.ALLOC, Op.READ, Op.PULSE, Op.MVM, Op.PULSE_DEV,
+                       Op.OUTER})
 
 
 def request_frame(op: int, seq: int, body: bytes) -> bytes:
@@ -181,6 +183,11 @@ class FrameLink(ChipLink):
     def pulse_device(self, seq: int, name: str, row: int, col: int, count: int) -> None:
         body = name_field(name) + struct.pack("<IIi", row, col, count)
         self._request(Op.PULSE_DEV, body, seq, 0, name)
+
+    def outer(self, seq: int, name: str, lr: float, x: np.ndarray, d: np.ndarray) -> None:
+        body = (name_field(name) + struct.pack("<dI", lr, x.shape[0])
+                + np.concatenate([x, d], axis=1).astype("<f4").tobytes())
+        self._request(Op.OUTER, body, seq, 0, name)
 
     def mvm(self, seq: int, name: str, transpose: bool, x: np.ndarray,
             out_features: int) -> np.ndarray:

@@ -40,6 +40,7 @@ class ChipCaps:
     mvm: bool
     pulse_dtype: str
     max_pulses: int
+    outer_train_length: int = 0  # pulse-train length of the on-chip rank-1 update; 0: none
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,11 @@ def parse_kv(text: str, keys: tuple[str, ...], what: str) -> dict[str, str]:
 
 def parse_caps(text: str) -> ChipCaps:
     kv = parse_kv(text, ("MVM", "DTYPE"), "capabilities")
-    if kv["MVM"] not in ("0", "1") or kv["DTYPE"] not in NUMPY_DTYPES:
+    outer = kv.get("OUTER", "0")
+    if kv["MVM"] not in ("0", "1") or kv["DTYPE"] not in NUMPY_DTYPES or not outer.isdigit():
         raise ProtocolError(f"bad capabilities reply {text!r}", op="capabilities")
     return ChipCaps(mvm=kv["MVM"] == "1", pulse_dtype=kv["DTYPE"],
-                    max_pulses=DTYPE_MAX[kv["DTYPE"]])
+                    max_pulses=DTYPE_MAX[kv["DTYPE"]], outer_train_length=int(outer))
 
 
 def parse_limits(text: str) -> dict[str, float]:
@@ -208,6 +210,10 @@ class ChipLink(ABC):
     @abstractmethod
     def pulse_device(self, seq: int, name: str, row: int, col: int, count: int) -> None:
         """Pulse one device of a tile (single-crosspoint command)."""
+
+    @abstractmethod
+    def outer(self, seq: int, name: str, lr: float, x: np.ndarray, d: np.ndarray) -> None:
+        """On-chip stochastic pulse-train rank-1 update W += lr sum_b d_b x_b^T."""
 
     @abstractmethod
     def mvm(self, seq: int, name: str, transpose: bool, x: np.ndarray,

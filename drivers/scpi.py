@@ -155,6 +155,12 @@ class ScpiLink(ChipLink):
         cmd = f"TILE:PULS:DEV? {seq},{name},{row},{col},{count}\n".encode("ascii")
         self._data(cmd, seq, 0, "pulse", name)
 
+    def outer(self, seq: int, name: str, lr: float, x: np.ndarray, d: np.ndarray) -> None:
+        block = np.concatenate([x, d], axis=1).astype("<f4").tobytes()
+        cmd = (f"TILE:OUTER? {seq},{name},{lr!r},{x.shape[0]},".encode("ascii")
+               + ieee_block(block) + b"\n")
+        self._data(cmd, seq, 0, "outer_update", name)
+
     def mvm(self, seq: int, name: str, transpose: bool, x: np.ndarray,
             out_features: int) -> np.ndarray:
         batch = x.shape[0]

@@ -125,7 +125,7 @@ class ScpiHandler:
                 fw.set_output(args.upper() in ("ON", "1"))
                 return None, False
             if verb in ("TILE:ALLOC?", "TILE:READ?", "TILE:PULS?", "TILE:MVM?",
-                        "TILE:PULS:DEV?"):
+                        "TILE:PULS:DEV?", "TILE:OUTER?"):
                 return self._sequenced(verb, args, block), True
         except ChipError as exc:
             fw.push_error(exc.code, exc.message)
@@ -154,6 +154,17 @@ class ScpiHandler:
                     raise ChipError(E_ILLEGAL, f"bad device pulse arguments {rest}")
                 return fw.pulse_device(parts[0], *(int(p) for p in parts[1:]), seq)
             status, payload = fw.sequenced(seq, run_device)
+        elif verb == "TILE:OUTER?":
+            def run_outer() -> bytes:
+                parts = rest.split(",")
+                if len(parts) != 3 or not parts[2].isdigit():
+                    raise ChipError(E_ILLEGAL, f"bad outer arguments {rest}")
+                try:
+                    lr = float(parts[1])
+                except ValueError:
+                    raise ChipError(E_ILLEGAL, f"bad learning rate {parts[1]}") from None
+                return fw.outer(parts[0], lr, int(parts[2]), _need(block), seq)
+            status, payload = fw.sequenced(seq, run_outer)
         else:
             def run_mvm() -> bytes:
                 name, transpose, batch = _split3(rest)
@@ -240,6 +251,11 @@ class FrameHandler:
         name, rest = body[1:1 + body[0]].decode("ascii", "replace"), body[1 + body[0]:]
         if op == Op.PULSE:
             return fw.pulse(name, rest, seq)
+        if op == Op.OUTER:
+            if len(rest) < 12:
+                raise ChipError(E_ILLEGAL, "outer body too short")
+            lr, batch = struct.unpack_from("<dI", rest)
+            return fw.outer(name, lr, batch, rest[12:], seq)
         if op == Op.PULSE_DEV:
             if len(rest) != 12:
                 raise ChipError(E_ILLEGAL, "device pulse body must be 12 bytes")

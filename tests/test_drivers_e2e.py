@@ -156,3 +156,25 @@ def test_single_device_pulses_match_pulse_maps(protocol, transport):
         assert torch.equal(tile.read(), expect)
         with pytest.raises(SafetyLimitError):
             tile.pulse_device(1, 1, 5000)
+
+
+def rlv2_outer_run(url: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLv2 fed layer inputs and output gradients: the chip's rank-1 pulse-train update."""
+    from hil.algorithms import ResidualLearningV2
+
+    gen = torch.Generator().manual_seed(5)
+    with open_backend(url) as be:
+        assert be.capabilities.outer_update
+        alg = ResidualLearningV2(be, (4, 5), lr=0.05, transfer_lr=0.3, gamma=0.5, seed=1,
+                                 prefix="l")
+        for _ in range(8):
+            alg.step(x=torch.randn(6, 5, generator=gen), d=torch.randn(6, 4, generator=gen))
+        return alg.read("W"), alg.read("P")
+
+
+@pytest.mark.parametrize("protocol, transport", [("scpi", "tcp"), ("serial", "pty")])
+def test_outer_update_bit_identical(protocol, transport):
+    expect = rlv2_outer_run(SIM)
+    with VirtualChip(SIM, protocol, transport) as chip:
+        assert same(rlv2_outer_run(chip.url), expect)
+        assert any(e.startswith("OUTER") for e in chip.firmware.log)

@@ -252,3 +252,16 @@ def test_scpi_single_device_pulse_exact_bytes():
     be, fake = scpi_backend(script)
     be.allocate("t", 2, 2).pulse_device(1, 0, -7)
     assert not fake.script
+
+
+def test_scpi_outer_update_exact_bytes():
+    caps = (b"SYST:CAP?\n", b"MVM=1,ALLOC=1,DTYPE=int16,OUTER=31\n")
+    x, d = np.ones((1, 2), "<f4"), np.full((1, 1), 2.0, "<f4")
+    script = [SCPI_OPEN[0], caps, *SCPI_OPEN[2:],
+              (b"TILE:ALLOC? 42,t,0,0,0,1,2\n", data_reply(42, 0, f8(0.01))), *SCPI_ARM,
+              (b"TILE:OUTER? 43,t,-0.5,1,#212" + np.concatenate([x, d], 1).tobytes() + b"\n",
+               data_reply(43, 0, b""))]
+    be, fake = scpi_backend(script)
+    assert be.capabilities.outer_update
+    be.allocate("t", 1, 2).outer_update(torch.ones(1, 2), torch.full((1, 1), 2.0), -0.5)
+    assert not fake.script
