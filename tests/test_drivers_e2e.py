@@ -178,3 +178,16 @@ def test_outer_update_bit_identical(protocol, transport):
     with VirtualChip(SIM, protocol, transport) as chip:
         assert same(rlv2_outer_run(chip.url), expect)
         assert any(e.startswith("OUTER") for e in chip.firmware.log)
+
+
+def test_running_binds_loopback_and_stops_on_exit():
+    import socket
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with running("sim://", "scpi") as url:
+            port = int(url.split("::")[2])
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass
+            raise RuntimeError("inside the block")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
