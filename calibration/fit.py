@@ -9,6 +9,8 @@ default) on the chi-square of the bin means picks a family per device.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -303,15 +305,39 @@ def _as_tensor(a: object, name: str, ndim: int) -> Tensor:
     return t.to(torch.float64)
 
 
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch threads (small batched ops stall on busy cores with more)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_traces(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *,
                criterion: str = "bic", bins: int = 24, window: int = 8, iters: int = 40,
-               families: tuple[str, ...] = FAMILIES, grid_size: int = 32) -> FitResult:
+               families: tuple[str, ...] = FAMILIES, grid_size: int = 32,
+               threads: int | None = None) -> FitResult:
     """Fit response families to the traces of every device at once and pick one per device.
 
     states [n_steps + 1, n_devices] (the read before the first pulse and after each
     pulse, any unit; NaN breaks a sequence), directions [n_steps] (+1 potentiation,
     -1 depression; +-n for n pulses between reads). Invariant to the states' unit and offset.
+    ``threads``: torch threads for the fit (default: 1 below 16384 devices, where the
+    many small batched operations gain nothing from more).
     """
+    n_dev = int(np.shape(states)[1]) if len(np.shape(states)) == 2 else 1
+    with _threads(threads if threads is not None else (1 if n_dev < 16384 else None)):
+        return _fit(states, directions, criterion=criterion, bins=bins, window=window,
+                    iters=iters, families=families, grid_size=grid_size)
+
+
+def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criterion: str,
+         bins: int, window: int, iters: int, families: tuple[str, ...],
+         grid_size: int) -> FitResult:
     if criterion not in ("bic", "aic"):
         raise ValueError("criterion must be 'bic' or 'aic'")
     unknown = set(families) - set(FAMILIES)

@@ -2,4 +2,101 @@
 
 from __future__ import annotations
 
-from hil.cli import app  # noqa: F401
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hil.cli import app
+
+
+@app.command("characterize")
+def characterize_cmd(
+    backend: Annotated[str, typer.Option(help="backend URL, e.g. 'sim://?model=power'")],
+    out: Annotated[Path, typer.Option(help="measurement file to write (HDF5)")],
+    tile: Annotated[str, typer.Option(help="tile to characterize")] = "cal",
+    rows: Annotated[int, typer.Option(min=1)] = 16,
+    cols: Annotated[int, typer.Option(min=1)] = 16,
+    pulses: Annotated[int, typer.Option(min=1, help="pulses per direction")] = 400,
+    cycles: Annotated[int, typer.Option(min=1, help="up/down cycles")] = 2,
+    read_every: Annotated[int, typer.Option(min=1, help="pulses between reads")] = 1,
+    sympoint_pairs: Annotated[int, typer.Option(min=0, help="alternating search pairs")] = 200,
+    noise_reads: Annotated[int, typer.Option(min=0, help="repeated reads")] = 20,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Measure sweeps, the symmetric-point search and read noise into an HDF5 file."""
+    from rich.console import Console
+
+    from calibration.protocols import SweepProtocol
+    from calibration.workflow import run_characterize
+    from hil.errors import ConfigError
+
+    try:
+        proto = SweepProtocol(pulses=pulses, cycles=cycles, read_every=read_every,
+                              sympoint_pairs=sympoint_pairs, noise_reads=noise_reads)
+    except ValueError as exc:
+        raise ConfigError("<command line>", "protocol", str(exc)) from None
+    console = Console()
+    path = run_characterize(backend, out, tile, rows, cols, proto,
+                            console=None if quiet else console)
+    console.print(f"measurement written to {path}", highlight=False)
+
+
+@app.command("fit")
+def fit_cmd(
+    meas: Annotated[Path | None, typer.Argument(help="measurement file (HDF5)")] = None,
+    out: Annotated[Path, typer.Option(help="calibration file to write")] = Path("calib.h5"),
+    csv: Annotated[Path | None, typer.Option(help="fit a pulse-response CSV instead")] = None,
+    bins: Annotated[int | None, typer.Option(min=4, help="state bins per direction")] = None,
+    window: Annotated[int | None, typer.Option(min=1, help="reads that locate a step")] = None,
+    criterion: Annotated[str, typer.Option(help="bic or aic")] = "bic",
+) -> None:
+    """Fit every device's response (all families, model selection) into a calibration file."""
+    from rich.console import Console
+
+    from calibration.workflow import run_fit, summary_table
+    from hil.errors import ConfigError
+
+    if criterion not in ("bic", "aic"):
+        raise ConfigError("<command line>", "--criterion", "must be 'bic' or 'aic'")
+    console = Console()
+    cal = run_fit(out, meas=meas, csv=csv, bins=bins, window=window, criterion=criterion,
+                  console=console)
+    console.print(summary_table(cal))
+    console.print(f"calibration written to {out}", highlight=False)
+
+
+@app.command("zero-shift")
+def zero_shift_cmd(
+    backend: Annotated[str, typer.Option(help="backend URL of the calibrated chip")],
+    calib: Annotated[Path, typer.Option(help="calibration file")],
+    pairs: Annotated[int, typer.Option(min=10, help="alternating pairs of the check")] = 200,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Program reference tiles to the symmetric points; report the differential residual."""
+    from rich.console import Console
+
+    from calibration.calibfile import load_calibration
+    from calibration.workflow import run_zero_shift, summary_table
+
+    console = Console()
+    zs = run_zero_shift(backend, calib, pairs, console=None if quiet else console)
+    console.print(summary_table(load_calibration(calib), zs))
+    for z in zs:
+        console.print(f"tile {z.tile}: reference converged {z.converged:.1%}, residual "
+                      f"median |w - w_ref| = {z.median_abs:.4g} ({z.median_rel:.2%} of range)",
+                      highlight=False)
+
+
+@app.command("report")
+def report_cmd(
+    calib: Annotated[Path, typer.Argument(help="calibration file")],
+    out: Annotated[Path, typer.Option(help="directory for the PNGs")] = Path("report"),
+) -> None:
+    """Write PNGs: fitted q+- over measured steps, maps over the array, histograms."""
+    from rich.console import Console
+
+    from calibration.workflow import run_report
+
+    paths = run_report(calib, out)
+    Console().print("\n".join(str(p) for p in paths), highlight=False)

@@ -1,0 +1,111 @@
+"""The four calibration steps as functions with progress bars: used by the CLI and the demo."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from calibration.calibfile import Calibration, load_calibration, write_calibration
+from calibration.measfile import MeasurementWriter
+from calibration.protocols import SweepProtocol, characterize
+from calibration.zeroshift import ZeroShiftResult, zero_shift
+from hil.backend import open_backend
+from hil.errors import ConfigError
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}"
+                    "/{task.total}"), TimeRemainingColumn(), console=console,
+                    disable=console is None, transient=False)
+
+
+def run_characterize(backend_url: str, out: Path, tile: str = "cal", rows: int = 16,
+                     cols: int = 16, proto: SweepProtocol | None = None,
+                     console: Console | None = None) -> Path:
+    """Measure read noise, sweeps and the symmetric-point search into a measurement file."""
+    proto = proto or SweepProtocol()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open_backend(backend_url) as be, MeasurementWriter(out, backend_url,
+                                                            proto.as_dict()) as writer, \
+            _progress(console) as bar:
+        task = bar.add_task(f"characterize {tile} {rows}x{cols}", total=proto.n_reads())
+        characterize(be, writer, {tile: (rows, cols)}, proto,
+                     advance=lambda n: bar.advance(task, n))
+    return out
+
+
+def run_fit(out: Path, meas: Path | None = None, csv: Path | None = None,
+            bins: int | None = None, window: int | None = None,
+            criterion: str = "bic", console: Console | None = None) -> Calibration:
+    """Fit a measurement file (or a CSV) and write the calibration file atomically."""
+    from calibration.pipeline import fit_csv, fit_file
+
+    if (meas is None) == (csv is None):
+        raise ConfigError("<command line>", "input", "give a measurement file or --csv, not both")
+    kw: dict[str, object] = {"criterion": criterion}
+    if bins is not None:
+        kw["bins"] = bins
+    if window is not None:
+        kw["window"] = window
+    if console:
+        console.print(f"fitting {meas or csv} ...", highlight=False)
+    tiles, prov = fit_csv(Path(csv), **kw) if csv is not None else fit_file(Path(meas), **kw)
+    write_calibration(Path(out), tiles, prov)
+    return load_calibration(out)
+
+
+def run_zero_shift(backend_url: str, calib: Path, pairs: int = 200,
+                   console: Console | None = None) -> list[ZeroShiftResult]:
+    """Program the reference tiles to the symmetric points and measure the residual."""
+    cal = load_calibration(calib)
+    with open_backend(backend_url) as be, _progress(console) as bar:
+        total = sum(1 + 2 * pairs // 50 * 50 for _ in cal.tiles)
+        task = bar.add_task("zero-shift", total=total)
+        return zero_shift(be, cal, pairs=pairs, advance=lambda n: bar.advance(task, n))
+
+
+def run_report(calib: Path, out: Path) -> list[Path]:
+    """Write the PNG report of a calibration file."""
+    from calibration.report import write_report
+
+    return write_report(load_calibration(calib), Path(out))
+
+
+def summary_table(cal: Calibration, zs: list[ZeroShiftResult] | None = None) -> Table:
+    """Medians per tile of the fitted parameters (and the zero-shift residual)."""
+    table = Table(title=f"calibration {cal.path.name}")
+    for col in ("tile", "devices", "families", "dw_min", "tau_min", "tau_max", "gamma",
+                "c2c", "sym. point", "R²"):
+        table.add_column(col, justify="right")
+    if zs:
+        table.add_column("zero-shift |res|/range", justify="right")
+    by_tile = {z.tile: z for z in zs or []}
+    for name, tc in cal.tiles.items():
+        v = tc.values
+        fams, counts = np.unique(tc.model, return_counts=True)
+        row = [name, str(tc.shape[0] * tc.shape[1]),
+               " ".join(f"{f}:{c}" for f, c in zip(fams, counts, strict=True))]
+        row += [f"{np.nanmedian(v[k]):.4g}" for k in ("dw_min", "tau_min", "tau_max", "gamma",
+                                                       "c2c", "symmetric_point", "r2")]
+        if zs:
+            z = by_tile.get(name)
+            row.append(f"{z.median_rel:.2%}" if z else "-")
+        table.add_row(*row)
+    return table
+
+
+def check_writable(out: Path) -> None:
+    """Fail early (before measuring) if ``out`` cannot be written."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent)
+    os.close(fd)
+    os.unlink(tmp)
