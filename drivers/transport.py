@@ -56,7 +56,11 @@ class VisaTransport(Transport):
         self.name = resource
         self.timeout_ms = max(1, int(round(timeout_s * 1000)))
         self._pyvisa = pyvisa
-        self._rm = pyvisa.ResourceManager(visa_library)
+        try:
+            self._rm = pyvisa.ResourceManager(visa_library)
+        except (OSError, ValueError, pyvisa.errors.Error) as exc:
+            raise LinkDown(f"cannot load VISA library {visa_library!r}: {exc}",
+                           op="connect") from None
         self._inst = None
         self._open()
 

@@ -13,11 +13,12 @@ from hil.url import BackendURL
 
 def open_visa(url: BackendURL) -> ChipBackend:
     """Parse every parameter first (unknown ones fail before a byte is sent), then connect."""
+    library = url.get_str("library", "@py") or "@py"  # '@py': pyvisa-py; '@ivi': a vendor VISA
     opts = DriverOptions.from_url(url)
     url.finish()
     if not url.location:
         raise BackendURLError(f"backend URL {url.url!r}: give a VISA resource, e.g. "
                               "visa://TCPIP0::127.0.0.1::5025::SOCKET")
-    transport = VisaTransport(url.location, opts.timeout_s)
+    transport = VisaTransport(url.location, opts.timeout_s, library)
     return ChipBackend(url.url, ScpiLink(transport), opts.profile, opts.weight_map,
                        opts.retries, opts.backoff_s)

@@ -53,7 +53,7 @@ def same(x, y) -> bool:
 
 
 @pytest.mark.parametrize("protocol, transport", [("scpi", "tcp"), ("serial", "pty"),
-                                                 ("serial", "tcp")])
+                                                 ("serial", "tcp"), ("scpi", "pty")])
 def test_scripted_sequence_bit_identical(reference, protocol, transport):
     with running(SIM, protocol, transport) as url:
         assert url.startswith("visa://" if protocol == "scpi" else "serial://")
