@@ -1,0 +1,420 @@
+"""Side by side with IBM aihwkit: time per training step and per rank-1 update, matched configs.
+
+Runs the sim:// emulator and aihwkit in one process on the same inputs and prints a
+markdown table (configuration, time per step here, in aihwkit, ratio). Needs aihwkit
+(`pip install -e .[peers]`; docs/aihwkit.md says how to build it); never part of make test:
+
+    .peers/venv/bin/python benchmarks/vs_aihwkit.py [--reps 3] [--only sgd]
+
+The parameter mapping between the two (docs/aihwkit.md) lives here as functions that
+benchmarks/aihwkit_fidelity.py reuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+import hil
+from hil.algorithms import AnalogAlgorithm, make_algorithm
+
+PEER_HINT = ("benchmarks/vs_aihwkit.py needs IBM aihwkit: pip install -e .[peers] "
+             "(aihwkit 1.2.0 is an sdist only: docs/aihwkit.md says how to build it)")
+
+
+def require_aihwkit() -> None:
+    """Exit with one clear line when aihwkit is not importable."""
+    try:
+        import aihwkit  # noqa: F401
+    except ImportError as exc:
+        print(f"{PEER_HINT}\n  ({type(exc).__name__}: {exc})", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# -- the parameter mapping (docs/aihwkit.md) -----------------------------------------------
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device population in sim:// terms (symmetric bounds +-tau)."""
+
+    model: str = "linear"  # 'linear' (SoftBoundsDevice) or 'power' (PowStepDevice)
+    tau: float = 0.6
+    dw_min: float = 1e-3  # sim:// dw_min: the step at the symmetric point w = 0
+    gamma: float = 1.0
+    asym: float = 0.0
+    c2c: float = 0.0
+    d2d: float = 0.0
+    train_length: int = 31
+    io: str = "paper"
+
+    def sim_url(self, seed: int = 0) -> str:
+        return (f"sim://?model={self.model}&tau={self.tau}&dw_min={self.dw_min}"
+                f"&gamma={self.gamma}&asym={self.asym}&c2c={self.c2c}&d2d={self.d2d}"
+                f"&train_length={self.train_length}&io={self.io}&seed={seed}")
+
+    @property
+    def peer_dw_min(self) -> float:
+        """aihwkit's dw_min: PowStep steps dw_min * ((tau - w) / 2 tau)^gamma, so 2^gamma more."""
+        scale = 2.0 ** self.gamma if self.model == "power" else 1.0
+        return self.dw_min * scale / (1.0 - abs(self.peer_up_down) / 2.0)
+
+    @property
+    def peer_lr_scale(self) -> float:
+        """aihwkit's lr for the same expected change: its pulse counts use its own dw_min."""
+        return self.peer_dw_min / self.dw_min
+
+    @property
+    def peer_up_down(self) -> float:
+        """aihwkit's one-sided up_down u for the amplitude asymmetry a: a = u / (2 - |u|)."""
+        return 2.0 * self.asym / (1.0 + abs(self.asym))
+
+
+def peer_device(spec: DeviceSpec):
+    """The aihwkit device config that matches ``spec`` (see docs/aihwkit.md)."""
+    from aihwkit.simulator.configs import PowStepDevice, SoftBoundsDevice
+
+    common = dict(w_min=-spec.tau, w_max=spec.tau, dw_min=spec.peer_dw_min,
+                  up_down=spec.peer_up_down, dw_min_std=spec.c2c,
+                  dw_min_dtod=spec.d2d, w_min_dtod=spec.d2d, w_max_dtod=spec.d2d,
+                  up_down_dtod=spec.d2d, write_noise_std=0.0)
+    if spec.model == "linear":
+        return SoftBoundsDevice(**common)
+    if spec.model == "power":
+        return PowStepDevice(pow_gamma=spec.gamma, pow_gamma_dtod=0.0, pow_up_down=0.0,
+                             pow_up_down_dtod=0.0, **common)
+    raise ValueError(f"no aihwkit counterpart for model={spec.model!r}")
+
+
+def peer_io(spec: DeviceSpec):
+    """IOParameters of sim://'s periphery: 7-bit DAC, 9-bit ADC, noise 0.06, bound 12,
+    abs-max noise management, no bound management (sim:// clips at the output bound)."""
+    from aihwkit.simulator.configs import IOParameters
+    from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
+
+    if spec.io == "ideal":
+        return IOParameters(is_perfect=True)
+    return IOParameters(inp_bound=1.0, inp_res=1 / (2**7 - 2), out_bound=12.0,
+                        out_res=1 / (2**9 - 2), out_noise=0.06,
+                        noise_management=NoiseManagementType.ABS_MAX,
+                        bound_management=BoundManagementType.NONE)
+
+
+def peer_update(spec: DeviceSpec):
+    """UpdateParameters of sim://'s outer_update: fixed train length, update management on."""
+    from aihwkit.simulator.configs import UpdateParameters
+    from aihwkit.simulator.parameters.enums import PulseType
+
+    return UpdateParameters(desired_bl=spec.train_length, fixed_bl=True,
+                            update_bl_management=False, update_management=True,
+                            pulse_type=PulseType.STOCHASTIC_COMPRESSED)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training algorithm here and its closest aihwkit configuration."""
+
+    name: str  # hil.algorithms name
+    peer: str  # 'single', 'transfer', 'buffered' or 'chopped'
+    transfer_lr: float = 0.1
+    gamma: float = 0.0
+
+
+def peer_rpu_config(spec: DeviceSpec, method: Method):
+    """The aihwkit rpu_config for ``method`` on ``spec`` devices."""
+    from aihwkit.simulator.configs import (
+        BufferedTransferCompound,
+        ChoppedTransferCompound,
+        SingleRPUConfig,
+        TransferCompound,
+        UnitCellRPUConfig,
+    )
+
+    io, upd = peer_io(spec), peer_update(spec)
+    if method.peer == "single":
+        return SingleRPUConfig(device=peer_device(spec), forward=io, backward=peer_io(spec),
+                               update=upd)
+    common = dict(unit_cell_devices=[peer_device(spec), peer_device(spec)], gamma=method.gamma,
+                  transfer_every=1.0, units_in_mbatch=True, n_reads_per_transfer=1,
+                  transfer_columns=True, fast_lr=1.0, scale_fast_lr=True,
+                  transfer_lr=method.transfer_lr, scale_transfer_lr=False,
+                  transfer_forward=peer_io(spec))
+    if method.peer == "transfer":
+        device = TransferCompound(transfer_update=peer_update(spec), **common)
+    elif method.peer == "buffered":  # threshold transfer, one pulse per transfer (like TTv2)
+        device = BufferedTransferCompound(thres_scale=1.0, step=1.0, momentum=0.0,
+                                          forget_buffer=False, **common)
+    elif method.peer == "chopped":
+        device = ChoppedTransferCompound(**common)
+    else:
+        raise ValueError(f"unknown aihwkit counterpart {method.peer!r}")
+    return UnitCellRPUConfig(device=device, forward=io, backward=peer_io(spec), update=upd)
+
+
+# -- our side: an analog linear layer over algorithm tiles -----------------------------------
+class _TileMVM(torch.autograd.Function):
+    """y = sum_k c_k mvm(tile_k, x); backward through the transposed MVMs; keeps (x, d)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, layer):  # noqa: ANN001 - autograd signature
+        ctx.layer = layer
+        layer.last_x = x.detach()
+        y = None
+        for tile, coef in layer.alg.mvm_terms():
+            part = coef * tile.mvm(x.detach())
+            y = part if y is None else y + part
+        return y
+
+    @staticmethod
+    def backward(ctx, d):  # noqa: ANN001
+        layer = ctx.layer
+        layer.last_d = d.detach()
+        dx = None
+        for tile, coef in layer.alg.mvm_terms():
+            part = coef * tile.mvm(d.detach(), transpose=True)
+            dx = part if dx is None else dx + part
+        return dx, None, None
+
+
+class TileLinear(torch.nn.Module):
+    """A bias-free analog linear layer: forward/backward on the tiles, update by ``alg.step``."""
+
+    def __init__(self, alg: AnalogAlgorithm):
+        super().__init__()
+        self.alg = alg
+        self.last_x: torch.Tensor | None = None
+        self.last_d: torch.Tensor | None = None
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives autograd a leaf to reach
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TileMVM.apply(x, self.anchor, self)
+
+    def step(self) -> None:
+        self.alg.step(x=self.last_x, d=self.last_d)
+
+
+def our_layer(backend: hil.Backend, spec: DeviceSpec, method: Method, rows: int, cols: int,
+              lr: float, prefix: str, seed: int = 0, init: torch.Tensor | None = None
+              ) -> TileLinear:
+    """An analog layer here: the method's algorithm over ``rows x cols`` tiles."""
+    kw = {} if method.name == "analog_sgd" else dict(
+        transfer_lr=method.transfer_lr, gamma=method.gamma, transfer="column")
+    alg = make_algorithm(method.name, backend, (rows, cols), lr=lr, prefix=prefix, seed=seed,
+                         update="outer", **kw)
+    if init is not None:
+        for tile in alg.tiles.values():  # emulator: set weights directly (W), P stays at 0
+            if tile.name.endswith(".W"):
+                tile.w.copy_(init.clamp(-spec.tau, spec.tau))
+    return TileLinear(alg)
+
+
+# -- timing ------------------------------------------------------------------------------
+def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Row:
+    config: str
+    ours: float
+    peer: float
+    floor: float
+
+    @property
+    def near_floor(self) -> bool:
+        return self.peer < 3 * self.floor
+
+    def cells(self) -> list[str]:
+        ratio = (f"{self.floor / self.ours:.2f}x of torch floor ({self.floor * 1e3:.2f} ms)"
+                 if self.near_floor else f"{self.peer / self.ours:.2f}x")
+        return [self.config, f"{self.ours * 1e3:.1f} ms", f"{self.peer * 1e3:.1f} ms", ratio]
+
+
+METHODS = {
+    "sgd": Method("analog_sgd", "single"),
+    "tt": Method("tiki_taka", "transfer", transfer_lr=0.1),
+    "rlv2-buffered": Method("rlv2", "buffered", transfer_lr=0.1, gamma=0.1),
+    "rlv2-chopped": Method("rlv2", "chopped", transfer_lr=0.1, gamma=0.1),
+}
+CASES = [  # (label, spec, method key)
+    ("Analog SGD, soft bounds", DeviceSpec("linear", c2c=0.3), "sgd"),
+    ("Analog SGD, power gamma=0.5", DeviceSpec("power", gamma=0.5, c2c=0.3), "sgd"),
+    ("Tiki-Taka, soft bounds", DeviceSpec("linear", c2c=0.3), "tt"),
+    ("RLv2 vs BufferedTransferCompound", DeviceSpec("linear", c2c=0.3), "rlv2-buffered"),
+    ("RLv2 vs ChoppedTransferCompound", DeviceSpec("linear", c2c=0.3), "rlv2-chopped"),
+]
+
+
+def uniform(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.rand(*shape, generator=gen) * 2 - 1
+
+
+def bench_rank1(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch: int = 32,
+                lr: float = 0.01) -> tuple[float, float, float]:
+    """The dense rank-1 reference: x, d ~ U(-1, 1) [32, 512], lr 0.01 (~21 M pulses a call)."""
+    from aihwkit.nn import AnalogLinear
+
+    gen = torch.Generator().manual_seed(1)
+    xs = [uniform(gen, batch, n) for _ in range(reps + 1)]
+    ds = [uniform(gen, batch, n) for _ in range(reps + 1)]
+    with hil.open_backend(spec.sim_url()) as be:
+        layer = our_layer(be, spec, method, n, n, lr, "r1")
+        it = iter(zip(xs, ds, strict=True))
+        ours = median_time(lambda: layer.alg.step(x=(p := next(it))[0], d=p[1]), reps)
+    peer_layer = AnalogLinear(n, n, bias=False, rpu_config=peer_rpu_config(spec, method))
+    tile = next(peer_layer.analog_tiles())
+    tile.set_learning_rate(lr * spec.peer_lr_scale)
+    it = iter(zip(xs, ds, strict=True))
+    peer = median_time(lambda: tile.update(*next(it)), reps)
+    w = torch.zeros(n, n)
+    it = iter(zip(xs, ds, strict=True))
+    floor = median_time(lambda: w.sub_(lr * (p := next(it))[1].t() @ p[0]), reps)
+    return ours, peer, floor
+
+
+def _train_steps(model: torch.nn.Module, step: Callable[[], None], xs, targets,
+                 loss_fn: Callable) -> Callable[[], None]:
+    it = iter(zip(xs, targets, strict=True))
+
+    def one() -> None:
+        x, t = next(it)
+        for p in model.parameters():
+            p.grad = None
+        loss_fn(model(x), t).backward()
+        step()
+    return one
+
+
+def bench_layer(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch: int = 32,
+                lr: float = 0.01) -> tuple[float, float, float]:
+    """Full step of AnalogLinear 512x512, batch 32: forward, backward (output gradient
+    ~ U(-1, 1), the dense reference), pulsed update."""
+    from aihwkit.nn import AnalogLinear
+    from aihwkit.optim import AnalogSGD
+
+    gen = torch.Generator().manual_seed(2)
+    xs = [uniform(gen, batch, n) for _ in range(reps + 1)]
+    gs = [uniform(gen, batch, n) for _ in range(reps + 1)]
+
+    def loss(y, g):  # dL/dy = g
+        return (y * g).sum()
+
+    with hil.open_backend(spec.sim_url()) as be:
+        ours_layer = our_layer(be, spec, method, n, n, lr, "fc")
+        ours = median_time(_train_steps(ours_layer, ours_layer.step, xs, gs, loss), reps)
+    peer_layer = AnalogLinear(n, n, bias=False, rpu_config=peer_rpu_config(spec, method))
+    opt = AnalogSGD(peer_layer.parameters(), lr=lr * spec.peer_lr_scale)
+    opt.regroup_param_groups(peer_layer)
+    peer = median_time(_train_steps(peer_layer, opt.step, xs, gs, loss), reps)
+    digital = torch.nn.Linear(n, n, bias=False)
+    dopt = torch.optim.SGD(digital.parameters(), lr=lr)
+    floor = median_time(_train_steps(digital, dopt.step, xs, gs, loss), reps)
+    return ours, peer, floor
+
+
+def digits_28(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST-shaped inputs without a download: sklearn's 8x8 digits upsampled to 28x28, [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bilinear").flatten(1)
+    y = torch.tensor(data.target)
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
+
+
+class FCN(torch.nn.Module):
+    """The paper's MNIST FCN 784-256-128-10 with sigmoids (log-softmax + NLL outside)."""
+
+    def __init__(self, layers: list[torch.nn.Module]):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, layer in enumerate(self.layers):
+            x = layer(x)
+            if k < len(self.layers) - 1:
+                x = torch.sigmoid(x)
+        return torch.log_softmax(x, dim=-1)
+
+
+def bench_fcn(spec: DeviceSpec, method: Method, reps: int, lr: float = 0.05, batch: int = 10
+              ) -> tuple[float, float, float]:
+    """The paper's MNIST FCN settings: 784-256-128-10, lr 0.05, batch 10, train length 31."""
+    from aihwkit.nn import AnalogLinear
+    from aihwkit.optim import AnalogSGD
+
+    sizes = [(784, 256), (256, 128), (128, 10)]
+    x, y = digits_28(batch * (reps + 1))
+    xs, ys = list(x.split(batch)), list(y.split(batch))
+    nll = torch.nn.functional.nll_loss
+    with hil.open_backend(spec.sim_url()) as be:
+        layers = [our_layer(be, spec, method, o, i, lr, f"fc{k}",
+                            init=torch.empty(o, i).uniform_(-1 / math.sqrt(i), 1 / math.sqrt(i)))
+                  for k, (i, o) in enumerate(sizes)]
+        ours_net = FCN(layers)
+        ours = median_time(_train_steps(ours_net, lambda: [m.step() for m in layers], xs, ys,
+                                        nll), reps)
+    cfg = peer_rpu_config(spec, method)
+    peer_net = FCN([AnalogLinear(i, o, bias=False, rpu_config=cfg) for i, o in sizes])
+    opt = AnalogSGD(peer_net.parameters(), lr=lr * spec.peer_lr_scale)
+    opt.regroup_param_groups(peer_net)
+    peer = median_time(_train_steps(peer_net, opt.step, xs, ys, nll), reps)
+    digital = FCN([torch.nn.Linear(i, o, bias=False) for i, o in sizes])
+    dopt = torch.optim.SGD(digital.parameters(), lr=lr)
+    floor = median_time(_train_steps(digital, dopt.step, xs, ys, nll), reps)
+    return ours, peer, floor
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per cell (median)")
+    ap.add_argument("--only", default="", help="run only rows whose label contains this")
+    args = ap.parse_args(argv)
+    require_aihwkit()
+    import aihwkit
+    from rich.progress import Progress
+
+    benches = [("full step 512x512 b32", bench_layer), ("rank-1 update 512x512 b32", bench_rank1),
+               ("MNIST FCN step (lr 0.05, b10)", bench_fcn)]
+    jobs = [(f"{label}: {what}", spec, METHODS[key], fn) for what, fn in benches
+            for label, spec, key in CASES if args.only.lower() in f"{label}: {what}".lower()]
+    load = os.getloadavg()
+    print(f"aihwkit {aihwkit.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {load[0]:.1f} / {load[1]:.1f} at start", flush=True)
+    rows: list[Row] = []
+    with Progress(transient=True) as bar:
+        task = bar.add_task("vs aihwkit", total=len(jobs))
+        for name, spec, method, fn in jobs:
+            bar.update(task, description=name)
+            reps = max(args.reps, 10) if fn is bench_fcn else args.reps
+            rows.append(Row(name, *fn(replace(spec), method, reps)))
+            bar.advance(task)
+    head = ["configuration", "here (per step)", "aihwkit (per step)", "aihwkit / here"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row.cells()) + " |")
+    load = os.getloadavg()
+    print(f"\nload average {load[0]:.1f} / {load[1]:.1f} at the end; ratios > 1: faster here. "
+          "Where aihwkit is within 3x of a plain torch step (few pulses) the last column is "
+          "the torch floor / here instead.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
