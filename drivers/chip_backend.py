@@ -12,7 +12,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from drivers.link import ChipLink, ChipRejected, TileInfo, check_name, next_seq
+from drivers.link import E_SEQUENCE, ChipLink, ChipRejected, TileInfo, check_name, next_seq
 from drivers.profile import NUMPY_DTYPES_BY_NAME, Profile, PulseShape
 from drivers.safety import POLARITIES, Interlock
 from drivers.transport import LinkDown
@@ -236,23 +236,32 @@ class ChipBackend(Backend):
 
     # -- reliability -----------------------------------------------------------------------
     def _sequenced(self, op: str, tile: str, fn: Callable[[int], T], arm: bool = False) -> T:
-        """Run a sequence-numbered operation exactly once, retrying with the same number."""
+        """Run a sequence-numbered operation exactly once, retrying with the same number.
+
+        A sequence error (the chip's counter moved, e.g. another host or a firmware
+        restart; nothing was executed) re-reads the chip's counter and tries once more.
+        """
         self._check_open(op, tile)
-        seq = next_seq(self.seq)
+        for resync in (False, True):
+            seq = next_seq(self.seq)
 
-        def attempt() -> T:
-            if arm and not self.armed:
-                self.link.arm(self.shapes["potentiate"], self.shapes["depress"])
-                self.armed = True
-            return fn(seq)
+            def attempt(seq: int = seq) -> T:
+                if arm and not self.armed:
+                    self.link.arm(self.shapes["potentiate"], self.shapes["depress"])
+                    self.armed = True
+                return fn(seq)
 
-        try:
-            result = self._retry(op, tile, attempt)
-        except ChipRejected:
-            self.seq = seq  # the chip consumed the number with its error reply
-            raise
-        self.seq = seq
-        return result
+            try:
+                result = self._retry(op, tile, attempt)
+            except ChipRejected as exc:
+                if exc.code == E_SEQUENCE and not resync:
+                    self.seq = self._retry("sequence", tile, self.link.last_seq)
+                    continue
+                self.seq = seq  # the chip consumed the number with its error reply
+                raise
+            self.seq = seq
+            return result
+        raise AssertionError("unreachable")
 
     def _retry(self, op: str, tile: str | None, fn: Callable[[], T]) -> T:
         """Bounded retries with exponential backoff and reconnection; on any failure that
@@ -270,8 +279,9 @@ class ChipBackend(Backend):
                                 self.retries)
                     self._sleep(self.backoff_s * 2 ** (attempt - 1))
                     self._reconnect(isinstance(exc, LinkDown))
-        except BaseException:
-            self.make_safe()
+        except BaseException as exc:
+            if not (isinstance(exc, ChipRejected) and exc.code == E_SEQUENCE):
+                self.make_safe()  # a sequence error executed nothing and is resolved above
             raise
 
     def _reconnect(self, link_down: bool) -> None:

@@ -265,3 +265,14 @@ def test_scpi_outer_update_exact_bytes():
     assert be.capabilities.outer_update
     be.allocate("t", 1, 2).outer_update(torch.ones(1, 2), torch.full((1, 1), 2.0), -0.5)
     assert not fake.script
+
+
+def test_sequence_error_rereads_the_chip_counter_once():
+    """Another host moved the chip's counter: nothing ran, so a fresh number is safe."""
+    script = [*SCPI_OPEN,
+              (b"TILE:ALLOC? 42,t,0,0,0,1,1\n", data_reply(42, 101, b"sequence 42")),
+              (b"SYST:SEQ?\n", b"50\n"),
+              (b"TILE:ALLOC? 51,t,0,0,0,1,1\n", data_reply(51, 0, f8(0.01)))]
+    be, fake = scpi_backend(script)
+    be.allocate("t", 1, 1)
+    assert not fake.script and be.seq == 51
