@@ -49,9 +49,17 @@ def fit_file(path: Path, **fit_kw: object) -> tuple[list[TileCalibration], dict[
     return fit_measurement(meas, **fit_kw), prov
 
 
+CSV_DEFAULTS = {"bins": 8, "window": 32}
+
+
 def fit_csv(path: Path, tile: str = "csv", **fit_kw: object) -> tuple[list[TileCalibration],
                                                                        dict[str, object]]:
-    """Fit a published pulse-response CSV as a 1x1 tile."""
+    """Fit a published pulse-response CSV as a 1x1 tile.
+
+    One long, noisy trace: fewer state bins and a longer window of reads to locate each
+    step than for array sweeps (``CSV_DEFAULTS``), unless given.
+    """
+    fit_kw = {**CSV_DEFAULTS, **fit_kw}
     states, directions = load_csv_traces(path)
     try:
         res = fit_traces(states, directions, **fit_kw)

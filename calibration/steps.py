@@ -140,7 +140,57 @@ def _chunk(s: Tensor, d: Tensor, bins: int, window: int) -> tuple[Tensor, ...]:
     prev_same = torch.zeros_like(ok)
     prev_same[1:] = ok[:-1] & ok[1:] & (flat[:-1] == flat[1:])
     runs = binner.add((~prev_same).to(s.dtype))
-    return (cnt, sx, binner.add(y), runs, ok.sum(0).to(s.dtype), read_var, c2c_var)
+    sy = binner.add(y)
+    sxx = _run_slopes(sf, d, ok, prev_same, flat, binner.size, use_lag, sy, cnt)
+    return (cnt, sx, sy, runs, ok.sum(0).to(s.dtype), read_var, c2c_var, sxx)
+
+
+def _run_slopes(sf: Tensor, d: Tensor, ok: Tensor, prev_same: Tensor, flat: Tensor, size: int,
+                use_lag: Tensor, sy: Tensor, cnt: Tensor) -> Tensor:
+    """Where read noise dominates, replace each cell's mean step by the least-squares slope of
+    its reads against the pulse count (one intercept per contiguous run, a common slope):
+    for read noise s, the slope's variance is 12 s^2 / n^3 against 2 s^2 / n^2 for the mean.
+
+    Updates ``sy`` in place (to slope * count) and returns the cells' sum of squares of the
+    pulse position (0 for cells left as means).
+    """
+    n_st, n_dev = ok.shape
+    pos = _prefix(d.abs().to(sf.dtype))  # pulses before read k
+    okt, prev_t = ok.t(), prev_same.t()
+    nxt = torch.zeros_like(okt)
+    nxt[:, :-1] = prev_t[:, 1:]
+    start = (okt & ~prev_t).reshape(-1)
+    last = (okt & ~nxt).reshape(-1)
+    rid = torch.cumsum(start.long(), 0) - 1
+    rid = rid.clamp_min(0)
+    okf = okt.reshape(-1).to(sf.dtype)
+    lastf = last.to(sf.dtype)
+    p0 = pos[:-1].unsqueeze(0).expand(n_dev, n_st).reshape(-1)
+    p1 = pos[1:].unsqueeze(0).expand(n_dev, n_st).reshape(-1)
+    s0 = sf[:-1].t().reshape(-1)
+    s1 = sf[1:].t().reshape(-1)
+    n_runs = int(start.sum())
+    if n_runs == 0 or not bool(use_lag.any()):
+        return torch.zeros_like(sy)
+
+    def acc(v: Tensor) -> Tensor:
+        return torch.zeros(n_runs, dtype=sf.dtype, device=sf.device).scatter_add_(0, rid, v)
+
+    n = acc(okf + lastf)
+    sp = acc(p0 * okf + p1 * lastf)
+    spp = acc(p0 * p0 * okf + p1 * p1 * lastf)
+    ss = acc(s0 * okf + s1 * lastf)
+    sps = acc(p0 * s0 * okf + p1 * s1 * lastf)
+    sxx_r = spp - sp * sp / n.clamp_min(1)
+    sxy_r = sps - sp * ss / n.clamp_min(1)
+    cell = torch.zeros(n_runs, dtype=torch.long, device=sf.device)
+    cell[rid[start]] = flat.t().reshape(-1)[start]
+    sxx = torch.zeros(size, dtype=sf.dtype, device=sf.device).scatter_add_(0, cell, sxx_r)
+    sxy = torch.zeros(size, dtype=sf.dtype, device=sf.device).scatter_add_(0, cell, sxy_r)
+    lag_cell = use_lag.repeat_interleave(size // n_dev)
+    use = lag_cell & (sxx > 0)
+    sy.copy_(torch.where(use, sxy / sxx.clamp_min(1e-300) * cnt, sy))
+    return torch.where(use, sxx, torch.zeros_like(sxx))
 
 
 def bin_steps(states: Tensor, directions: Tensor, bins: int = 24, window: int = 8,
@@ -149,10 +199,10 @@ def bin_steps(states: Tensor, directions: Tensor, bins: int = 24, window: int = 
     n_dev = states.shape[1]
     parts = [_chunk(states[:, i:i + chunk], directions, bins, window)
              for i in range(0, n_dev, chunk)]
-    cnt, sx, sy, runs, n_ok, read_var, c2c_var = (torch.cat(p) for p in zip(*parts,
+    cnt, sx, sy, runs, n_ok, read_var, c2c_var, sxx = (torch.cat(p) for p in zip(*parts,
                                                                                   strict=True))
     shape = (n_dev, 2, bins)
-    cnt, sx, sy, runs = (v.view(shape) for v in (cnt, sx, sy, runs))
+    cnt, sx, sy, runs, sxx = (v.view(shape) for v in (cnt, sx, sy, runs, sxx))
     n = cnt
     x = sx / n.clamp_min(1)
     y = sy / n.clamp_min(1)
@@ -160,6 +210,9 @@ def bin_steps(states: Tensor, directions: Tensor, bins: int = 24, window: int = 
     c2c_var_c = c2c_var.view(n_dev, 1, 1)
     read_c = read_var.view(n_dev, 1, 1)
     var = (c2c_var_c * y * y * n / npulse + 2 * read_c * runs / npulse**2) / n.clamp_min(1) ** 2
+    # cells estimated by the least-squares slope: read-noise variance s^2 / Sxx
+    var_ls = c2c_var_c * y * y / (n.clamp_min(1) * npulse) + read_c / sxx.clamp_min(1e-300)
+    var = torch.where(sxx > 0, var_ls, var)
     # floor: a bin mean is never known better than 0.1 % of the device's typical step
     typical = (y.abs() * n).sum((1, 2)) / n.sum((1, 2)).clamp_min(1)
     floor = (1e-3 * typical).view(n_dev, 1, 1) ** 2 / n.clamp_min(1) + 1e-30
