@@ -32,17 +32,20 @@ TRANSPORTS = ("tcp", "pty")
 
 @dataclass
 class Faults:
-    """Fault injection: drop or corrupt a fraction of replies, delay every reply, and close
-    the connection (once) right after executing command number ``close_after``."""
+    """Fault injection: drop or corrupt a fraction of replies, delay a fraction of replies
+    (``delay_fraction``, default all) by ``delay_s``, and close the connection (once) right
+    after executing command number ``close_after``."""
 
     drop: float = 0.0
     corrupt: float = 0.0
     delay_s: float = 0.0
+    delay_fraction: float = 1.0
     close_after: int | None = None
     seed: int = 0
     _rng: random.Random = field(init=False, repr=False)
     commands: int = field(default=0, init=False)
     dropped: int = field(default=0, init=False)
+    delayed: int = field(default=0, init=False)
     corrupted: int = field(default=0, init=False)
     disconnects: int = field(default=0, init=False)
 
@@ -50,6 +53,8 @@ class Faults:
         for name in ("drop", "corrupt"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1)")
+        if not 0.0 <= self.delay_fraction <= 1.0 or self.delay_s < 0:
+            raise ValueError("delay_fraction must be in [0, 1] and delay_s >= 0")
         self._rng = random.Random(self.seed)
 
     def decide(self, checked: bool) -> str:
@@ -65,6 +70,14 @@ class Faults:
             self.corrupted += 1
             return "corrupt"
         return "send"
+
+    def delay(self) -> float:
+        """Seconds to hold back the next reply."""
+        if self.delay_s and (self.delay_fraction >= 1.0
+                             or self._rng.random() < self.delay_fraction):
+            self.delayed += 1
+            return self.delay_s
+        return 0.0
 
     def mangle(self, reply: bytes) -> bytes:
         i = self._rng.randrange(len(reply) - 1)  # never the final byte, so the reply still ends
@@ -312,7 +325,7 @@ class Session:
             if action == "corrupt":
                 reply = self.faults.mangle(reply)
             if self.faults is not None and self.faults.delay_s:
-                time.sleep(self.faults.delay_s)
+                time.sleep(self.faults.delay())
             out.append(reply)
 
 

@@ -191,3 +191,13 @@ def test_running_binds_loopback_and_stops_on_exit():
             raise RuntimeError("inside the block")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.parametrize("protocol, transport", [("scpi", "tcp"), ("serial", "pty")])
+def test_late_replies_are_discarded(reference, protocol, transport):
+    """Replies later than the timeout arrive after the retry went out: never mistaken."""
+    faults = Faults(delay_s=0.3, delay_fraction=0.06, seed=8)
+    with VirtualChip(SIM, protocol, transport, faults=faults, timeout_s=TIMEOUT) as chip:
+        assert same(scripted_run(chip.url), reference["scripted"])
+        assert chip.firmware.replayed > 0
+    assert faults.delayed > 0

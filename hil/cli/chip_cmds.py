@@ -23,7 +23,9 @@ def serve_virtual_chip(
                                help="Fraction of replies to drop."),
     corrupt: float = typer.Option(0.0, "--corrupt", min=0.0, max=0.99,
                                   help="Fraction of CRC-checked replies to corrupt."),
-    delay: float = typer.Option(0.0, "--delay", min=0.0, help="Seconds to delay each reply."),
+    delay: float = typer.Option(0.0, "--delay", min=0.0, help="Seconds to delay replies."),
+    delay_fraction: float = typer.Option(1.0, "--delay-fraction", min=0.0, max=1.0,
+                                         help="Fraction of replies delayed by --delay."),
     close_after: int | None = typer.Option(None, "--close-after", min=1,
                                            help="Drop the connection after command N (once)."),
     fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the fault injection."),
@@ -40,8 +42,8 @@ def serve_virtual_chip(
     protocol = protocol or ("serial" if pty else "scpi")
     if protocol not in ("scpi", "serial"):
         raise ConfigError("serve-virtual-chip", "--protocol", "must be scpi or serial")
-    faults = Faults(drop=drop, corrupt=corrupt, delay_s=delay, close_after=close_after,
-                    seed=fault_seed)
+    faults = Faults(drop=drop, corrupt=corrupt, delay_s=delay, delay_fraction=delay_fraction,
+                    close_after=close_after, seed=fault_seed)
     chip = VirtualChip(backend, protocol, transport, faults, profile, port=port or 0)
     try:
         typer.echo(chip.url, err=False)
