@@ -25,7 +25,7 @@ from drivers.link import (
     next_seq,
 )
 from drivers.profile import DTYPE_MAX, Profile
-from hil.backend import Backend
+from hil.backend import Backend, Tile
 from hil.errors import HilError
 
 RATINGS = {"MAXAMPL": 5.0, "MAXWIDT": 1e-3, "MAXCOMP": 1e-2}  # the chip's absolute maxima
@@ -161,7 +161,7 @@ class ChipFirmware:
             self.last_seq, self._cached = seq, result
             return result
 
-    def _tile(self, name: str):
+    def _tile(self, name: str) -> Tile:
         if name not in self.placements:
             raise ChipError(E_NO_TILE, f"no tile {name}")
         return self.backend.tile(name)

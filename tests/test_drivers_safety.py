@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drivers.chip_backend import ChipBackend
+from drivers.chip_handlers import ScpiHandler, Session
 from drivers.firmware import ChipFirmware
 from drivers.profile import load_profile
 from drivers.scpi import ScpiLink
 from drivers.transport import LoopbackTransport
-from drivers.virtual_chip import ScpiHandler, Session
 from hil.backend import open_backend
 from hil.errors import BackendError, ConfigError, SafetyLimitError
 
