@@ -32,6 +32,16 @@ RATINGS = {"MAXAMPL": 5.0, "MAXWIDT": 1e-3, "MAXCOMP": 1e-2}  # the chip's absol
 IDN = "analog-hil,virtual-chip,VC-0001,0.1.0"
 
 
+def idn_for(profile: Profile) -> str:
+    """The identification the virtual chip gives when it stands in for a profile's chip."""
+    wanted = profile.chip.idn_contains
+    if wanted in IDN:
+        return IDN
+    model = "virtual-chip emulating " + "".join(c if c.isprintable() and c != "," else " "
+                                                for c in wanted)
+    return f"analog-hil,{model},VC-0001,0.1.0"
+
+
 class ChipError(Exception):
     """A command the firmware refuses; becomes an error status and an error-queue entry."""
 
@@ -46,6 +56,7 @@ class ChipFirmware:
 
     def __init__(self, backend: Backend, profile: Profile):
         self.backend = backend
+        self.identification = idn_for(profile)
         self.arrays = [(a.rows, a.cols) for a in profile.arrays]
         self.pulse_dtype = profile.chip.pulse_dtype
         self.np_dtype = np.dtype(NUMPY_DTYPES[self.pulse_dtype])
@@ -63,7 +74,7 @@ class ChipFirmware:
 
     # -- plain queries -------------------------------------------------------------------
     def idn(self) -> str:
-        return IDN
+        return self.identification
 
     @property
     def train_length(self) -> int:

@@ -201,3 +201,18 @@ def test_late_replies_are_discarded(reference, protocol, transport):
         assert same(scripted_run(chip.url), reference["scripted"])
         assert chip.firmware.replayed > 0
     assert faults.delayed > 0
+
+
+def test_mcu_board_profile_int8_and_fixed_placement():
+    """The shipped MCU-board profile: int8 counts, 100 per command, fc1.W placed at (0, 0)."""
+    with VirtualChip("sim://?seed=3", "serial", "pty", profile="mcu-board") as chip:
+        with open_backend(chip.url) as be:
+            assert be.capabilities.max_pulses_per_command == 100
+            tile = be.allocate("fc1.W", 8, 8)
+            assert chip.firmware.placements["fc1.W"].row == 0
+            tile.pulse(torch.full((8, 8), -100, dtype=torch.int32))
+            with pytest.raises(SafetyLimitError):
+                tile.pulse(torch.full((8, 8), 101, dtype=torch.int32))
+            with pytest.raises(SafetyLimitError):
+                be.allocate("big", 65, 1)
+            assert chip.firmware.device_pulses == 6400
