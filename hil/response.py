@@ -134,7 +134,8 @@ class ParametricResponse(Response):
 
 
 class LinearResponse(ParametricResponse):
-    """Soft bounds: q+- = (1 +- a)(1 -+ w/tau)."""
+    """Soft bounds: q+- = (1 +- a)(1 -+ w/tau). gamma is accepted for a uniform signature
+    and ignored (held at 1)."""
 
     family = "linear"
 
@@ -174,6 +175,19 @@ class ExpResponse(ParametricResponse):
         small = g.abs() < 1e-6
         g_safe = torch.where(small, torch.ones_like(g), g)
         return torch.where(small, u, torch.expm1(g_safe * u) / torch.expm1(g_safe))
+
+    def symmetric_point(self, iters: int = 60) -> Tensor:
+        """Closed form: with X = exp(gamma u-) and u+ + u- = 2, q+ = q- reads
+        (1 - a) X^2 + 2a X - (1 + a) exp(2 gamma) = 0 (positive root); near gamma = 0 the
+        linear formula."""
+        f64 = torch.float64
+        a, g = self.asym.to(f64), self.gamma.to(f64)
+        lo, hi = self.tau_min.to(f64), self.tau_max.to(f64)
+        small = g.abs() < 1e-4
+        gs = torch.where(small, torch.ones_like(g), g)
+        x = (-a + torch.sqrt(a * a + (1 - a * a) * torch.exp(2 * gs))) / (1 - a)
+        u_minus = torch.where(small, 1 + a, torch.log(x) / gs)
+        return (lo + 0.5 * (hi - lo) * u_minus).to(self.tau_min.dtype)
 
 
 class TabulatedResponse(Response):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from hil.response import Response, make_response
 from sim_backend.config import SimConfig
+from sim_backend.kernels import FusedParams, fused_params
 
 
 @dataclass
@@ -20,6 +21,19 @@ class DeviceArray:
     stuck: torch.Tensor | None  # bool mask of devices that never move, or None
     c2c: torch.Tensor | float  # relative cycle-to-cycle noise of each pulse step
     w0: torch.Tensor  # initial weights
+    _fused: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def fused(self) -> FusedParams | None:
+        """Per-device kernel coefficients for linear/power/exp responses (None otherwise).
+
+        Cached; recomputed when any source tensor is replaced or changed in place.
+        """
+        sources = [self.response, self.dw_min, self.stuck, self.c2c,
+                   *self.response.params().values()]
+        stamp = tuple((id(t), getattr(t, "_version", None)) for t in sources)
+        if self._fused is None or self._fused[0] != stamp:
+            self._fused = (stamp, fused_params(self))
+        return self._fused[1]
 
     @property
     def tau_min(self) -> torch.Tensor:

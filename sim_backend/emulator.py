@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -10,8 +11,13 @@ from hil.backend import Backend, Capabilities, Tile
 from hil.errors import BackendError
 from sim_backend.config import SimConfig
 from sim_backend.devices import DeviceArray, sample_devices, tile_generator
+from sim_backend.kernels import Variant, device_hash, get_kernel, pulse_normal
 
 PopulationFactory = Callable[[str, int, int, torch.Generator], DeviceArray]
+COMPILE_MIN_DEVICES = 262144  # engine=auto compiles kernels of tiles this large (512x512) and up
+PULSE_UNROLL = 8  # pulses per fused pass when |n| > 1
+TRAIN_UNROLL = 8  # sequence steps per fused pass of outer_update
+_COMPILE_BROKEN = False
 
 
 def _quantize(x: torch.Tensor, bound: float, bits: int) -> torch.Tensor:
@@ -29,7 +35,7 @@ class SimTile(Tile):
         super().__init__(backend, name, rows, cols, backend.config.dw_min)
         self.devices = devices
         self.gen = gen
-        self.w = devices.w0.clone()
+        self.w = devices.w0.clone().contiguous()  # updated in place by pulse/outer_update
         self.cfg = backend.config
 
     # -- the contract ---------------------------------------------------------------
@@ -42,7 +48,7 @@ class SimTile(Tile):
 
     def _pulse(self, n: torch.Tensor) -> None:
         self.backend._check_open("pulse", self.name)
-        self.w = apply_pulses(self.w, n, self.devices, self.gen)
+        apply_pulses(self.w, n, self.devices, self.gen, engine=self.cfg.engine, out=self.w)
 
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         self.backend._check_open("mvm", self.name)
@@ -74,8 +80,8 @@ class SimTile(Tile):
             raise BackendError("outer_update: x and d have different batch sizes",
                                tile=self.name, op="outer_update")
         counts = pulse_train_counts(x, d, lr, self.dw_min, self.cfg.train_length, self.gen)
-        for n in counts:  # samples in order, as the hardware would apply them
-            self.w = apply_pulses(self.w, n, self.devices, self.gen)
+        # samples in order, as the hardware would apply them
+        apply_pulse_trains(self.w, counts, self.devices, self.gen, engine=self.cfg.engine)
 
 
 def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
@@ -103,34 +109,118 @@ def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: floa
     return torch.bmm(sd.transpose(1, 2), sx).round().to(torch.int32)
 
 
-def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray,
-                 gen: torch.Generator) -> torch.Tensor:
+def _is_noisy(dev: DeviceArray) -> bool:
+    c2c = dev.c2c
+    return bool((c2c > 0).any()) if isinstance(c2c, torch.Tensor) else float(c2c) > 0
+
+
+def _call_key(gen: torch.Generator) -> torch.Tensor:
+    """One int32 key per noisy call, drawn from the tile generator (seeds the pulse noise)."""
+    return torch.randint(-(2**31), 2**31 - 1, (), generator=gen, device=gen.device,
+                         dtype=torch.int64).to(torch.int32)
+
+
+def _use_compiled(engine: str, numel: int) -> bool:
+    if engine == "compiled":
+        return True
+    if engine == "eager":
+        return False
+    return numel >= COMPILE_MIN_DEVICES
+
+
+def _run(kind: str, family: Variant, noisy: bool, unroll: int, compiled: bool, *args) -> None:
+    """Run a fused kernel; if inductor cannot compile here, say so once and run it eagerly."""
+    global _COMPILE_BROKEN
+    if compiled and not _COMPILE_BROKEN:
+        try:
+            get_kernel(kind, family, noisy, unroll, True)(*args)
+            return
+        except Exception as exc:  # no C compiler, unsupported platform: same math, eager
+            _COMPILE_BROKEN = True
+            warnings.warn(f"torch.compile unavailable ({type(exc).__name__}: {exc}); "
+                          "the emulator runs its kernels eagerly", RuntimeWarning, stacklevel=3)
+    get_kernel(kind, family, noisy, unroll, False)(*args)
+
+
+def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.Generator,
+                 *, engine: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """|n| sequential pulses of sign(n) per device, each through the response and noise.
 
     Pulse k (k = 0 .. max|n| - 1) moves the devices with |n| > k by
-    dw_min * q_s(w) * (1 + c2c * xi), clipped to the bounds; one normal xi is drawn
-    per pulse actually applied, nothing for idle devices.
+    dw_min * q_s(w) * (1 + c2c * xi), clipped to the bounds, where xi is the
+    counter-based normal of (call, device, k): one per pulse applied, none drawn for
+    idle devices. Returns the new weights (written into ``out`` when given, which may
+    be ``w`` itself). ``engine``: 'auto' (compiled kernels from COMPILE_MIN_DEVICES
+    devices on), 'compiled' or 'eager'; responses other than linear/power/exp always
+    take the eager generic loop.
     """
     absn = n.abs()
     kmax = int(absn.max()) if n.numel() else 0
+    res = (w.clone() if out is None else (out.copy_(w) if out is not w else out)).contiguous()
     if kmax == 0:
-        return w
+        return res
+    noisy = _is_noisy(dev)
+    key = _call_key(gen) if noisy else torch.zeros((), dtype=torch.int32, device=w.device)
+    fp = dev.fused()
+    if fp is None:
+        _generic_pulses(res, n, absn, kmax, dev, noisy, key)
+    else:
+        compiled = _use_compiled(engine, res.numel())
+        unroll = (1 if kmax == 1 else PULSE_UNROLL) if compiled else kmax
+        wf, nf = res.view(-1), n.reshape(-1).to(torch.int32).contiguous()
+        for k0 in range(0, kmax, unroll):
+            k0_t = torch.tensor(k0, dtype=torch.int32, device=w.device)
+            _run("pulse", fp.variant, noisy, unroll, compiled, wf, nf, *fp.tensors(), key, k0_t)
+    return res
+
+
+def _generic_pulses(w: torch.Tensor, n: torch.Tensor, absn: torch.Tensor, kmax: int,
+                    dev: DeviceArray, noisy: bool, key: torch.Tensor) -> None:
+    """Eager pulse loop through any Response (tabulated, mixed, ...), updating w in place."""
     positive = n > 0
     signed_dw = torch.where(positive, dev.dw_min, -dev.dw_min)
     moving = absn > 0 if dev.stuck is None else (absn > 0) & ~dev.stuck
-    c2c = dev.c2c
-    noisy = isinstance(c2c, torch.Tensor) or c2c > 0
     lo, hi = dev.tau_min, dev.tau_max
+    h = device_hash(key, w.numel(), w.device).view(w.shape) if noisy else None
+    x = w
     for k in range(kmax):
-        active = moving if k == 0 else moving & (absn > k)
-        step = signed_dw * dev.response.q(w, positive)
+        active = moving & (absn > k)
+        step = signed_dw * dev.response.q(x, positive)
         if noisy:
-            idx = active.nonzero(as_tuple=True)
-            xi = torch.zeros_like(w)
-            xi[idx] = torch.randn(idx[0].numel(), generator=gen, device=w.device)
-            step = step * (1 + c2c * xi)
-        w = torch.where(active, torch.minimum(torch.maximum(w + step, lo), hi), w)
-    return w
+            step = step * (1 + dev.c2c * pulse_normal(h, k))
+        x = torch.where(active, torch.minimum(torch.maximum(x + step, lo), hi), x)
+    w.copy_(x)
+
+
+def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
+                       gen: torch.Generator, *, engine: str = "auto") -> None:
+    """Apply counts [B, rows, cols] sample after sample to w in place (outer_update's core).
+
+    Parametric families run the fused sequence kernel (each device walks through its
+    own samples' pulses in order, see kernels.make_train_chunk); any other response
+    applies the samples one by one through the generic loop.
+    """
+    fp = dev.fused()
+    if fp is None:
+        for n in counts:
+            apply_pulses(w, n, dev, gen, engine=engine, out=w)
+        return
+    noisy = _is_noisy(dev)
+    key = _call_key(gen) if noisy else torch.zeros((), dtype=torch.int32, device=w.device)
+    nb = counts.shape[0]
+    flat = counts.reshape(nb, -1)
+    steps = int(flat.abs().clamp_min(1).sum(0).max()) if nb else 0
+    if steps == 0 or int(flat.abs().max()) == 0:
+        return
+    small = flat.to(torch.int8) if int(flat.abs().max()) <= 127 else flat.to(torch.int32)
+    compiled = _use_compiled(engine, w.numel())
+    wf = w.view(-1)
+    b = torch.full_like(wf, -1, dtype=torch.int32)
+    rem = torch.zeros_like(wf, dtype=torch.int32)
+    for t0 in range(0, steps, TRAIN_UNROLL):
+        t0_t = torch.tensor(t0, dtype=torch.int32, device=w.device)
+        _run("train", fp.variant, noisy, TRAIN_UNROLL, compiled, wf, small, b, rem,
+             *fp.tensors(), key, t0_t)
 
 
 class SimBackend(Backend):
@@ -159,5 +249,9 @@ class SimBackend(Backend):
             if name not in self._tiles:
                 self.allocate(name, *entry["shape"])
             tile = self._tiles[name]
-            tile.w = entry["w"].to(tile.w.device).clone()
+            w = entry["w"]
+            if tuple(w.shape) != tile.shape:
+                raise BackendError(f"snapshot weights have shape {tuple(w.shape)}, tile is "
+                                   f"{tile.shape}", tile=name, op="load_state_dict")
+            tile.w = w.to(device=tile.w.device, dtype=torch.float32).clone().contiguous()
             tile.gen.set_state(entry["rng"])
