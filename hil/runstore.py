@@ -17,38 +17,42 @@ from hil import __version__
 
 
 class RunFile:
-    """Append-only per-epoch metrics of one run in ``path`` (created on first use)."""
+    """Append-only per-epoch metrics of one run in ``path`` (created on first use).
+
+    The file is opened only while a row is written, so other readers can open it
+    between epochs.
+    """
 
     def __init__(self, path: Path, config: dict, keep_rows: int = 0):
         self.path = Path(path)
-        self.h5 = h5py.File(self.path, "a")
-        self.h5.attrs["hil_version"] = __version__
-        self.h5.attrs["config"] = json.dumps(config, sort_keys=True)
-        sessions = json.loads(self.h5.attrs.get("sessions", "[]"))
-        sessions.append({"start_row": keep_rows})
-        self.h5.attrs["sessions"] = json.dumps(sessions)
-        self.metrics = self.h5.require_group("metrics")
-        for ds in self.metrics.values():
-            if ds.shape[0] > keep_rows:
-                ds.resize((keep_rows,))
-        self.h5.flush()
+        with h5py.File(self.path, "a") as h5:
+            h5.attrs["hil_version"] = __version__
+            h5.attrs["config"] = json.dumps(config, sort_keys=True)
+            sessions = json.loads(h5.attrs.get("sessions", "[]"))
+            sessions.append({"start_row": keep_rows})
+            h5.attrs["sessions"] = json.dumps(sessions)
+            metrics = h5.require_group("metrics")
+            for ds in metrics.values():
+                if ds.shape[0] > keep_rows:
+                    ds.resize((keep_rows,))
 
     def append(self, row: dict[str, float]) -> None:
-        """Append one epoch's metrics and flush."""
-        for key, value in row.items():
-            if key not in self.metrics:
-                self.metrics.create_dataset(key, shape=(0,), maxshape=(None,), chunks=(256,),
-                                            dtype="f8")
-            ds = self.metrics[key]
-            ds.resize((ds.shape[0] + 1,))
-            ds[-1] = float(value)
-        self.h5.flush()
+        """Append one epoch's metrics (the file is flushed and closed after each row)."""
+        with h5py.File(self.path, "a") as h5:
+            metrics = h5["metrics"]
+            for key, value in row.items():
+                if key not in metrics:
+                    metrics.create_dataset(key, shape=(0,), maxshape=(None,), chunks=(256,),
+                                           dtype="f8")
+                ds = metrics[key]
+                ds.resize((ds.shape[0] + 1,))
+                ds[-1] = float(value)
 
     def read(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v[()]) for k, v in self.metrics.items()}
+        return read_metrics(self.path)
 
     def close(self) -> None:
-        self.h5.close()
+        """Nothing stays open between rows; kept for symmetry with the caller."""
 
 
 def read_metrics(path: Path) -> dict[str, np.ndarray]:
