@@ -306,7 +306,7 @@ def _as_tensor(a: object, name: str, ndim: int) -> Tensor:
 
 
 @contextmanager
-def _threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     """Run with ``n`` torch threads (small batched ops stall on busy cores with more)."""
     before = torch.get_num_threads()
     if n:
@@ -330,7 +330,7 @@ def fit_traces(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *,
     many small batched operations gain nothing from more).
     """
     n_dev = int(np.shape(states)[1]) if len(np.shape(states)) == 2 else 1
-    with _threads(threads if threads is not None else (1 if n_dev < 16384 else None)):
+    with torch_threads(threads if threads is not None else (1 if n_dev < 16384 else None)):
         return _fit(states, directions, criterion=criterion, bins=bins, window=window,
                     iters=iters, families=families, grid_size=grid_size)
 

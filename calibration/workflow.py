@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from calibration.calibfile import Calibration, load_calibration, write_calibration
+from calibration.fit import torch_threads
 from calibration.measfile import MeasurementWriter
 from calibration.protocols import SweepProtocol, characterize
 from calibration.zeroshift import ZeroShiftResult, zero_shift
@@ -25,6 +26,11 @@ def _progress(console: Console | None) -> Progress:
                     disable=console is None, transient=False)
 
 
+def _small_ops(devices: int):
+    """One torch thread for small tiles: per-pulse ops are tiny and stall on busy cores."""
+    return torch_threads(1 if devices < 16384 else None)
+
+
 def run_characterize(backend_url: str, out: Path, tile: str = "cal", rows: int = 16,
                      cols: int = 16, proto: SweepProtocol | None = None,
                      console: Console | None = None) -> Path:
@@ -32,8 +38,8 @@ def run_characterize(backend_url: str, out: Path, tile: str = "cal", rows: int =
     proto = proto or SweepProtocol()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open_backend(backend_url) as be, MeasurementWriter(out, backend_url,
-                                                            proto.as_dict()) as writer, \
+    with _small_ops(rows * cols), open_backend(backend_url) as be, \
+            MeasurementWriter(out, backend_url, proto.as_dict()) as writer, \
             _progress(console) as bar:
         task = bar.add_task(f"characterize {tile} {rows}x{cols}", total=proto.n_reads())
         characterize(be, writer, {tile: (rows, cols)}, proto,
@@ -65,7 +71,8 @@ def run_zero_shift(backend_url: str, calib: Path, pairs: int = 200,
                    console: Console | None = None) -> list[ZeroShiftResult]:
     """Program the reference tiles to the symmetric points and measure the residual."""
     cal = load_calibration(calib)
-    with open_backend(backend_url) as be, _progress(console) as bar:
+    devices = sum(t.shape[0] * t.shape[1] for t in cal.tiles.values())
+    with _small_ops(devices), open_backend(backend_url) as be, _progress(console) as bar:
         total = sum(1 + 2 * pairs // 50 * 50 for _ in cal.tiles)
         task = bar.add_task("zero-shift", total=total)
         return zero_shift(be, cal, pairs=pairs, advance=lambda n: bar.advance(task, n))

@@ -50,8 +50,9 @@ def zero_shift(backend: Backend, cal: Calibration, pairs: int = 200,
         ref = tile_for(backend, name + ref_suffix, rows, cols)
         target = torch.as_tensor(np.nan_to_num(tc.values["symmetric_point"]),
                                  dtype=torch.float32)
-        dw = np.nanmedian(tc.values["dw_min"])
-        res = program(ref, target, tol=float(tol if tol is not None else dw), max_iter=200)
+        # a tolerance below half a step of the coarsest devices would never be met
+        dw = np.nanquantile(tc.values["dw_min"], 0.9)
+        res = program(ref, target, tol=float(tol if tol is not None else dw), max_iter=60)
         if advance:
             advance(1)
         diffs = []

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from calibration.calibfile import load_calibration, write_calibration
+from calibration.fit import torch_threads
 from calibration.measfile import MeasurementWriter, load_measurement
 from calibration.pipeline import fit_file
 from calibration.protocols import SweepProtocol, characterize
@@ -20,6 +21,7 @@ from hil.errors import BackendError, ConfigError
 URL = "sim://?model=power&gamma=2&dw_min=0.02&d2d=0.2&c2c=0.05&seed=4"
 
 
+@torch_threads(1)
 def measure(path: Path, rows: int = 4, cols: int = 4, pulses: int = 100) -> SweepProtocol:
     proto = SweepProtocol(pulses=pulses, cycles=1, block=40, sympoint_pairs=40, noise_reads=5)
     with open_backend(URL) as be, MeasurementWriter(path, URL, proto.as_dict()) as w:
