@@ -251,14 +251,15 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
 
 
 def demo_training(console: Console, out_dir: Path, backend_url: str) -> RunResult:
-    """A short run for ``hil demo``: digits, 64-32-10 tanh FCN, RLv2 on ``backend_url``,
-    through the same code as ``hil train``; prints a summary and writes curves.png."""
+    """A short run for ``hil demo``: digits (400 training samples, 2 epochs, 80 steps),
+    64-32-10 tanh FCN, RLv2 on any ``backend_url``, through the same code as ``hil train``;
+    prints a summary and writes ``out_dir/training/curves.png`` (and run.h5)."""
     cfg = parse_config({
         "name": "demo-digits-rlv2", "seed": 0, "backend": backend_url,
         "model": {"hidden": [32], "activation": "tanh"},
-        "data": {"name": "digits", "limit_train": 600},
-        "algorithm": {"name": "rlv2", "lr": 0.1, "transfer_lr": 0.1, "gamma": 0.1},
-        "train": {"epochs": 3, "batch_size": 10},
+        "data": {"name": "digits", "limit_train": 400},
+        "algorithm": {"name": "rlv2", "lr": 0.2, "transfer_lr": 0.1, "gamma": 0.1},
+        "train": {"epochs": 2, "batch_size": 10},
     }, "<demo>")
     out = Path(out_dir) / "training"
     if (out / RUN_FILE).exists() or (out / CHECKPOINT).exists():
