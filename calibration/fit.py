@@ -117,33 +117,47 @@ def _jacobian(family: str, p: Tensor, bins: StepBins, wt: Tensor) -> tuple[Tenso
 
 def _levenberg_marquardt(family: str, p: Tensor, bins: StepBins, wt: Tensor,
                          iters: int) -> Tensor:
-    """Minimize the weighted squared residual of every device at once (analytic Jacobian)."""
+    """Minimize the weighted squared residual of every device at once (analytic Jacobian).
+
+    Devices drop out of the batch once a step no longer improves them (active set), so
+    late iterations only touch the few devices still moving.
+    """
     free = [0, 1, 3, 4] if family == "linear" else [0, 1, 2, 3, 4]
     n_free = len(free)
+    p = p.clone()
     lam = torch.full((p.shape[0],), 1e-2, dtype=p.dtype, device=p.device)
     cost = _cost(family, p, bins, wt)
     eye = torch.eye(n_free, dtype=p.dtype, device=p.device)
+    active = torch.isfinite(cost).nonzero().squeeze(1)
     for _ in range(iters):
-        r0, jac = _jacobian(family, p, bins, wt)
+        if active.numel() == 0:
+            break
+        sub = StepBins(x=bins.x[active], y=bins.y[active], n=bins.n[active],
+                       var=bins.var[active], n_steps=bins.n_steps[active],
+                       read_noise=bins.read_noise[active], c2c=bins.c2c[active])
+        w_a, p_a, lam_a, c_a = wt[active], p[active], lam[active], cost[active]
+        r0, jac = _jacobian(family, p_a, sub, w_a)
         jac = torch.nan_to_num(jac[:, :, free], nan=0.0, posinf=0.0, neginf=0.0)
         r0 = torch.nan_to_num(r0, nan=0.0, posinf=0.0, neginf=0.0)
         jtj = jac.transpose(1, 2) @ jac
         jtr = (jac.transpose(1, 2) @ r0.unsqueeze(2)).squeeze(2)
         diag = torch.diagonal(jtj, dim1=1, dim2=2).clamp_min(1e-12)
-        a = jtj + lam.view(-1, 1, 1) * torch.diag_embed(diag) + 1e-12 * eye
+        a = jtj + lam_a.view(-1, 1, 1) * torch.diag_embed(diag) + 1e-12 * eye
         delta = torch.linalg.solve(a, -jtr.unsqueeze(2)).squeeze(2)
         delta = torch.nan_to_num(delta, nan=0.0)
-        trial = p.clone()
+        trial = p_a.clone()
         trial[:, free] += delta
         trial = _clamp_g(family, trial)
-        c_new = _cost(family, trial, bins, wt)
-        better = c_new < cost
-        if not bool((better & (c_new < cost * (1 - 1e-7))).any()):
-            if bool((lam > 1e3).all()):
-                break  # no device improves any more
-        p = torch.where(better.unsqueeze(1), trial, p)
-        cost = torch.where(better, c_new, cost)
-        lam = torch.where(better, lam * 0.3, lam * 4).clamp(1e-9, 1e9)
+        c_new = _cost(family, trial, sub, w_a)
+        better = c_new < c_a
+        p[active] = torch.where(better.unsqueeze(1), trial, p_a)
+        cost[active] = torch.where(better, c_new, c_a)
+        lam_a = torch.where(better, lam_a * 0.3, lam_a * 4).clamp(1e-9, 1e9)
+        lam[active] = lam_a
+        # done: an accepted step that gains almost nothing, or a step that keeps failing
+        tiny = better & (c_a - c_new <= 1e-9 * c_a + 1e-12)
+        keep = ~tiny & (lam_a < 1e5)
+        active = active[keep]
     return p
 
 
