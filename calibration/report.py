@@ -38,7 +38,8 @@ def plot_steps(tc: TileCalibration, out: Path, n: int = 6) -> Path:
     devices = _sample_devices(tc, n)
     cols = min(3, max(1, len(devices)))
     rows = max(1, -(-len(devices) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.0, 4.2 * cols), 3.3 * rows + 0.6),
+                             squeeze=False)
     resp = tc.response(torch.float64)
     for ax, (i, j) in zip(axes.flat, devices, strict=False):
         x, y, cnt = (tc.bins[k][i, j] for k in ("x", "y", "n"))
@@ -66,9 +67,10 @@ def plot_steps(tc: TileCalibration, out: Path, n: int = 6) -> Path:
     for ax in list(axes.flat)[len(devices):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=5 if cols > 1 else 3, fontsize=8,
+               frameon=False)
     fig.suptitle(f"tile {tc.name}: measured step against w with the fitted q±")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.1 if cols > 1 else 0.16, 1, 0.95))
     path = out / f"{tc.name}_steps.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
