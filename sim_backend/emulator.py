@@ -16,7 +16,7 @@ from sim_backend.kernels import Variant, device_hash, get_kernel, pulse_normal
 PopulationFactory = Callable[[str, int, int, torch.Generator], DeviceArray]
 COMPILE_MIN_DEVICES = 262144  # engine=auto compiles kernels of tiles this large (512x512) and up
 PULSE_UNROLL = 8  # pulses per fused pass when |n| > 1
-TRAIN_UNROLL = 8  # sequence steps per fused pass of outer_update
+TRAIN_UNROLL = 4  # pulses per sample per fused pass of outer_update
 _COMPILE_BROKEN = False
 
 
@@ -79,20 +79,24 @@ class SimTile(Tile):
         if x.shape[0] != d.shape[0]:
             raise BackendError("outer_update: x and d have different batch sizes",
                                tile=self.name, op="outer_update")
-        counts = pulse_train_counts(x, d, lr, self.dw_min, self.cfg.train_length, self.gen)
+        bl = self.cfg.train_length
+        counts = pulse_train_counts(x, d, lr, self.dw_min, bl, self.gen,
+                                    dtype=torch.int8 if bl <= 127 else torch.int32)
         # samples in order, as the hardware would apply them
         apply_pulse_trains(self.w, counts, self.devices, self.gen, engine=self.cfg.engine)
 
 
 def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
-                       train_length: int, gen: torch.Generator) -> torch.Tensor:
+                       train_length: int, gen: torch.Generator,
+                       dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """Signed coincidence counts [B, rows, cols] of stochastic row/column pulse trains.
 
     Column j fires with probability px_j = cx|x_j|, row i with pd_i = cd|d_i| in each
     of ``train_length`` slots; a device pulses where both fire, with sign
     sign(lr d_i x_j). cx, cd balance the two sides (update management) so that the
     expected count is |lr d_i x_j| / dw_min while neither probability exceeds 1
-    unless the desired change exceeds the train length.
+    unless the desired change exceeds the train length. ``dtype`` int8 is exact for
+    train lengths up to 127 and saves memory.
     """
     bl = int(train_length)
     xa, da = x.abs(), d.abs()
@@ -106,7 +110,8 @@ def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: floa
     fd = torch.rand((b, bl, d.shape[1]), generator=gen, device=d.device) < pd.unsqueeze(1)
     sx = torch.where(fx, torch.sign(x).unsqueeze(1), 0.0)
     sd = torch.where(fd, torch.sign(d).unsqueeze(1), 0.0) * (1.0 if lr >= 0 else -1.0)
-    return torch.bmm(sd.transpose(1, 2), sx).round().to(torch.int32)
+    # sums of at most bl products of 0/+-1: exact integers in float32
+    return torch.bmm(sd.transpose(1, 2), sx).to(dtype)
 
 
 def _is_noisy(dev: DeviceArray) -> bool:
@@ -128,18 +133,17 @@ def _use_compiled(engine: str, numel: int) -> bool:
     return numel >= COMPILE_MIN_DEVICES
 
 
-def _run(kind: str, family: Variant, noisy: bool, unroll: int, compiled: bool, *args) -> None:
+def _run(kind: str, family: Variant, noisy: bool, unroll: int, compiled: bool, *args):
     """Run a fused kernel; if inductor cannot compile here, say so once and run it eagerly."""
     global _COMPILE_BROKEN
     if compiled and not _COMPILE_BROKEN:
         try:
-            get_kernel(kind, family, noisy, unroll, True)(*args)
-            return
+            return get_kernel(kind, family, noisy, unroll, True)(*args)
         except Exception as exc:  # no C compiler, unsupported platform: same math, eager
             _COMPILE_BROKEN = True
             warnings.warn(f"torch.compile unavailable ({type(exc).__name__}: {exc}); "
                           "the emulator runs its kernels eagerly", RuntimeWarning, stacklevel=3)
-    get_kernel(kind, family, noisy, unroll, False)(*args)
+    return get_kernel(kind, family, noisy, unroll, False)(*args)
 
 
 def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.Generator,
@@ -197,7 +201,8 @@ def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
     """Apply counts [B, rows, cols] sample after sample to w in place (outer_update's core).
 
     Parametric families run the fused sequence kernel (each device walks through its
-    own samples' pulses in order, see kernels.make_train_chunk); any other response
+    own samples' pulses in order, see kernels.make_train_chunk); the noise counter t
+    of a pulse is its chunk's t0 plus its place in the chunk. Any other response
     applies the samples one by one through the generic loop.
     """
     fp = dev.fused()
@@ -208,19 +213,20 @@ def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
     noisy = _is_noisy(dev)
     key = _call_key(gen) if noisy else torch.zeros((), dtype=torch.int32, device=w.device)
     nb = counts.shape[0]
-    flat = counts.reshape(nb, -1)
-    steps = int(flat.abs().clamp_min(1).sum(0).max()) if nb else 0
-    if steps == 0 or int(flat.abs().max()) == 0:
+    if nb == 0:
         return
-    small = flat.to(torch.int8) if int(flat.abs().max()) <= 127 else flat.to(torch.int32)
+    flat = counts.reshape(nb, -1)
+    if flat.dtype not in (torch.int8, torch.int32):
+        flat = flat.to(torch.int32)
     compiled = _use_compiled(engine, w.numel())
     wf = w.view(-1)
     b = torch.full_like(wf, -1, dtype=torch.int32)
     rem = torch.zeros_like(wf, dtype=torch.int32)
-    for t0 in range(0, steps, TRAIN_UNROLL):
-        t0_t = torch.tensor(t0, dtype=torch.int32, device=w.device)
-        _run("train", fp.variant, noisy, TRAIN_UNROLL, compiled, wf, small, b, rem,
-             *fp.tensors(), key, t0_t)
+    chunks = int(_run("chunks", fp.variant, False, TRAIN_UNROLL, compiled, flat))
+    for c in range(chunks):
+        t0 = torch.tensor(c * TRAIN_UNROLL, dtype=torch.int32, device=w.device)
+        _run("train", fp.variant, noisy, TRAIN_UNROLL, compiled, wf, flat, b, rem,
+             *fp.tensors(), key, t0)
 
 
 class SimBackend(Backend):

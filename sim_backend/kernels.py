@@ -180,34 +180,33 @@ def make_pulse_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[...,
 
 
 def make_train_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[..., None]:
-    """Kernel running ``unroll`` steps of the per-device pulse sequence of a batch of counts.
+    """Kernel running one chunk of the per-device pulse sequence of a batch of counts.
 
     counts [B, numel] holds each sample's signed pulse count. Per device the state
-    (b, rem) says which sample is being applied and how many of its pulses remain; a
-    step either starts the next sample (and applies its first pulse) or applies the
-    next pulse of the current one, so sample b's pulses all land before sample b+1's
-    and the device needs sum_b max(|n_b|, 1) steps in all.
+    (b, rem) says which sample is being applied and how many of its pulses remain. A
+    chunk first moves each device whose sample is finished (rem = 0) on to its next
+    sample (one gather per chunk, not per pulse), then applies up to ``unroll`` pulses
+    of the current sample. So sample b's pulses all land before sample b+1's, and a
+    device is through after sum_b ceil(max(|n_b|, 1) / unroll) chunks.
     """
 
     def train_chunk(w: Tensor, counts: Tensor, b: Tensor, rem: Tensor, kp: Tensor, km: Tensor,
                     tmin: Tensor, tmax: Tensor, g: Tensor, c2c: Tensor, key: Tensor,
                     t0: Tensor) -> None:
         nb = counts.shape[0]
-        x, bb, rr = w, b, rem
-        h = device_hash(key, w.shape[0], w.device) if noisy else None
+        adv = rem == 0
+        bb = torch.where(adv, b + 1, b)
         cur = counts.gather(0, bb.clamp(0, nb - 1).unsqueeze(0)).squeeze(0).to(torch.int32)
+        rr = torch.where(adv, torch.where(bb < nb, cur.abs(), 0), rem)
+        pos = cur > 0
+        x = w
+        h = device_hash(key, w.shape[0], w.device) if noisy else None
         for j in range(unroll):
-            adv = rr == 0
-            bb = torch.where(adv, bb + 1, bb)
-            nxt = counts.gather(0, bb.clamp(0, nb - 1).unsqueeze(0)).squeeze(0).to(torch.int32)
-            cur = torch.where(adv, nxt, cur)
-            rr = torch.where(adv & (bb < nb), cur.abs(), rr)
-            fire = rr > 0
-            step = _signed_step(family, x, cur > 0, kp, km, tmin, tmax, g)
+            step = _signed_step(family, x, pos, kp, km, tmin, tmax, g)
             if noisy:
                 step = step * (1.0 + c2c * pulse_normal(h, t0 + j))
-            x = torch.where(fire, torch.clamp(x + step, tmin, tmax), x)
-            rr = torch.where(fire, rr - 1, rr)
+            x = torch.where(rr > j, torch.clamp(x + step, tmin, tmax), x)
+        rr = (rr - unroll).clamp_min(0)
         w.copy_(x)
         b.copy_(bb)
         rem.copy_(rr)
@@ -215,18 +214,36 @@ def make_train_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[...,
     return train_chunk
 
 
-_COMPILED: dict[tuple, Callable[..., None]] = {}
+def make_chunk_count(unroll: int) -> Callable[[Tensor], Tensor]:
+    """Chunks of ``unroll`` pulses the train kernel needs: max over devices of
+    sum_b ceil(max(|n_b|, 1) / unroll), in one pass over counts [B, numel]."""
+
+    def chunk_count(counts: Tensor) -> Tensor:
+        per = (counts.to(torch.int32).abs().clamp_min(1) + (unroll - 1)) // unroll
+        return per.sum(0).max()
+
+    return chunk_count
+
+
+_COMPILED: dict[tuple, Callable] = {}
 
 
 def get_kernel(kind: str, family: Variant, noisy: bool, unroll: int, compiled: bool
-               ) -> Callable[..., None]:
-    """The pulse ('pulse') or batch-sequence ('train') kernel, eager or torch.compile'd (cached)."""
-    make = make_pulse_chunk if kind == "pulse" else make_train_chunk
+               ) -> Callable:
+    """The 'pulse', 'train' (batch sequence) or 'chunks' (train chunk count) kernel, eager or
+    torch.compile'd (cached)."""
+    def make() -> Callable:
+        if kind == "chunks":
+            return make_chunk_count(unroll)
+        return (make_pulse_chunk if kind == "pulse" else make_train_chunk)(family, noisy, unroll)
+
     if not compiled:
-        return make(family, noisy, unroll)
-    key = (kind, family, noisy, unroll)
+        return make()
+    key = (kind, family, noisy, unroll) if kind != "chunks" else (kind, unroll)
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = torch.compile(make(family, noisy, unroll), dynamic=True, fullgraph=True)
+        # indices are clamped in the kernel, so inductor's per-gather bounds check is redundant
+        fn = torch.compile(make(), dynamic=True, fullgraph=True,
+                           options={"assert_indirect_indexing": False})
         _COMPILED[key] = fn
     return fn
