@@ -5,7 +5,8 @@ Prints, in one run: the measured copy bandwidth; device-pulses/s of Tile.pulse()
 throughput (512x512, batch 32, train length 31). Noiseless figures are given as a
 fraction of the roofline (the bytes one pass over the tile must stream / the copy
 bandwidth); noisy ones against the time torch.randn takes to draw one normal per
-pulse and per device. Usage: ``.venv/bin/python benchmarks/emulator.py [--quick]``.
+pulse and per device; last, compiled and eager kernels are compared.
+Usage: ``.venv/bin/python benchmarks/emulator.py [--quick] [--models linear,power]``.
 """
 
 from __future__ import annotations
@@ -92,6 +93,23 @@ def bench_outer(model: str, c2c: float, repeats: int) -> str:
                 f"{pulses / t / 1e6:7.1f} M pulses/s (first call {t_compile:5.1f} s)")
 
 
+def agreement(model: str) -> str:
+    """Largest |compiled - eager| after the same noisy pulses and outer_update (same seed)."""
+    out = {}
+    g = torch.Generator().manual_seed(4)
+    n = torch.randint(-31, 32, (128, 128), generator=g, dtype=torch.int32)
+    x, d = torch.rand(32, 128, generator=g) * 2 - 1, torch.rand(32, 128, generator=g) * 2 - 1
+    for engine in ("eager", "compiled"):
+        url = f"sim://?model={model}&gamma=0.5&tau=0.6&d2d=0.2&c2c=0.1&engine={engine}&seed=5"
+        with hil.open_backend(url) as be:
+            tile = be.allocate("agree", 128, 128)
+            tile.pulse(n)
+            tile.outer_update(x, d, 0.01)
+            out[engine] = tile.read()
+    diff = float((out["compiled"] - out["eager"]).abs().max())
+    return f"compiled vs eager ({model}, c2c 0.1, 128x128): max |dw| = {diff:.2e}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1024x1024 tile, fewer repeats")
@@ -114,6 +132,8 @@ def main() -> None:
     for model in models:
         for c2c in (0.0, 0.1):
             print(bench_outer(model, c2c, repeats), flush=True)
+    for model in models:
+        print(agreement(model), flush=True)
 
 
 if __name__ == "__main__":
