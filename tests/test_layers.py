@@ -101,8 +101,8 @@ def test_optimizer_step_trains_least_squares(update):
             loss = F.mse_loss(model(x), y)
             loss.backward()
             opt.step()
-            first = first if first is not None else float(loss)
-        final = float(F.mse_loss(model(x), y))
+            first = first if first is not None else float(loss.detach())
+        final = float(F.mse_loss(model(x), y).detach())
     assert final < 0.1 * first, (first, final)
     assert model[0].algorithm.step_count == 60
 
