@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 import torch
 
 import hil
-from hil.algorithms import AnalogAlgorithm, make_algorithm
+from hil.algorithms import make_algorithm
+from hil.layers import AnalogLinear
 
 PEER_HINT = ("benchmarks/vs_aihwkit.py needs IBM aihwkit: pip install -e .[peers] "
              "(aihwkit 1.2.0 is an sdist only: docs/aihwkit.md says how to build it)")
@@ -157,52 +158,11 @@ def peer_rpu_config(spec: DeviceSpec, method: Method):
     return UnitCellRPUConfig(device=device, forward=io, backward=peer_io(spec), update=upd)
 
 
-# -- our side: an analog linear layer over algorithm tiles -----------------------------------
-class _TileMVM(torch.autograd.Function):
-    """y = sum_k c_k mvm(tile_k, x); backward through the transposed MVMs; keeps (x, d)."""
-
-    @staticmethod
-    def forward(ctx, x, anchor, layer):  # noqa: ANN001 - autograd signature
-        ctx.layer = layer
-        layer.last_x = x.detach()
-        y = None
-        for tile, coef in layer.alg.mvm_terms():
-            part = coef * tile.mvm(x.detach())
-            y = part if y is None else y + part
-        return y
-
-    @staticmethod
-    def backward(ctx, d):  # noqa: ANN001
-        layer = ctx.layer
-        layer.last_d = d.detach()
-        dx = None
-        for tile, coef in layer.alg.mvm_terms():
-            part = coef * tile.mvm(d.detach(), transpose=True)
-            dx = part if dx is None else dx + part
-        return dx, None, None
-
-
-class TileLinear(torch.nn.Module):
-    """A bias-free analog linear layer: forward/backward on the tiles, update by ``alg.step``."""
-
-    def __init__(self, alg: AnalogAlgorithm):
-        super().__init__()
-        self.alg = alg
-        self.last_x: torch.Tensor | None = None
-        self.last_d: torch.Tensor | None = None
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives autograd a leaf to reach
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _TileMVM.apply(x, self.anchor, self)
-
-    def step(self) -> None:
-        self.alg.step(x=self.last_x, d=self.last_d)
-
-
+# -- our side ------------------------------------------------------------------------------
 def our_layer(backend: hil.Backend, spec: DeviceSpec, method: Method, rows: int, cols: int,
               lr: float, prefix: str, seed: int = 0, init: torch.Tensor | None = None
-              ) -> TileLinear:
-    """An analog layer here: the method's algorithm over ``rows x cols`` tiles."""
+              ) -> AnalogLinear:
+    """hil.layers.AnalogLinear (no bias) over the method's algorithm; ``analog_step`` updates."""
     kw = {} if method.name == "analog_sgd" else dict(
         transfer_lr=method.transfer_lr, gamma=method.gamma, transfer="column")
     alg = make_algorithm(method.name, backend, (rows, cols), lr=lr, prefix=prefix, seed=seed,
@@ -211,7 +171,7 @@ def our_layer(backend: hil.Backend, spec: DeviceSpec, method: Method, rows: int,
         for tile in alg.tiles.values():  # emulator: set weights directly (W), P stays at 0
             if tile.name.endswith(".W"):
                 tile.w.copy_(init.clamp(-spec.tau, spec.tau))
-    return TileLinear(alg)
+    return AnalogLinear(cols, rows, alg, bias=False, io="analog")
 
 
 # -- timing ------------------------------------------------------------------------------
@@ -265,7 +225,7 @@ def uniform(gen: torch.Generator, *shape: int) -> torch.Tensor:
 def bench_rank1(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch: int = 32,
                 lr: float = 0.01) -> tuple[float, float, float]:
     """The dense rank-1 reference: x, d ~ U(-1, 1) [32, 512], lr 0.01 (~21 M pulses a call)."""
-    from aihwkit.nn import AnalogLinear
+    from aihwkit.nn import AnalogLinear as PeerLinear
 
     gen = torch.Generator().manual_seed(1)
     xs = [uniform(gen, batch, n) for _ in range(reps + 1)]
@@ -273,8 +233,8 @@ def bench_rank1(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch
     with hil.open_backend(spec.sim_url()) as be:
         layer = our_layer(be, spec, method, n, n, lr, "r1")
         it = iter(zip(xs, ds, strict=True))
-        ours = median_time(lambda: layer.alg.step(x=(p := next(it))[0], d=p[1]), reps)
-    peer_layer = AnalogLinear(n, n, bias=False, rpu_config=peer_rpu_config(spec, method))
+        ours = median_time(lambda: layer.algorithm.step(x=(p := next(it))[0], d=p[1]), reps)
+    peer_layer = PeerLinear(n, n, bias=False, rpu_config=peer_rpu_config(spec, method))
     tile = next(peer_layer.analog_tiles())
     tile.set_learning_rate(lr * spec.peer_lr_scale)
     it = iter(zip(xs, ds, strict=True))
@@ -302,7 +262,7 @@ def bench_layer(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch
                 lr: float = 0.01) -> tuple[float, float, float]:
     """Full step of AnalogLinear 512x512, batch 32: forward, backward (output gradient
     ~ U(-1, 1), the dense reference), pulsed update."""
-    from aihwkit.nn import AnalogLinear
+    from aihwkit.nn import AnalogLinear as PeerLinear
     from aihwkit.optim import AnalogSGD
 
     gen = torch.Generator().manual_seed(2)
@@ -314,8 +274,8 @@ def bench_layer(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch
 
     with hil.open_backend(spec.sim_url()) as be:
         ours_layer = our_layer(be, spec, method, n, n, lr, "fc")
-        ours = median_time(_train_steps(ours_layer, ours_layer.step, xs, gs, loss), reps)
-    peer_layer = AnalogLinear(n, n, bias=False, rpu_config=peer_rpu_config(spec, method))
+        ours = median_time(_train_steps(ours_layer, ours_layer.analog_step, xs, gs, loss), reps)
+    peer_layer = PeerLinear(n, n, bias=False, rpu_config=peer_rpu_config(spec, method))
     opt = AnalogSGD(peer_layer.parameters(), lr=lr * spec.peer_lr_scale)
     opt.regroup_param_groups(peer_layer)
     peer = median_time(_train_steps(peer_layer, opt.step, xs, gs, loss), reps)
@@ -338,24 +298,25 @@ def digits_28(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FCN(torch.nn.Module):
-    """The paper's MNIST FCN 784-256-128-10 with sigmoids (log-softmax + NLL outside)."""
+    """The paper's FCN (784-256-128-10 on MNIST) with sigmoids, log-softmax output."""
 
-    def __init__(self, layers: list[torch.nn.Module]):
+    def __init__(self, layers: list[torch.nn.Module], act: Callable = torch.sigmoid):
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for k, layer in enumerate(self.layers):
             x = layer(x)
             if k < len(self.layers) - 1:
-                x = torch.sigmoid(x)
+                x = self.act(x)
         return torch.log_softmax(x, dim=-1)
 
 
 def bench_fcn(spec: DeviceSpec, method: Method, reps: int, lr: float = 0.05, batch: int = 10
               ) -> tuple[float, float, float]:
     """The paper's MNIST FCN settings: 784-256-128-10, lr 0.05, batch 10, train length 31."""
-    from aihwkit.nn import AnalogLinear
+    from aihwkit.nn import AnalogLinear as PeerLinear
     from aihwkit.optim import AnalogSGD
 
     sizes = [(784, 256), (256, 128), (128, 10)]
@@ -367,10 +328,10 @@ def bench_fcn(spec: DeviceSpec, method: Method, reps: int, lr: float = 0.05, bat
                             init=torch.empty(o, i).uniform_(-1 / math.sqrt(i), 1 / math.sqrt(i)))
                   for k, (i, o) in enumerate(sizes)]
         ours_net = FCN(layers)
-        ours = median_time(_train_steps(ours_net, lambda: [m.step() for m in layers], xs, ys,
+        ours = median_time(_train_steps(ours_net, lambda: [m.analog_step() for m in layers], xs, ys,
                                         nll), reps)
     cfg = peer_rpu_config(spec, method)
-    peer_net = FCN([AnalogLinear(i, o, bias=False, rpu_config=cfg) for i, o in sizes])
+    peer_net = FCN([PeerLinear(i, o, bias=False, rpu_config=cfg) for i, o in sizes])
     opt = AnalogSGD(peer_net.parameters(), lr=lr * spec.peer_lr_scale)
     opt.regroup_param_groups(peer_net)
     peer = median_time(_train_steps(peer_net, opt.step, xs, ys, nll), reps)
