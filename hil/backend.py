@@ -66,11 +66,14 @@ class Tile(ABC):
                 tile=self.name, op="pulse",
             )
         limit = self.backend.capabilities.max_pulses_per_command
-        if n.numel() and int(n.abs().max()) > limit:
-            raise BackendError(
-                f"pulse count {int(n.abs().max())} exceeds {limit} per command",
-                tile=self.name, op="pulse",
-            )
+        if n.numel():
+            lo, hi = torch.aminmax(n)  # one read pass, no temporary |n|
+            biggest = max(-int(lo), int(hi))
+            if biggest > limit:
+                raise BackendError(
+                    f"pulse count {biggest} exceeds {limit} per command",
+                    tile=self.name, op="pulse",
+                )
         return n.to(device=self.backend.capabilities.device, dtype=torch.int32)
 
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:

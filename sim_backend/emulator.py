@@ -158,8 +158,11 @@ def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.
     devices on), 'compiled' or 'eager'; responses other than linear/power/exp always
     take the eager generic loop.
     """
-    absn = n.abs()
-    kmax = int(absn.max()) if n.numel() else 0
+    if n.numel():
+        lo, hi = torch.aminmax(n)  # one read pass, no temporary |n|
+        kmax = max(-int(lo), int(hi))
+    else:
+        kmax = 0
     res = (w.clone() if out is None else (out.copy_(w) if out is not w else out)).contiguous()
     if kmax == 0:
         return res
@@ -167,7 +170,7 @@ def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.
     key = _call_key(gen) if noisy else torch.zeros((), dtype=torch.int32, device=w.device)
     fp = dev.fused()
     if fp is None:
-        _generic_pulses(res, n, absn, kmax, dev, noisy, key)
+        _generic_pulses(res, n, n.abs(), kmax, dev, noisy, key)
     else:
         compiled = _use_compiled(engine, res.numel())
         unroll = (1 if kmax == 1 else PULSE_UNROLL) if compiled else kmax
