@@ -310,6 +310,21 @@ def _tabulated(bins: StepBins, dw: Tensor, tmin: Tensor, tmax: Tensor,
                              tau_min=tmin, tau_max=tmax)
 
 
+def _grid_symmetric_point(tab: TabulatedResponse) -> Tensor:
+    """Where q+ - q- changes sign on each device's grid (linear between grid points)."""
+    diff = tab.qp - tab.qm  # [D, G], falls with w
+    neg = diff <= 0
+    first = torch.where(neg.any(1), neg.float().argmax(1), torch.full_like(neg[:, 0].long(),
+                                                                             diff.shape[1] - 1))
+    k = first.clamp(1, diff.shape[1] - 1).unsqueeze(1)
+    d0, d1 = diff.gather(1, k - 1), diff.gather(1, k)
+    x0, x1 = tab.w_grid.gather(1, k - 1), tab.w_grid.gather(1, k)
+    frac = (d0 / (d0 - d1).where((d0 - d1) != 0, torch.ones_like(d0))).clamp(0, 1)
+    sym = (x0 + frac * (x1 - x0)).squeeze(1)
+    sym = torch.where(neg[:, 0], tab.w_grid[:, 0], sym)  # q- wins everywhere: lowest state
+    return torch.where(neg.any(1), sym, tab.w_grid[:, -1])
+
+
 def _as_tensor(a: object, name: str, ndim: int) -> Tensor:
     t = torch.as_tensor(np.asarray(a, dtype=np.float64) if not isinstance(a, Tensor) else a)
     if t.dim() == ndim - 1:
@@ -464,7 +479,10 @@ def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criter
     tab = _tabulated(tab_bins, dw_safe, tmin_safe, tmax_safe, grid_size)
     members.append(tab)
     response = MixedResponse(members, choice)
-    sym = response.symmetric_point()
+    # symmetric point of the selected member (tabulated: on its grid, no bisection)
+    sym = _grid_symmetric_point(tab)
+    for j, m in enumerate(members[:3]):
+        sym = torch.where(choice == j, m.symmetric_point().expand_as(sym), sym)
     # goodness of fit of the selected family on the bin means (normalized units)
     w2 = wt * wt
     pred = torch.zeros_like(st.y)
