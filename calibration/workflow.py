@@ -54,7 +54,8 @@ def run_fit(out: Path, meas: Path | None = None, csv: Path | None = None,
     from calibration.pipeline import fit_csv, fit_file
 
     if (meas is None) == (csv is None):
-        raise ConfigError("<command line>", "input", "give a measurement file or --csv, not both")
+        raise ConfigError("<command line>", "input",
+                          "give exactly one input: a measurement file or --csv FILE")
     kw: dict[str, object] = {"criterion": criterion}
     if bins is not None:
         kw["bins"] = bins
