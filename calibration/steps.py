@@ -103,20 +103,24 @@ def _chunk(s: Tensor, d: Tensor, bins: int, window: int) -> tuple[Tensor, ...]:
     typical = (y.abs() * base_ok).sum(0) / base_ok.sum(0).clamp_min(1)
     use_lag = read_a.sqrt() > 0.25 * typical  # [D]
     ok = base_ok & ((mk >= 1) | ~use_lag)
-    mkf = mk.clamp_min(1).to(s.dtype)
-    cs = _prefix(sf)
-    start = k - mk  # first read of the window
-    x_lag = (cs[:-2] - cs.gather(0, start)) / mkf  # mean of reads k - mk .. k - 1
-    # lag correction weights: sum over the window's steps of their fraction of window reads
-    kf = k.to(s.dtype)
-    lag = []
-    for c in (d.clamp_min(0).to(s.dtype), (-d).clamp_min(0).to(s.dtype)):
-        p0 = _prefix(c)
-        p1 = _prefix(c * torch.arange(n_st, device=s.device, dtype=s.dtype))
-        s0 = p0[:-1].unsqueeze(1) - p0[start]
-        s1 = p1[:-1].unsqueeze(1) - p1[start]
-        lag.append(torch.where(use_lag, (s1 - (kf - 1 - mk.to(s.dtype)) * s0) / mkf, 0.0))
-    x_b = torch.where(use_lag, x_lag, s_k)
+    if bool(use_lag.any()):
+        mkf = mk.clamp_min(1).to(s.dtype)
+        cs = _prefix(sf)
+        start = k - mk  # first read of the window
+        x_lag = (cs[:-2] - cs.gather(0, start)) / mkf  # mean of reads k - mk .. k - 1
+        # lag correction weights: sum over the window's steps of their fraction of its reads
+        kf = k.to(s.dtype)
+        lag = []
+        for c in (d.clamp_min(0).to(s.dtype), (-d).clamp_min(0).to(s.dtype)):
+            p0 = _prefix(c)
+            p1 = _prefix(c * torch.arange(n_st, device=s.device, dtype=s.dtype))
+            s0 = p0[:-1].unsqueeze(1) - p0[start]
+            s1 = p1[:-1].unsqueeze(1) - p1[start]
+            lag.append(torch.where(use_lag, (s1 - (kf - 1 - mk.to(s.dtype)) * s0) / mkf, 0.0))
+        x_b = torch.where(use_lag, x_lag, s_k)
+    else:  # read noise negligible everywhere: the reads locate the steps
+        lag = [torch.zeros_like(s_k), torch.zeros_like(s_k)]
+        x_b = s_k
     binner = _Binner(x_b, ok, direction, bins)
     cnt, y1, f_own, r, read_var = _noise(y, ok, npulse, binner)
     cnt3, y13 = cnt.view(n_dev, 2, bins), y1.view(n_dev, 2, bins)
@@ -155,6 +159,8 @@ def _run_slopes(sf: Tensor, d: Tensor, ok: Tensor, prev_same: Tensor, flat: Tens
     pulse position (0 for cells left as means).
     """
     n_st, n_dev = ok.shape
+    if not bool(use_lag.any()):
+        return torch.zeros_like(sy)
     pos = _prefix(d.abs().to(sf.dtype))  # pulses before read k
     okt, prev_t = ok.t(), prev_same.t()
     nxt = torch.zeros_like(okt)
@@ -170,7 +176,7 @@ def _run_slopes(sf: Tensor, d: Tensor, ok: Tensor, prev_same: Tensor, flat: Tens
     s0 = sf[:-1].t().reshape(-1)
     s1 = sf[1:].t().reshape(-1)
     n_runs = int(start.sum())
-    if n_runs == 0 or not bool(use_lag.any()):
+    if n_runs == 0:
         return torch.zeros_like(sy)
 
     def acc(v: Tensor) -> Tensor:
