@@ -68,8 +68,9 @@ class DeviceSpec:
 
     @property
     def peer_lr_scale(self) -> float:
-        """aihwkit's lr for the same expected change: its pulse counts use its own dw_min."""
-        return self.peer_dw_min / self.dw_min
+        """aihwkit's lr / ours for the same pulse counts: its probabilities use its weight
+        granularity, dw_min (PowStep: dw_min 2^-gamma, the step at w = 0), not the mean step."""
+        return 1.0 + abs(self.asym)
 
     @property
     def peer_up_down(self) -> float:
