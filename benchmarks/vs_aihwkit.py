@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(task, description=name)
             reps = max(args.reps, 10) if fn is bench_fcn else args.reps
             rows.append(Row(name, *fn(replace(spec), method, reps)))
+            bar.console.print(" | ".join(rows[-1].cells()))
             bar.advance(task)
     head = ["configuration", "here (per step)", "aihwkit (per step)", "aihwkit / here"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
