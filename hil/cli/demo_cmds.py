@@ -110,7 +110,34 @@ def pulse_response_sweep(console: Console, out_dir: Path) -> None:
     console.print(f"saved [bold]{path}[/bold]")
 
 
-STEPS: list[DemoStep] = [pulse_response_sweep]
+CALIBRATION_URL = "sim://?model=power&gamma=2&dw_min=0.02&d2d=0.3&c2c=0.1&seed=1"
+TRAINING_URL = "sim://?model=power&gamma=0.5&tau=0.6&dw_min=1e-3&c2c=0.1&seed=2"
+
+
+def calibration_via_virtual_chip(console: Console, out_dir: Path) -> None:
+    """Calibration through the SCPI driver: characterize -> fit -> zero-shift -> report"""
+    from calibration.demo import demo_calibration
+    from drivers.virtual_chip import running
+
+    with running(CALIBRATION_URL, protocol="scpi") as url:
+        console.print(f"virtual chip serving [bold]{CALIBRATION_URL}[/bold] at [bold]{url}[/bold]",
+                      highlight=False)
+        demo_calibration(console, out_dir / "calibration", url)
+
+
+def training_via_virtual_chip(console: Console, out_dir: Path) -> None:
+    """Residual Learning v2 on digits through the SCPI driver to a virtual chip"""
+    from drivers.virtual_chip import running
+    from hil.runs import demo_training
+
+    with running(TRAINING_URL, protocol="scpi") as url:
+        console.print(f"virtual chip serving [bold]{TRAINING_URL}[/bold] at [bold]{url}[/bold]",
+                      highlight=False)
+        demo_training(console, out_dir, url)
+
+
+STEPS: list[DemoStep] = [pulse_response_sweep, calibration_via_virtual_chip,
+                         training_via_virtual_chip]
 
 
 def run_steps(steps: list[DemoStep], console: Console, out_dir: Path) -> None:
