@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from rich.console import Console
 
@@ -59,7 +60,10 @@ def main() -> None:
     p.add_argument("--update", choices=("auto", "outer", "pulse"), default=None,
                    help="override the config's gradient update path")
     p.add_argument("--out", type=Path, default=Path("out/table8"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads of this process")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console = Console()
     base = yaml.safe_load(args.config.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
