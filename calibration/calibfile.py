@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from calibration.fit import FAMILIES, FitResult
-from calibration.measfile import package_version
+from calibration.measfile import open_hdf5, package_version
 from hil.errors import ConfigError
 from hil.response import (
     ExpResponse,
@@ -145,14 +145,7 @@ def write_calibration(path: Path, tiles: list[TileCalibration],
 def load_calibration(path: Path | str) -> Calibration:
     """Read a calibration file; anything missing or unreadable is one ConfigError."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), "file", "no such file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ConfigError(str(path), "file",
-                          f"not a readable HDF5 file (truncated or corrupt?): {exc}") from None
-    with f:
+    with open_hdf5(path) as f:
         if f.attrs.get("kind") != KIND:
             raise ConfigError(str(path), "kind", "not an analog-hil calibration file")
         order = json.loads(f.attrs.get("tile_order", "[]"))

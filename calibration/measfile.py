@@ -96,17 +96,21 @@ class Measurement:
         return int(st.shape[1]), int(st.shape[2])
 
 
-def load_measurement(path: Path) -> Measurement:
-    """Read a measurement file; a truncated or foreign file is one ConfigError."""
-    path = Path(path)
+def open_hdf5(path: Path) -> h5py.File:
+    """Open an HDF5 file for reading; missing or unreadable (truncated) is one ConfigError."""
     if not path.is_file():
         raise ConfigError(str(path), "file", "no such file")
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as exc:
         raise ConfigError(str(path), "file",
                           f"not a readable HDF5 file (truncated or corrupt?): {exc}") from None
-    with f:
+
+
+def load_measurement(path: Path) -> Measurement:
+    """Read a measurement file; a truncated or foreign file is one ConfigError."""
+    path = Path(path)
+    with open_hdf5(path) as f:
         if f.attrs.get("kind") != "analog-hil measurement" or "tiles" not in f:
             raise ConfigError(str(path), "kind", "not an analog-hil measurement file")
         try:
