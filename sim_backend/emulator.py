@@ -16,7 +16,10 @@ from sim_backend.kernels import Variant, device_hash, get_kernel, pulse_normal
 PopulationFactory = Callable[[str, int, int, torch.Generator], DeviceArray]
 COMPILE_MIN_DEVICES = 262144  # engine=auto compiles kernels of tiles this large (512x512) and up
 PULSE_UNROLL = 8  # pulses per fused pass when |n| > 1
-TRAIN_UNROLL = 4  # pulses per sample per fused pass of outer_update
+TRAIN_UNROLL = 4  # pulses per sample per fused pass of the device-major outer_update
+SAMPLE_UNROLLS = (1, 2, 4, 8, 16, 24, 32)  # compiled unroll buckets of the sample-major one
+SAMPLE_LEVELS: tuple[int, ...] = ()  # sample-major: pulse counts past which a pass
+# covers only the devices with pulses left (gathered); off: measured slower under load
 _COMPILE_BROKEN = False
 
 
@@ -200,14 +203,19 @@ def _generic_pulses(w: torch.Tensor, n: torch.Tensor, absn: torch.Tensor, kmax: 
 
 
 def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
-                       gen: torch.Generator, *, engine: str = "auto") -> None:
+                       gen: torch.Generator, *, engine: str = "auto",
+                       method: str = "sample") -> None:
     """Apply counts [B, rows, cols] sample after sample to w in place (outer_update's core).
 
-    Parametric families run the fused sequence kernel (each device walks through its
-    own samples' pulses in order, see kernels.make_train_chunk); the noise counter t
-    of a pulse is its chunk's t0 plus its place in the chunk. Any other response
-    applies the samples one by one through the generic loop.
+    Parametric families run fused kernels. ``method`` 'sample' (default): one pass over
+    the tile per sample applies up to K_b = max |n_b| pulses per device in registers
+    (see :func:`_trains_by_sample`); 'device': each device walks through its own
+    samples' pulses (kernels.make_train_chunk). Both apply every sample's pulses in
+    order; they number the noise counters differently. Any other response applies the
+    samples one by one through the generic loop.
     """
+    if method not in ("sample", "device"):
+        raise ValueError(f"apply_pulse_trains: method must be 'sample' or 'device', not {method!r}")
     fp = dev.fused()
     if fp is None:
         for n in counts:
@@ -222,12 +230,60 @@ def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
     if flat.dtype not in (torch.int8, torch.int32):
         flat = flat.to(torch.int32)
     compiled = _use_compiled(engine, w.numel())
-    wf = w.view(-1)
+    run = _trains_by_sample if method == "sample" else _trains_by_device
+    run(w.view(-1), flat, fp, noisy, key, compiled)
+
+
+def _sample_unroll(k: int) -> int:
+    """The smallest compiled unroll bucket holding k pulses (the largest for k beyond it)."""
+    return next((u for u in SAMPLE_UNROLLS if u >= k), SAMPLE_UNROLLS[-1])
+
+
+def _trains_by_sample(wf: torch.Tensor, flat: torch.Tensor, fp, noisy: bool,
+                      key: torch.Tensor, compiled: bool) -> None:
+    """Sample-major: sample b's pulses k0 .. k0+U-1 for every device, in passes of U.
+
+    K_b = max |n_b| over the tile. Passes run over the whole tile up to the first level
+    L of SAMPLE_LEVELS (if any); from each level on, only the devices with |n_b| > L
+    (few) are pulsed further (the kernel gathers and scatters them). Compiled kernels come in a few
+    unroll buckets U (devices with |n_b| <= k stay put); eager ones use the exact U.
+    Pulse k of sample b draws the noise of counter T_b + k with T_b = sum of K_b' over
+    the samples before, so the layout is the same for every U and level.
+    """
+    lo, hi = torch.aminmax(flat, dim=1)
+    kmax = torch.maximum(-lo.to(torch.int32), hi.to(torch.int32)).tolist()
+    dev = wf.device
+    params = fp.tensors()
+    t0 = 0
+    for b, kb in enumerate(kmax):
+        if kb == 0:
+            continue
+        t0_t = torch.tensor(t0, dtype=torch.int32, device=dev)
+        n, ids = flat[b], None
+        k = 0
+        for end in (*(lv for lv in SAMPLE_LEVELS if lv < kb), kb):
+            if k > 0:  # restrict to the devices with pulses left (|n| > k)
+                nk = n if ids is None else n[ids.long()]
+                keep = ((nk > k) | (nk < -k)).nonzero().squeeze(1)
+                ids = keep.to(torch.int32) if ids is None else ids[keep]
+            while k < end:
+                unroll = _sample_unroll(end - k) if compiled else end - k
+                k0_t = torch.tensor(k, dtype=torch.int32, device=dev)
+                _run("sample", fp.variant, noisy, unroll, compiled, wf, n, ids, *params, key,
+                     t0_t, k0_t)
+                k += unroll
+        t0 += kb
+
+
+def _trains_by_device(wf: torch.Tensor, flat: torch.Tensor, fp, noisy: bool,
+                      key: torch.Tensor, compiled: bool) -> None:
+    """Device-major: each device walks through its own samples' pulses in chunks of
+    TRAIN_UNROLL (a gather per chunk); pulse noise counter = chunk t0 + place in chunk."""
     b = torch.full_like(wf, -1, dtype=torch.int32)
     rem = torch.zeros_like(wf, dtype=torch.int32)
     chunks = int(_run("chunks", fp.variant, False, TRAIN_UNROLL, compiled, flat))
     for c in range(chunks):
-        t0 = torch.tensor(c * TRAIN_UNROLL, dtype=torch.int32, device=w.device)
+        t0 = torch.tensor(c * TRAIN_UNROLL, dtype=torch.int32, device=wf.device)
         _run("train", fp.variant, noisy, TRAIN_UNROLL, compiled, wf, flat, b, rem,
              *fp.tensors(), key, t0)
 

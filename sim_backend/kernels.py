@@ -179,6 +179,44 @@ def make_pulse_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[...,
     return pulse_chunk
 
 
+def make_sample_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[..., None]:
+    """Kernel applying pulses k0 .. k0+unroll-1 of one sample's counts n to w in place.
+
+    Like the pulse kernel, but pulse k of the sample draws the noise of counter t0 + k, so
+    the samples of one outer_update (t0 = pulse slots used by the samples before) never
+    share a noise counter. ``ids`` (int32, or None for all) restricts the pass to those
+    devices (gathered, pulsed, scattered back in one kernel).
+    """
+
+    def sample_chunk(w: Tensor, n: Tensor, ids: Tensor | None, kp: Tensor, km: Tensor,
+                     tmin: Tensor, tmax: Tensor, g: Tensor, c2c: Tensor, key: Tensor,
+                     t0: Tensor, k0: Tensor) -> None:
+        if ids is not None:  # the devices ids only: gather, pulse, scatter back
+            sel = ids.long()
+            n = n[sel]
+            kp, km, tmin, tmax, g, c2c = (t[sel] if t.dim() else t
+                                          for t in (kp, km, tmin, tmax, g, c2c))
+            x = w[sel]
+        else:
+            x = w
+        absn = n.to(torch.int32).abs()
+        pos = n > 0
+        h = None
+        if noisy:
+            h = device_hash(key, w.shape[0], w.device) if ids is None else _mix(ids ^ key)
+        for j in range(unroll):
+            step = _signed_step(family, x, pos, kp, km, tmin, tmax, g)
+            if noisy:
+                step = step * (1.0 + c2c * pulse_normal(h, t0 + k0 + j))
+            x = torch.where(absn > k0 + j, torch.clamp(x + step, tmin, tmax), x)
+        if ids is None:
+            w.copy_(x)
+        else:
+            w.index_copy_(0, sel, x)
+
+    return sample_chunk
+
+
 def make_train_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[..., None]:
     """Kernel running one chunk of the per-device pulse sequence of a batch of counts.
 
@@ -230,18 +268,24 @@ _COMPILED: dict[tuple, Callable] = {}
 
 def get_kernel(kind: str, family: Variant, noisy: bool, unroll: int, compiled: bool
                ) -> Callable:
-    """The 'pulse', 'train' (batch sequence) or 'chunks' (train chunk count) kernel, eager or
-    torch.compile'd (cached)."""
+    """The 'pulse', 'sample' (one sample of a batch), 'train' (batch sequence) or 'chunks'
+    (train chunk count) kernel, eager or torch.compile'd (cached)."""
     def make() -> Callable:
         if kind == "chunks":
             return make_chunk_count(unroll)
-        return (make_pulse_chunk if kind == "pulse" else make_train_chunk)(family, noisy, unroll)
+        maker = {"pulse": make_pulse_chunk, "sample": make_sample_chunk,
+                 "train": make_train_chunk}[kind]
+        return maker(family, noisy, unroll)
 
     if not compiled:
         return make()
     key = (kind, family, noisy, unroll) if kind != "chunks" else (kind, unroll)
     fn = _COMPILED.get(key)
     if fn is None:
+        # all variants of one kernel share a code object, whose compiled graphs dynamo caps
+        # at recompile_limit (8 by default): past it the kernel silently runs eagerly
+        dyn = torch._dynamo.config
+        dyn.recompile_limit = max(dyn.recompile_limit, 64)
         # indices are clamped in the kernel, so inductor's per-gather bounds check is redundant
         fn = torch.compile(make(), dynamic=True, fullgraph=True,
                            options={"assert_indirect_indexing": False})

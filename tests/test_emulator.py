@@ -346,3 +346,71 @@ def test_compiled_kernels_agree_with_eager():
             tile.outer_update(x, d, 0.02)
             out[engine] = tile.read()
     assert float((out["eager"] - out["compiled"]).abs().max()) < 1e-5
+
+
+def _trains(b: int, rows: int, cols: int, kmax: int, seed: int) -> torch.Tensor:
+    """Random signed counts [b, rows, cols] in [-kmax, kmax], as int8 like outer_update's."""
+    return torch.randint(-kmax, kmax + 1, (b, rows, cols), generator=gen(seed)).to(torch.int8)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["sample", "device"])
+def test_pulse_trains_equal_per_sample_pulses_without_noise(family, method):
+    """apply_pulse_trains equals applying each sample's counts with apply_pulses in turn."""
+    from sim_backend import apply_pulse_trains
+
+    counts = _trains(6, 16, 24, 9, 21)
+    with open_sim(family, "&d2d=0.3&asym=0.1&stuck=0.05") as a:
+        t = a.allocate("t", 16, 24)
+        w_ref = t.w.clone()
+        for n in counts:
+            apply_pulses(w_ref, n.to(torch.int32), t.devices, t.gen, engine="eager", out=w_ref)
+        w = t.w.clone()
+        apply_pulse_trains(w, counts, t.devices, t.gen, engine="eager", method=method)
+        assert torch.equal(w, w_ref)
+
+
+def test_sample_levels_do_not_change_the_noise(monkeypatch):
+    """Restricting late pulses to the devices that still have some keeps every noise draw."""
+    import sim_backend.emulator as em
+
+    counts = _trains(5, 20, 20, 12, 22)
+    out = []
+    for levels in ((), (2, 5)):
+        monkeypatch.setattr(em, "SAMPLE_LEVELS", levels)
+        with open_sim("power", "&c2c=0.3&d2d=0.2") as a:
+            t = a.allocate("t", 20, 20)
+            w = t.w.clone()
+            em.apply_pulse_trains(w, counts, t.devices, t.gen, engine="eager")
+            out.append(w)
+    assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("method", ["sample", "device"])
+def test_pulse_trains_match_per_sample_pulses_in_distribution_with_noise(method):
+    """With c2c the train kernels draw other normals than per-sample pulse() calls, from
+    the same distribution: compare mean and spread over 4096 devices."""
+    from sim_backend import apply_pulse_trains
+
+    seq = [5, -3, 7, 0, -6, 4]
+    counts = torch.tensor(seq, dtype=torch.int8).view(-1, 1, 1).expand(-1, 64, 64).contiguous()
+    extra = "&c2c=0.5&dw_min=0.01&init=-0.2"
+    with open_sim("power", extra) as a, open_sim("power", extra) as b:
+        ta, tb = a.allocate("t", 64, 64), b.allocate("t", 64, 64)
+        apply_pulse_trains(ta.w, counts, ta.devices, ta.gen, engine="eager", method=method)
+        for n in counts:
+            tb.pulse(n.to(torch.int32))
+        wa, wb = ta.read().flatten(), tb.read().flatten()
+        assert not torch.equal(wa, wb)
+        se = (wa.var() / wa.numel() + wb.var() / wb.numel()).sqrt()
+        assert abs(float(wa.mean() - wb.mean())) < 4 * float(se)
+        assert float(wa.std() / wb.std()) == pytest.approx(1.0, abs=0.12)
+
+
+def test_pulse_trains_reject_unknown_method():
+    from sim_backend import apply_pulse_trains
+
+    with open_sim("linear") as a:
+        t = a.allocate("t", 4, 4)
+        with pytest.raises(ValueError, match="method"):
+            apply_pulse_trains(t.w, _trains(2, 4, 4, 3, 1), t.devices, t.gen, method="x")
