@@ -18,6 +18,7 @@ COMPILE_MIN_DEVICES = 262144  # engine=auto compiles kernels of tiles this large
 PULSE_UNROLL = 8  # pulses per fused pass when |n| > 1
 TRAIN_UNROLL = 4  # pulses per sample per fused pass of the device-major outer_update
 SAMPLE_UNROLLS = (1, 2, 4, 8, 16, 24, 32)  # compiled unroll buckets of the sample-major one
+NOISY_MAX_UNROLL = 8  # largest unroll bucket of noisy sample kernels
 SAMPLE_LEVELS: tuple[int, ...] = ()  # sample-major: pulse counts past which a pass
 # covers only the devices with pulses left (gathered); off: measured slower under load
 _COMPILE_BROKEN = False
@@ -234,9 +235,11 @@ def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
     run(w.view(-1), flat, fp, noisy, key, compiled)
 
 
-def _sample_unroll(k: int) -> int:
-    """The smallest compiled unroll bucket holding k pulses (the largest for k beyond it)."""
-    return next((u for u in SAMPLE_UNROLLS if u >= k), SAMPLE_UNROLLS[-1])
+def _sample_unroll(k: int, noisy: bool) -> int:
+    """The smallest compiled unroll bucket holding k pulses (the largest for k beyond it);
+    noisy kernels stop at NOISY_MAX_UNROLL (their compile time grows fast with unroll)."""
+    buckets = [u for u in SAMPLE_UNROLLS if not noisy or u <= NOISY_MAX_UNROLL]
+    return next((u for u in buckets if u >= k), buckets[-1])
 
 
 def _trains_by_sample(wf: torch.Tensor, flat: torch.Tensor, fp, noisy: bool,
@@ -267,7 +270,7 @@ def _trains_by_sample(wf: torch.Tensor, flat: torch.Tensor, fp, noisy: bool,
                 keep = ((nk > k) | (nk < -k)).nonzero().squeeze(1)
                 ids = keep.to(torch.int32) if ids is None else ids[keep]
             while k < end:
-                unroll = _sample_unroll(end - k) if compiled else end - k
+                unroll = _sample_unroll(end - k, noisy) if compiled else end - k
                 k0_t = torch.tensor(k, dtype=torch.int32, device=dev)
                 _run("sample", fp.variant, noisy, unroll, compiled, wf, n, ids, *params, key,
                      t0_t, k0_t)
