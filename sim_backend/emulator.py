@@ -205,18 +205,20 @@ def _generic_pulses(w: torch.Tensor, n: torch.Tensor, absn: torch.Tensor, kmax: 
 
 def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
                        gen: torch.Generator, *, engine: str = "auto",
-                       method: str = "sample") -> None:
+                       method: str = "auto") -> None:
     """Apply counts [B, rows, cols] sample after sample to w in place (outer_update's core).
 
-    Parametric families run fused kernels. ``method`` 'sample' (default): one pass over
-    the tile per sample applies up to K_b = max |n_b| pulses per device in registers
-    (see :func:`_trains_by_sample`); 'device': each device walks through its own
-    samples' pulses (kernels.make_train_chunk). Both apply every sample's pulses in
-    order; they number the noise counters differently. Any other response applies the
-    samples one by one through the generic loop.
+    Parametric families run fused kernels. ``method`` 'sample': one pass over the tile
+    per sample applies up to K_b = max |n_b| pulses per device in registers (see
+    :func:`_trains_by_sample`); 'device': each device walks through its own samples'
+    pulses (kernels.make_train_chunk); 'auto' (default): 'sample' without c2c noise,
+    'device' with it (where masked idle steps would each hash a normal: measured slower).
+    Both apply every sample's pulses in order; they number the noise counters
+    differently. Any other response applies the samples one by one (generic loop).
     """
-    if method not in ("sample", "device"):
-        raise ValueError(f"apply_pulse_trains: method must be 'sample' or 'device', not {method!r}")
+    if method not in ("auto", "sample", "device"):
+        raise ValueError("apply_pulse_trains: method must be 'auto', 'sample' or 'device', "
+                         f"not {method!r}")
     fp = dev.fused()
     if fp is None:
         for n in counts:
@@ -231,6 +233,8 @@ def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
     if flat.dtype not in (torch.int8, torch.int32):
         flat = flat.to(torch.int32)
     compiled = _use_compiled(engine, w.numel())
+    if method == "auto":
+        method = "device" if noisy else "sample"
     run = _trains_by_sample if method == "sample" else _trains_by_device
     run(w.view(-1), flat, fp, noisy, key, compiled)
 
