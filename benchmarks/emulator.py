@@ -6,7 +6,8 @@ throughput (512x512, batch 32, train length 31). Noiseless figures are given as 
 fraction of the roofline (the bytes one pass over the tile must stream / the copy
 bandwidth); noisy ones against the time torch.randn takes to draw one normal per
 pulse and per device; last, compiled and eager kernels are compared.
-Usage: ``.venv/bin/python benchmarks/emulator.py [--quick] [--models linear,power]``.
+Usage: ``.venv/bin/python benchmarks/emulator.py [--quick] [--models linear,power]``;
+``--methods`` instead compares outer_update's sample- and device-major kernels.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 import hil
-from sim_backend.emulator import pulse_train_counts
+from sim_backend.emulator import apply_pulse_trains, pulse_train_counts
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -93,6 +94,21 @@ def bench_outer(model: str, c2c: float, repeats: int) -> str:
                 f"{pulses / t / 1e6:7.1f} M pulses/s (first call {t_compile:5.1f} s)")
 
 
+def compare_methods(model: str, c2c: float, repeats: int) -> str:
+    """apply_pulse_trains sample-major vs device-major on the same outer_update counts."""
+    url = f"sim://?model={model}&gamma=0.5&tau=0.6&c2c={c2c}&engine=compiled&seed=0"
+    with hil.open_backend(url) as be:
+        tile = be.allocate("bench", 512, 512)
+        g = torch.Generator().manual_seed(2)
+        x, d = torch.rand(32, 512, generator=g) * 2 - 1, torch.rand(32, 512, generator=g) * 2 - 1
+        counts = pulse_train_counts(x, d, 0.01, tile.dw_min, 31, g, dtype=torch.int8)
+        t = {m: best_time(lambda m=m: apply_pulse_trains(tile.w, counts, tile.devices, tile.gen,
+                                                         engine="compiled", method=m), repeats)
+             for m in ("sample", "device")}
+    return (f"apply_pulse_trains {model:6s} c2c={c2c:<4} 512x512 batch 32: sample-major "
+            f"{t['sample'] * 1e3:7.1f} ms, device-major {t['device'] * 1e3:7.1f} ms")
+
+
 def agreement(model: str) -> str:
     """Largest |compiled - eager| after the same noisy pulses and outer_update (same seed)."""
     out = {}
@@ -115,8 +131,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1024x1024 tile, fewer repeats")
     parser.add_argument("--models", default="linear,power,exp",
                         help="comma-separated response families to measure")
+    parser.add_argument("--methods", action="store_true",
+                        help="only compare outer_update's sample- and device-major kernels")
     args = parser.parse_args()
     models = args.models.split(",")
+    if args.methods:
+        for model in models:
+            for c2c in (0.0, 0.1):
+                print(compare_methods(model, c2c, 3), flush=True)
+        return
     side = 1024 if args.quick else 4096
     repeats = 3 if args.quick else 5
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
