@@ -15,7 +15,7 @@ from hil.errors import ConfigError
 from hil.response import ExpResponse, MixedResponse, PowerResponse
 from sim_backend import DeviceArray, apply_pulses
 
-GONG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gong_et_al.csv"
+GONG = Path(__file__).resolve().parent / "data" / "gong_et_al.csv"
 
 
 def mixed_population(rows: int, cols: int, d2d: float, c2c: float, seed: int):
