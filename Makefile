@@ -10,16 +10,15 @@ TORCH_PIN := torch==2.13.0
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the pinned CPU torch first, so pip never resolves a multi-GB CUDA build
-	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q $(TORCH_PIN)  # pinned CPU torch first: never a multi-GB CUDA build
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/hil demo --out out/demo
 
+# pytest exits 5 when it collects no test: make fails on it, never a silent pass
 test: $(STAMP)
-	# pytest exits 5 when it collects no test: that is a failure here, never a silent pass
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)

@@ -7,6 +7,7 @@ generator, so the same run is bit-identical on any backend that returns the same
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -26,7 +27,7 @@ def stochastic_round(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (lo + (u < (x - lo)).to(torch.float64)).to(torch.int32)
 
 
-class AnalogAlgorithm:
+class AnalogAlgorithm(ABC):
     """Base class: tiles named ``{prefix}.{role}``, pulse helpers, an update path, state.
 
     Subclasses set ``roles`` (the tiles they allocate) and implement ``weight`` and
@@ -72,9 +73,9 @@ class AnalogAlgorithm:
         """The weights of one tile (role) as float32 on the CPU."""
         return self.tiles[role].read().detach().to("cpu", torch.float32)
 
+    @abstractmethod
     def weight(self) -> torch.Tensor:
         """The weight the forward pass uses, read from the backend."""
-        raise NotImplementedError
 
     def mvm_terms(self) -> list[tuple[Tile, float]]:
         """(tile, coefficient) pairs whose weighted sum is ``weight()`` (for analog MVM)."""
@@ -124,9 +125,10 @@ class AnalogAlgorithm:
         self._apply(grad, x, d, self.lr * lr_scale)
         self.step_count += 1
 
+    @abstractmethod
     def _apply(self, grad: torch.Tensor | None, x: torch.Tensor | None,
                d: torch.Tensor | None, lr: float) -> None:
-        raise NotImplementedError
+        """Turn the gradient (or x, d) into pulses on this algorithm's tiles."""
 
     # -- initialization --------------------------------------------------------------
     def program_weights(self, w0: torch.Tensor, tol: float | None = None,

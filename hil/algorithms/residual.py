@@ -6,6 +6,7 @@ P through a transfer. The forward pass uses W_bar = W + gamma * P.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -100,8 +101,9 @@ class _TwoTile(AnalogAlgorithm):
         if (self.step_count + 1) % self.transfer_every == 0:
             self._transfer(self._columns())
 
+    @abstractmethod
     def _transfer(self, cols: slice) -> None:
-        raise NotImplementedError
+        """Move the columns ``cols`` of P into W (the variant's transfer rule)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "transfer_lr": self.transfer_lr, "column": self.column}
