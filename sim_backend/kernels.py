@@ -160,6 +160,19 @@ def _signed_step(variant: Variant, w: Tensor, pos: Tensor, kp: Tensor,
     return torch.where(pos, kp, -km) * h
 
 
+def _unrolled_pulses(variant: Variant, noisy: bool, unroll: int, x: Tensor, pos: Tensor,
+                     remaining: Tensor, kp: Tensor, km: Tensor, tmin: Tensor, tmax: Tensor,
+                     g: Tensor, c2c: Tensor, h: Tensor | None, t0: Tensor) -> Tensor:
+    """Up to ``unroll`` pulses in registers: pulse j moves the devices with remaining > j,
+    clipped to the bounds, with the c2c normal of noise counter t0 + j."""
+    for j in range(unroll):
+        step = _signed_step(variant, x, pos, kp, km, tmin, tmax, g)
+        if noisy:
+            step = step * (1.0 + c2c * pulse_normal(h, t0 + j))
+        x = torch.where(remaining > j, torch.clamp(x + step, tmin, tmax), x)
+    return x
+
+
 def make_pulse_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[..., None]:
     """Kernel applying pulses k0 .. k0+unroll-1 of n (devices with |n| > k) to w in place."""
 
@@ -167,13 +180,9 @@ def make_pulse_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[...,
                     g: Tensor, c2c: Tensor, key: Tensor, k0: Tensor) -> None:
         absn = n.abs()
         pos = n > 0
-        x = w
         h = device_hash(key, w.shape[0], w.device) if noisy else None
-        for j in range(unroll):
-            step = _signed_step(family, x, pos, kp, km, tmin, tmax, g)
-            if noisy:
-                step = step * (1.0 + c2c * pulse_normal(h, k0 + j))
-            x = torch.where(absn > k0 + j, torch.clamp(x + step, tmin, tmax), x)
+        x = _unrolled_pulses(family, noisy, unroll, w, pos, absn - k0, kp, km, tmin, tmax,
+                             g, c2c, h, k0)
         w.copy_(x)
 
     return pulse_chunk
@@ -204,11 +213,8 @@ def make_sample_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[...
         h = None
         if noisy:
             h = device_hash(key, w.shape[0], w.device) if ids is None else _mix(ids ^ key)
-        for j in range(unroll):
-            step = _signed_step(family, x, pos, kp, km, tmin, tmax, g)
-            if noisy:
-                step = step * (1.0 + c2c * pulse_normal(h, t0 + k0 + j))
-            x = torch.where(absn > k0 + j, torch.clamp(x + step, tmin, tmax), x)
+        x = _unrolled_pulses(family, noisy, unroll, x, pos, absn - k0, kp, km, tmin, tmax,
+                             g, c2c, h, t0 + k0)
         if ids is None:
             w.copy_(x)
         else:
@@ -237,13 +243,9 @@ def make_train_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[...,
         cur = counts.gather(0, bb.clamp(0, nb - 1).unsqueeze(0)).squeeze(0).to(torch.int32)
         rr = torch.where(adv, torch.where(bb < nb, cur.abs(), 0), rem)
         pos = cur > 0
-        x = w
         h = device_hash(key, w.shape[0], w.device) if noisy else None
-        for j in range(unroll):
-            step = _signed_step(family, x, pos, kp, km, tmin, tmax, g)
-            if noisy:
-                step = step * (1.0 + c2c * pulse_normal(h, t0 + j))
-            x = torch.where(rr > j, torch.clamp(x + step, tmin, tmax), x)
+        x = _unrolled_pulses(family, noisy, unroll, w, pos, rr, kp, km, tmin, tmax, g, c2c, h,
+                             t0)
         rr = (rr - unroll).clamp_min(0)
         w.copy_(x)
         b.copy_(bb)
