@@ -1,0 +1,250 @@
+"""Digits accuracy here and in IBM aihwkit for the same method on the same devices (issue 6).
+
+The FCN 64-256-128-10 (sigmoid, log-softmax + NLL, no bias) trains on sklearn's digits
+(hil.data.load_digits: the split `hil train` uses) with the paper's MNIST settings (batch
+10, lr 0.05, lr x0.5 halfway), from the same initial weights and in the same sample order
+on both sides, with Analog SGD and Tiki-Taka on devices both simulators implement alike
+(soft bounds, power gamma 0.5; tau 0.6, dw_min 1e-3) behind the paper's periphery. The
+mapping is benchmarks/vs_aihwkit.py's (docs/aihwkit.md). Needs aihwkit; never in make test:
+
+    .peers/venv/bin/python benchmarks/aihwkit_accuracy.py [--epochs 30] [--seeds 3] \\
+        [--out out/aihwkit_accuracy.json]
+
+Prints one markdown row per method and device: test accuracy here, in aihwkit (mean over
+seeds), their difference and its standard error (paired by seed). Exit code 1 when a
+mean difference exceeds 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vs_aihwkit import FCN, METHODS, DeviceSpec, our_layer, peer_rpu_config, require_aihwkit  # noqa: E402
+
+import hil  # noqa: E402
+from hil.data import Dataset, load_digits  # noqa: E402
+
+ACC_TOL = 1.0  # accuracy points
+SIZES = [(64, 256), (256, 128), (128, 10)]  # (in, out) per layer
+DEVICES = {
+    "soft bounds": DeviceSpec("linear"),
+    "power gamma=0.5": DeviceSpec("power", gamma=0.5),
+}
+LABELS = {"sgd": "Analog SGD", "tt": "Tiki-Taka"}
+ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every run of one invocation shares."""
+
+    epochs: int = 30
+    lr: float = 0.05
+    batch: int = 10
+    lr_decay: float = 0.5  # applied once, at epochs // 2 (the paper: x0.5 every 15 of 30)
+    act: str = "sigmoid"
+    c2c: float = 0.0
+    train_limit: int = 0  # 0: all 1438 training images
+
+
+def initial_weights(seed: int, tau: float) -> list[torch.Tensor]:
+    """torch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), clipped to +-tau."""
+    gen = torch.Generator().manual_seed(seed)
+    return [((torch.rand(o, i, generator=gen) * 2 - 1) / math.sqrt(i)).clamp(-tau, tau)
+            for i, o in SIZES]
+
+
+StepFn = Callable[[float], None]  # one update with the lr scaled by the argument
+
+
+def build_here(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting, seed: int
+               ) -> tuple[FCN, StepFn, Callable[[], None]]:
+    """The FCN over hil.layers.AnalogLinear on sim://, updated by outer_update."""
+    backend = hil.open_backend(spec.sim_url(seed=seed))
+    layers = [our_layer(backend, spec, METHODS[key], o, i, s.lr, f"fc{k}", seed=seed, init=w)
+              for k, ((i, o), w) in enumerate(zip(SIZES, inits, strict=True))]
+
+    def step(scale: float) -> None:
+        for layer in layers:
+            layer.analog_step(lr_scale=scale)
+    return FCN(layers, act=ACTS[s.act]), step, backend.close
+
+
+def build_peer(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting, seed: int
+               ) -> tuple[FCN, StepFn, Callable[[], None]]:
+    """The same FCN over aihwkit's AnalogLinear with its AnalogSGD."""
+    from aihwkit.nn import AnalogLinear as PeerLinear
+    from aihwkit.optim import AnalogSGD
+
+    torch.manual_seed(seed)
+    cfg = peer_rpu_config(spec, METHODS[key])
+    layers = [PeerLinear(i, o, bias=False, rpu_config=cfg) for i, o in SIZES]
+    for layer, w in zip(layers, inits, strict=True):
+        layer.set_weights(w)  # TransferCompound: W gets w, P stays 0 (as here)
+    net = FCN(layers, act=ACTS[s.act])
+    base = s.lr * spec.peer_lr_scale
+    opt = AnalogSGD(net.parameters(), lr=base)
+    opt.regroup_param_groups(net)
+
+    def step(scale: float) -> None:
+        for group in opt.param_groups:
+            group["lr"] = base * scale
+        opt.step()
+    return net, step, lambda: None
+
+
+def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * (net(x).argmax(1) == y).float().mean().item()
+
+
+def train(side: str, spec: DeviceSpec, key: str, seed: int, s: Setting, data: Dataset,
+          on_epoch: Callable[[], None]) -> list[float]:
+    """Test accuracy (%) after each epoch of one run on ``side`` ('here' or 'aihwkit')."""
+    build = build_here if side == "here" else build_peer
+    net, step, close = build(spec, key, initial_weights(seed, spec.tau), s, seed)
+    n = s.train_limit or data.x_train.shape[0]
+    xtr, ytr = data.x_train[:n], data.y_train[:n]
+    order = torch.Generator().manual_seed(seed + 1)
+    curve = []
+    try:
+        for epoch in range(s.epochs):
+            scale = s.lr_decay if epoch >= s.epochs // 2 and s.epochs > 1 else 1.0
+            for idx in torch.randperm(n, generator=order).split(s.batch):
+                for p in net.parameters():
+                    p.grad = None
+                torch.nn.functional.nll_loss(net(xtr[idx]), ytr[idx]).backward()
+                step(scale)
+            curve.append(accuracy(net, data.x_test, data.y_test))
+            on_epoch()
+    finally:
+        close()
+    return curve
+
+
+def run_key(key: str, device: str, seed: int, side: str) -> str:
+    return f"{key}|{device}|{seed}|{side}"
+
+
+def save(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def table(runs: dict[str, dict], keys: list[str], devices: list[str], seeds: list[int]
+          ) -> tuple[list[str], bool]:
+    """Markdown rows (final-epoch accuracy, mean over seeds) and whether all are within tol."""
+    head = ["method", "device", "accuracy here (%)", "accuracy aihwkit (%)",
+            "difference (points)", f"within {ACC_TOL:g}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ok = True
+    for key in keys:
+        for dev in devices:
+            pairs = [(runs[run_key(key, dev, s, "here")]["curve"][-1],
+                      runs[run_key(key, dev, s, "aihwkit")]["curve"][-1]) for s in seeds
+                     if run_key(key, dev, s, "here") in runs
+                     and run_key(key, dev, s, "aihwkit") in runs]
+            if not pairs:
+                continue
+            here = [p[0] for p in pairs]
+            peer = [p[1] for p in pairs]
+            diffs = [a - b for a, b in pairs]
+            mean = statistics.fmean(diffs)
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+            good = abs(mean) <= ACC_TOL
+            ok &= good
+
+            def cell(v: list[float]) -> str:
+                return f"{statistics.fmean(v):.2f} ({', '.join(f'{a:.1f}' for a in v)})"
+            lines.append(f"| {LABELS[key]} | {dev} | {cell(here)} | {cell(peer)} | "
+                         f"{mean:+.2f} +- {se:.2f} | {'yes' if good else 'NO'} |")
+    return lines, ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default="sgd,tt", help="comma list of: sgd, tt")
+    ap.add_argument("--devices", default=",".join(DEVICES),
+                    help=f"comma list of: {', '.join(DEVICES)}")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--act", default="sigmoid", choices=sorted(ACTS))
+    ap.add_argument("--c2c", type=float, default=0.0, help="c2c here = dw_min_std there")
+    ap.add_argument("--train-limit", type=int, default=0, help="first N training images only")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON of every run's per-epoch test accuracy; reruns resume from it")
+    args = ap.parse_args(argv)
+    keys = [k for k in args.methods.split(",") if k]
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    for k in keys:
+        if k not in LABELS:
+            ap.error(f"--methods: unknown method {k!r} (sgd, tt)")
+    for d in devices:
+        if d not in DEVICES:
+            ap.error(f"--devices: unknown device {d!r} ({', '.join(DEVICES)})")
+    require_aihwkit()
+    import aihwkit
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    torch.set_num_threads(args.threads)
+    s = Setting(epochs=args.epochs, lr=args.lr, act=args.act, c2c=args.c2c,
+                train_limit=args.train_limit)
+    data = load_digits(test_fraction=0.2, seed=0)
+    seeds = list(range(args.seeds))
+    runs: dict[str, dict] = {}
+    if args.out is not None and args.out.exists():
+        old = json.loads(args.out.read_text())
+        if old.get("setting") == asdict(s):
+            runs = old["runs"]
+    jobs = [(k, d, seed, side) for seed in seeds for k in keys for d in devices
+            for side in ("here", "aihwkit") if run_key(k, d, seed, side) not in runs]
+    load = os.getloadavg()
+    print(f"aihwkit {aihwkit.__version__}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"load average {load[0]:.1f} at start; digits {data.x_train.shape[0]} train / "
+          f"{data.x_test.shape[0]} test; {s}", flush=True)
+    if len(runs):
+        print(f"resuming: {len(runs)} runs read from {args.out}", flush=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task("digits", total=len(jobs) * s.epochs)
+        for k, d, seed, side in jobs:
+            bar.update(task, description=f"{LABELS[k]}, {d}, seed {seed}, {side}")
+            spec = replace(DEVICES[d], c2c=s.c2c)
+            t0 = time.perf_counter()
+            curve = train(side, spec, k, seed, s, data, lambda: bar.advance(task))
+            runs[run_key(k, d, seed, side)] = {"curve": curve, "seconds": time.perf_counter() - t0}
+            bar.console.print(f"{LABELS[k]}, {d}, seed {seed}, {side}: {curve[-1]:.2f}% "
+                              f"({time.perf_counter() - t0:.0f} s; per epoch "
+                              f"{' '.join(f'{a:.0f}' for a in curve)})")
+            if args.out is not None:
+                save(args.out, {"setting": asdict(s), "runs": runs})
+    lines, ok = table(runs, keys, devices, seeds)
+    print("\n".join(lines))
+    load = os.getloadavg()
+    print(f"\nfinal-epoch test accuracy on {data.x_test.shape[0]} images, mean over seeds "
+          f"(per seed in brackets); difference = here - aihwkit, +- its standard error over "
+          f"seeds (paired: same initial weights and sample order); load average {load[0]:.1f} "
+          "at the end")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
