@@ -5,9 +5,10 @@ Prints, in one run: the measured copy bandwidth; device-pulses/s of Tile.pulse()
 throughput (512x512, batch 32, train length 31). Noiseless figures are given as a
 fraction of the roofline (the bytes one pass over the tile must stream / the copy
 bandwidth); noisy ones against the time torch.randn takes to draw one normal per
-pulse and per device; last, compiled and eager kernels are compared.
-Usage: ``.venv/bin/python benchmarks/emulator.py [--quick] [--models linear,power]``;
-``--methods`` instead compares outer_update's sample- and device-major kernels.
+pulse and per device; last, the measured engine is compared with the eager kernels.
+Usage: ``.venv/bin/python benchmarks/emulator.py [--quick] [--models linear,power]
+[--engine native|compiled|eager]``; ``--methods [--device cuda]`` instead compares
+outer_update's kernels (compiled sample- and device-major, native) on the same counts.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def randn_rate(numel: int, repeats: int) -> float:
 
 
 def bench_pulse(model: str, nmax: int, c2c: float, side: int, bw: float, rate: float,
-                repeats: int) -> str:
-    url = f"sim://?model={model}&gamma=0.5&tau=0.6&d2d=0.2&c2c={c2c}&engine=compiled&seed=0"
+                repeats: int, engine: str) -> str:
+    url = f"sim://?model={model}&gamma=0.5&tau=0.6&d2d=0.2&c2c={c2c}&engine={engine}&seed=0"
     with hil.open_backend(url) as be:
         tile = be.allocate("bench", side, side)
         gen = torch.Generator().manual_seed(1)
@@ -75,8 +76,8 @@ def bench_pulse(model: str, nmax: int, c2c: float, side: int, bw: float, rate: f
         return line
 
 
-def bench_outer(model: str, c2c: float, repeats: int) -> str:
-    url = f"sim://?model={model}&gamma=0.5&tau=0.6&c2c={c2c}&engine=compiled&seed=0"
+def bench_outer(model: str, c2c: float, repeats: int, engine: str) -> str:
+    url = f"sim://?model={model}&gamma=0.5&tau=0.6&c2c={c2c}&engine={engine}&seed=0"
     with hil.open_backend(url) as be:
         tile = be.allocate("bench", 512, 512)
         gen = torch.Generator().manual_seed(2)
@@ -94,36 +95,41 @@ def bench_outer(model: str, c2c: float, repeats: int) -> str:
                 f"{pulses / t / 1e6:7.1f} M pulses/s (first call {t_compile:5.1f} s)")
 
 
-def compare_methods(model: str, c2c: float, repeats: int) -> str:
-    """apply_pulse_trains sample-major vs device-major on the same outer_update counts."""
-    url = f"sim://?model={model}&gamma=0.5&tau=0.6&c2c={c2c}&engine=compiled&seed=0"
+def compare_methods(model: str, c2c: float, repeats: int, device: str) -> str:
+    """apply_pulse_trains on the same outer_update counts: the compiled torch kernels
+    sample- and device-major, and (CPU) the native kernel."""
+    url = f"sim://?model={model}&gamma=0.5&tau=0.6&c2c={c2c}&device={device}&seed=0"
     with hil.open_backend(url) as be:
         tile = be.allocate("bench", 512, 512)
-        g = torch.Generator().manual_seed(2)
-        x, d = torch.rand(32, 512, generator=g) * 2 - 1, torch.rand(32, 512, generator=g) * 2 - 1
+        g = torch.Generator(device=device).manual_seed(2)
+        x = torch.rand(32, 512, generator=g, device=device) * 2 - 1
+        d = torch.rand(32, 512, generator=g, device=device) * 2 - 1
         counts = pulse_train_counts(x, d, 0.01, tile.dw_min, 31, g, dtype=torch.int8)
-        t = {m: best_time(lambda m=m: apply_pulse_trains(tile.w, counts, tile.devices, tile.gen,
-                                                         engine="compiled", method=m), repeats)
-             for m in ("sample", "device")}
-    return (f"apply_pulse_trains {model:6s} c2c={c2c:<4} 512x512 batch 32: sample-major "
-            f"{t['sample'] * 1e3:7.1f} ms, device-major {t['device'] * 1e3:7.1f} ms")
+        runs = [("sample-major", "compiled", "sample"), ("device-major", "compiled", "device")]
+        if device == "cpu":
+            runs.append(("native", "native", "auto"))
+        t = {label: best_time(lambda e=e, m=m: apply_pulse_trains(
+            tile.w, counts, tile.devices, tile.gen, engine=e, method=m), repeats)
+             for label, e, m in runs}
+    return (f"apply_pulse_trains {model:6s} c2c={c2c:<4} 512x512 batch 32: "
+            + ", ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in t.items()))
 
 
-def agreement(model: str) -> str:
-    """Largest |compiled - eager| after the same noisy pulses and outer_update (same seed)."""
+def agreement(model: str, engine: str) -> str:
+    """Largest |engine - eager| after the same noisy pulses and outer_update (same seed)."""
     out = {}
     g = torch.Generator().manual_seed(4)
     n = torch.randint(-31, 32, (128, 128), generator=g, dtype=torch.int32)
     x, d = torch.rand(32, 128, generator=g) * 2 - 1, torch.rand(32, 128, generator=g) * 2 - 1
-    for engine in ("eager", "compiled"):
-        url = f"sim://?model={model}&gamma=0.5&tau=0.6&d2d=0.2&c2c=0.1&engine={engine}&seed=5"
+    for eng in ("eager", engine):
+        url = f"sim://?model={model}&gamma=0.5&tau=0.6&d2d=0.2&c2c=0.1&engine={eng}&seed=5"
         with hil.open_backend(url) as be:
             tile = be.allocate("agree", 128, 128)
             tile.pulse(n)
             tile.outer_update(x, d, 0.01)
-            out[engine] = tile.read()
-    diff = float((out["compiled"] - out["eager"]).abs().max())
-    return f"compiled vs eager ({model}, c2c 0.1, 128x128): max |dw| = {diff:.2e}"
+            out[eng] = tile.read()
+    diff = float((out[engine] - out["eager"]).abs().max())
+    return f"{engine} vs eager ({model}, c2c 0.1, 128x128): max |dw| = {diff:.2e}"
 
 
 def main() -> None:
@@ -132,17 +138,21 @@ def main() -> None:
     parser.add_argument("--models", default="linear,power,exp",
                         help="comma-separated response families to measure")
     parser.add_argument("--methods", action="store_true",
-                        help="only compare outer_update's sample- and device-major kernels")
+                        help="only compare outer_update's kernels on the same counts")
+    parser.add_argument("--engine", choices=("native", "compiled", "eager"), default="native",
+                        help="sim:// engine to measure (native: the C++ kernel, CPU only)")
+    parser.add_argument("--device", default="cpu", help="torch device of the tiles (--methods)")
     args = parser.parse_args()
     models = args.models.split(",")
     if args.methods:
         for model in models:
             for c2c in (0.0, 0.1):
-                print(compare_methods(model, c2c, 3), flush=True)
+                print(compare_methods(model, c2c, 3, args.device), flush=True)
         return
     side = 1024 if args.quick else 4096
     repeats = 3 if args.quick else 5
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"engine={args.engine}")
     bw = copy_bandwidth(side * side, repeats)
     rate = randn_rate(side * side, repeats)
     print(f"copy bandwidth {bw / 1e9:.2f} GB/s (read + write, {side}x{side} float32)")
@@ -151,12 +161,14 @@ def main() -> None:
     for model in models:
         for nmax in (1, 31):
             for c2c in (0.0, 0.1):
-                print(bench_pulse(model, nmax, c2c, side, bw, rate, repeats), flush=True)
+                print(bench_pulse(model, nmax, c2c, side, bw, rate, repeats, args.engine),
+                      flush=True)
     for model in models:
         for c2c in (0.0, 0.1):
-            print(bench_outer(model, c2c, repeats), flush=True)
-    for model in models:
-        print(agreement(model), flush=True)
+            print(bench_outer(model, c2c, repeats, args.engine), flush=True)
+    if args.engine != "eager":
+        for model in models:
+            print(agreement(model, args.engine), flush=True)
 
 
 if __name__ == "__main__":

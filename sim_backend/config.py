@@ -36,7 +36,9 @@ class SimConfig:
     out_noise: float = 0.06
     io: str = "paper"  # 'paper' (non-idealities above) or 'ideal' (exact MVM)
     train_length: int = 31  # pulse-train length of outer_update
-    engine: str = "auto"  # 'auto' (compiled from 262144 devices on), 'compiled', 'eager'
+    # 'auto' (native kernel on CPU, else compiled from 262144 devices on), 'native',
+    # 'compiled' or 'eager'
+    engine: str = "auto"
 
     @classmethod
     def from_url(cls, url: BackendURL) -> SimConfig:
@@ -82,5 +84,6 @@ class SimConfig:
             out_noise=url.get_float("out_noise", d.out_noise, lo=0.0),
             io=url.get_str("io", d.io, choices=("paper", "ideal")),
             train_length=url.get_int("train_length", d.train_length, lo=1, hi=10_000),
-            engine=url.get_str("engine", d.engine, choices=("auto", "compiled", "eager")),
+            engine=url.get_str("engine", d.engine,
+                               choices=("auto", "native", "compiled", "eager")),
         )

@@ -9,6 +9,7 @@ import torch
 
 from hil.backend import Backend, Capabilities, Tile
 from hil.errors import BackendError
+from sim_backend import native
 from sim_backend.config import SimConfig
 from sim_backend.devices import DeviceArray, sample_devices, tile_generator
 from sim_backend.kernels import Variant, device_hash, get_kernel, pulse_normal
@@ -84,23 +85,30 @@ class SimTile(Tile):
             raise BackendError("outer_update: x and d have different batch sizes",
                                tile=self.name, op="outer_update")
         bl = self.cfg.train_length
+        fp = self.devices.fused()
+        if fp is not None and _use_native(self.cfg.engine, self.w):
+            # no counts tensor: the kernel counts coincidences from packed fire masks
+            bits = pulse_train_bits(x, d, lr, self.dw_min, bl, self.gen)
+            noisy, key = _noise_key(self.devices, self.gen)
+            native.pulse_trains(self.w.view(-1), fp, key, noisy, bits=bits, shape=self.shape)
+            return
         counts = pulse_train_counts(x, d, lr, self.dw_min, bl, self.gen,
                                     dtype=torch.int8 if bl <= 127 else torch.int32)
         # samples in order, as the hardware would apply them
         apply_pulse_trains(self.w, counts, self.devices, self.gen, engine=self.cfg.engine)
 
 
-def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
-                       train_length: int, gen: torch.Generator,
-                       dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """Signed coincidence counts [B, rows, cols] of stochastic row/column pulse trains.
+def _fire_masks(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
+                train_length: int, gen: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stochastic row/column pulse trains: (fx [B, bl, cols], fd [B, bl, rows]) fire
+    masks and the signs sign(x) [B, cols], sign(lr) sign(d) [B, rows].
 
     Column j fires with probability px_j = cx|x_j|, row i with pd_i = cd|d_i| in each
     of ``train_length`` slots; a device pulses where both fire, with sign
     sign(lr d_i x_j). cx, cd balance the two sides (update management) so that the
     expected count is |lr d_i x_j| / dw_min while neither probability exceeds 1
-    unless the desired change exceeds the train length. ``dtype`` int8 is exact for
-    train lengths up to 127 and saves memory.
+    unless the desired change exceeds the train length.
     """
     bl = int(train_length)
     xa, da = x.abs(), d.abs()
@@ -112,10 +120,50 @@ def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: floa
     b = x.shape[0]
     fx = torch.rand((b, bl, x.shape[1]), generator=gen, device=x.device) < px.unsqueeze(1)
     fd = torch.rand((b, bl, d.shape[1]), generator=gen, device=d.device) < pd.unsqueeze(1)
-    sx = torch.where(fx, torch.sign(x).unsqueeze(1), 0.0)
-    sd = torch.where(fd, torch.sign(d).unsqueeze(1), 0.0) * (1.0 if lr >= 0 else -1.0)
+    return fx, fd, torch.sign(x), torch.sign(d) * (1.0 if lr >= 0 else -1.0)
+
+
+def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
+                       train_length: int, gen: torch.Generator,
+                       dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Signed coincidence counts [B, rows, cols] of the pulse trains of :func:`_fire_masks`.
+
+    ``dtype`` int8 is exact for train lengths up to 127 and saves memory.
+    """
+    fx, fd, sx, sd = _fire_masks(x, d, lr, dw_min, train_length, gen)
+    sx = torch.where(fx, sx.unsqueeze(1), 0.0)
+    sd = torch.where(fd, sd.unsqueeze(1), 0.0)
     # sums of at most bl products of 0/+-1: exact integers in float32
     return torch.bmm(sd.transpose(1, 2), sx).to(dtype)
+
+
+BITS_PER_WORD = 31  # slots per int32 fire-mask word; bit 31 of word 0 carries the sign
+
+
+def _pack_bits(fire: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Pack fire masks [B, bl, n] into int32 words [B, ceil(bl / 31), n] (slot 31 k + t in
+    bit t of word k) with bit 31 of word 0 set where sign < 0."""
+    b, bl, n = fire.shape
+    words = -(-bl // BITS_PER_WORD)
+    f = torch.nn.functional.pad(fire, (0, 0, 0, words * BITS_PER_WORD - bl))
+    weight = torch.tensor([1 << t for t in range(BITS_PER_WORD)], dtype=torch.int32,
+                          device=fire.device).view(1, 1, -1, 1)
+    packed = (f.view(b, words, BITS_PER_WORD, n).to(torch.int32) * weight).sum(2,
+                                                                                 dtype=torch.int32)
+    minus = torch.tensor(-(2**31), dtype=torch.int32, device=fire.device)
+    packed[:, 0] = torch.where(sign < 0, packed[:, 0] | minus, packed[:, 0])
+    return packed.contiguous()
+
+
+def pulse_train_bits(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
+                     train_length: int, gen: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pulse trains of :func:`pulse_train_counts` (same draws) as packed fire masks:
+    (rows [B, words, rows], columns [B, words, cols]) int32; the count of device (i, j) in
+    sample b is the popcount of rows[b, :, i] & columns[b, :, j] (sign bit excluded),
+    negative where the two sign bits differ. Nothing of size rows x cols is built."""
+    fx, fd, sx, sd = _fire_masks(x, d, lr, dw_min, train_length, gen)
+    return _pack_bits(fd, sd), _pack_bits(fx, sx)
 
 
 def _is_noisy(dev: DeviceArray) -> bool:
@@ -123,10 +171,29 @@ def _is_noisy(dev: DeviceArray) -> bool:
     return bool((c2c > 0).any()) if isinstance(c2c, torch.Tensor) else float(c2c) > 0
 
 
+def _noise_key(dev: DeviceArray, gen: torch.Generator) -> tuple[bool, torch.Tensor]:
+    """Whether the devices have c2c noise and the call key of its counters (0 if not)."""
+    noisy = _is_noisy(dev)
+    key = _call_key(gen) if noisy else torch.zeros((), dtype=torch.int32, device=gen.device)
+    return noisy, key
+
+
 def _call_key(gen: torch.Generator) -> torch.Tensor:
     """One int32 key per noisy call, drawn from the tile generator (seeds the pulse noise)."""
     return torch.randint(-(2**31), 2**31 - 1, (), generator=gen, device=gen.device,
                          dtype=torch.int64).to(torch.int32)
+
+
+def _use_native(engine: str, w: torch.Tensor) -> bool:
+    """The native kernel runs CPU tiles under engine 'native', and 'auto' where it builds."""
+    if w.device.type != "cpu" or engine not in ("auto", "native"):
+        return False
+    if native.available():
+        return True
+    if engine == "native":
+        raise BackendError(f"engine=native: the native pulse kernel is unavailable "
+                           f"({native.unavailable_reason()})", op="pulse")
+    return False
 
 
 def _use_compiled(engine: str, numel: int) -> bool:
@@ -170,11 +237,12 @@ def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.
     res = (w.clone() if out is None else (out.copy_(w) if out is not w else out)).contiguous()
     if kmax == 0:
         return res
-    noisy = _is_noisy(dev)
-    key = _call_key(gen) if noisy else torch.zeros((), dtype=torch.int32, device=w.device)
+    noisy, key = _noise_key(dev, gen)
     fp = dev.fused()
     if fp is None:
         _generic_pulses(res, n, n.abs(), kmax, dev, noisy, key)
+    elif _use_native(engine, res):
+        native.pulse_trains(res.view(-1), fp, key, noisy, counts=n.reshape(1, -1))
     else:
         compiled = _use_compiled(engine, res.numel())
         unroll = (1 if kmax == 1 else PULSE_UNROLL) if compiled else kmax
@@ -208,13 +276,16 @@ def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
                        method: str = "auto") -> None:
     """Apply counts [B, rows, cols] sample after sample to w in place (outer_update's core).
 
-    Parametric families run fused kernels. ``method`` 'sample': one pass over the tile
-    per sample applies up to K_b = max |n_b| pulses per device in registers (see
-    :func:`_trains_by_sample`); 'device': each device walks through its own samples'
-    pulses (kernels.make_train_chunk); 'auto' (default): 'sample' without c2c noise,
-    'device' with it (where masked idle steps would each hash a normal: measured slower).
-    Both apply every sample's pulses in order; they number the noise counters
-    differently. Any other response applies the samples one by one (generic loop).
+    Parametric families run fused kernels. ``method`` 'auto' (default): the native
+    kernel on CPU where it builds (each device loops over its own pulses only; see
+    sim_backend/native.py), else 'sample' without c2c noise and 'device' with it (where
+    masked idle steps would each hash a normal: measured slower). 'sample': one torch
+    pass over the tile per sample applies up to K_b = max |n_b| pulses per device in
+    registers (see :func:`_trains_by_sample`); 'device': torch passes in which each
+    device walks through its own samples' pulses (kernels.make_train_chunk). All apply
+    every sample's pulses in order; 'native' and 'device' number a device's noise
+    counters by its pulses in the call (0, 1, ...), 'sample' by the samples' slots. Any
+    other response applies the samples one by one (generic loop).
     """
     if method not in ("auto", "sample", "device"):
         raise ValueError("apply_pulse_trains: method must be 'auto', 'sample' or 'device', "
@@ -224,14 +295,16 @@ def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
         for n in counts:
             apply_pulses(w, n, dev, gen, engine=engine, out=w)
         return
-    noisy = _is_noisy(dev)
-    key = _call_key(gen) if noisy else torch.zeros((), dtype=torch.int32, device=w.device)
+    noisy, key = _noise_key(dev, gen)
     nb = counts.shape[0]
     if nb == 0:
         return
     flat = counts.reshape(nb, -1)
     if flat.dtype not in (torch.int8, torch.int32):
         flat = flat.to(torch.int32)
+    if method == "auto" and _use_native(engine, w):
+        native.pulse_trains(w.view(-1), fp, key, noisy, counts=flat)
+        return
     compiled = _use_compiled(engine, w.numel())
     if method == "auto":
         method = "device" if noisy else "sample"
@@ -285,12 +358,12 @@ def _trains_by_sample(wf: torch.Tensor, flat: torch.Tensor, fp, noisy: bool,
 def _trains_by_device(wf: torch.Tensor, flat: torch.Tensor, fp, noisy: bool,
                       key: torch.Tensor, compiled: bool) -> None:
     """Device-major: each device walks through its own samples' pulses in chunks of
-    TRAIN_UNROLL (a gather per chunk); pulse noise counter = chunk t0 + place in chunk."""
+    TRAIN_UNROLL (a gather per chunk); a device's noise counters count its pulses."""
     b = torch.full_like(wf, -1, dtype=torch.int32)
     rem = torch.zeros_like(wf, dtype=torch.int32)
+    t0 = torch.zeros_like(wf, dtype=torch.int32)
     chunks = int(_run("chunks", fp.variant, False, TRAIN_UNROLL, compiled, flat))
-    for c in range(chunks):
-        t0 = torch.tensor(c * TRAIN_UNROLL, dtype=torch.int32, device=wf.device)
+    for _ in range(chunks):
         _run("train", fp.variant, noisy, TRAIN_UNROLL, compiled, wf, flat, b, rem,
              *fp.tensors(), key, t0)
 

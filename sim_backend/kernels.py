@@ -231,7 +231,9 @@ def make_train_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[...,
     chunk first moves each device whose sample is finished (rem = 0) on to its next
     sample (one gather per chunk, not per pulse), then applies up to ``unroll`` pulses
     of the current sample. So sample b's pulses all land before sample b+1's, and a
-    device is through after sum_b ceil(max(|n_b|, 1) / unroll) chunks.
+    device is through after sum_b ceil(max(|n_b|, 1) / unroll) chunks. ``t0`` [numel]
+    counts each device's pulses so far (updated in place): its noise counters run
+    0, 1, 2, ... over the call, as in the native kernel.
     """
 
     def train_chunk(w: Tensor, counts: Tensor, b: Tensor, rem: Tensor, kp: Tensor, km: Tensor,
@@ -246,6 +248,7 @@ def make_train_chunk(family: Variant, noisy: bool, unroll: int) -> Callable[...,
         h = device_hash(key, w.shape[0], w.device) if noisy else None
         x = _unrolled_pulses(family, noisy, unroll, w, pos, rr, kp, km, tmin, tmax, g, c2c, h,
                              t0)
+        t0.add_(rr.clamp_max(unroll))
         rr = (rr - unroll).clamp_min(0)
         w.copy_(x)
         b.copy_(bb)

@@ -1,0 +1,187 @@
+"""Build, cache and call the native CPU pulse kernel (sim_backend/native/pulses.cpp).
+
+The C++ source is compiled once per machine with the system C++ compiler into a shared
+library under the user cache (``$HIL_CACHE_DIR`` or ``~/.cache/analog-hil``), keyed by
+a hash of the source, the flags and the compiler, and loaded with ctypes. Where no
+compiler works, :func:`available` is False and the emulator keeps its torch kernels.
+``HIL_NATIVE=0`` turns the native kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from sim_backend.kernels import FusedParams
+
+SOURCE = Path(__file__).with_name("native") / "pulses.cpp"
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
+         "-ffp-contract=off", "-fopenmp-simd"]
+NATIVE_FLAGS = ["-march=native"]  # dropped if the compiler rejects it
+FAMILY_CODE = {"linear": 0, "exp": 4}
+SOURCE_CODE = {torch.int8: 0, torch.int32: 1}
+BITS_SOURCE = 2
+MIN_THREADED = 16384  # devices below which one thread does the work (thread start ~50 us)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HIL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "analog-hil")
+    return Path(root) / "native"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") \
+        or shutil.which("clang++")
+
+
+def _compile(cxx: str, out: Path) -> None:
+    """Compile to a temporary file and rename, so concurrent processes never load half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        for extra in (NATIVE_FLAGS, []):
+            cmd = [cxx, *FLAGS, *extra, str(SOURCE), "-o", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode == 0:
+                os.replace(tmp, out)
+                return
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
+                           else f"{cxx} exited with {proc.returncode}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL:
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++, g++ or clang++) on PATH")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256("\0".join(
+        [SOURCE.read_text(), *FLAGS, *NATIVE_FLAGS, cxx, version, platform.machine(),
+         platform.processor()]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"pulses-{digest}.so"
+    if not path.exists():
+        _compile(cxx, path)
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.hil_pulse_trains.argtypes = [p, i64, i64, i64, i64, i64, i32, p, p, p, i32, i32,
+                                     p, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int32,
+                                     i32]
+    lib.hil_pulse_trains.restype = i32
+    lib.hil_pulse_normal.argtypes = [ctypes.c_int32, ctypes.c_int32]
+    lib.hil_pulse_normal.restype = ctypes.c_float
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None (with one warning) if it cannot be."""
+    global _lib, _failed
+    if _lib is not None or _failed is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _failed is None:
+            if os.environ.get("HIL_NATIVE", "1") == "0":
+                _failed = "HIL_NATIVE=0"
+                return None
+            try:
+                _lib = _load()
+            except Exception as exc:  # no compiler, read-only cache, foreign platform
+                _failed = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"native pulse kernel unavailable ({_failed}); the emulator "
+                              "uses its torch kernels", RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernel is not loaded (None when it is)."""
+    library()
+    return _failed
+
+
+def available() -> bool:
+    """True when the native kernel is built and loaded (CPU tensors only)."""
+    return library() is not None
+
+
+def _family(fp: FusedParams) -> tuple[int, float]:
+    if fp.family != "power":
+        return FAMILY_CODE[fp.family], math.nan
+    gamma = fp.gamma
+    if gamma == 0.5:
+        return 1, math.nan
+    if gamma == 1.0:
+        return 0, math.nan
+    if gamma == 2.0:
+        return 2, math.nan
+    return 3, (math.nan if gamma is None else float(gamma))
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def pulse_trains(w: torch.Tensor, fp: FusedParams, key: torch.Tensor, noisy: bool, *,
+                 counts: torch.Tensor | None = None,
+                 bits: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 shape: tuple[int, int] | None = None) -> None:
+    """Apply pulse trains to the flat float32 CPU weights ``w`` in place, device by device.
+
+    Either ``counts`` [B, numel] (int8 or int32, signed pulse counts per sample) or
+    ``bits`` = (fd [B, words, rows], fx [B, words, cols]) int32 fire masks of an outer
+    update (bit t of word k: slot 31 k + t fires; bit 31 of word 0: negative sign; the
+    count of device (r, c) is the popcount of fd & fx) with ``shape`` = (rows, cols).
+    Sample b's pulses all land before sample b+1's; the noise of a device's p-th pulse
+    in this call is kernels.pulse_normal(mix(i ^ key), p).
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native pulse kernel unavailable ({_failed})")
+    numel = w.numel()
+    assert w.dtype == torch.float32 and w.is_contiguous() and w.device.type == "cpu"
+    family, gamma = _family(fp)
+    kp, km, tmin, tmax, _, c2c = fp.tensors()
+    g = fp.g
+    if bits is not None:
+        fd, fx = (t.contiguous() for t in bits)
+        rows, cols = shape if shape is not None else (fd.shape[2], fx.shape[2])
+        batch, words, source, cnt = fd.shape[0], fd.shape[1], BITS_SOURCE, None
+    else:
+        if counts is None:
+            raise ValueError("pulse_trains needs counts or bits")
+        cnt = counts if counts.dtype in SOURCE_CODE else counts.to(torch.int32)
+        cnt = cnt.reshape(-1, numel).contiguous()
+        rows, cols = shape if shape is not None else (1, numel)
+        batch, words, source, fd, fx = cnt.shape[0], 0, SOURCE_CODE[cnt.dtype], None, None
+    nthreads = torch.get_num_threads() if numel >= MIN_THREADED else 1
+    rc = lib.hil_pulse_trains(
+        w.data_ptr(), numel, rows, cols, batch, words, source, _ptr(cnt), _ptr(fd), _ptr(fx),
+        family, int(noisy), kp.data_ptr(), km.data_ptr(), tmin.data_ptr(), tmax.data_ptr(),
+        _ptr(g), c2c.data_ptr(), 1 if c2c.dim() else 0, gamma, int(key), nthreads)
+    if rc != 0:
+        raise RuntimeError(f"native pulse kernel failed (code {rc})")
+
+
+def pulse_normal(h: int, t: int) -> float:
+    """The native kernel's normal of pulse t of stream h (tests compare it to kernels')."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native pulse kernel unavailable ({_failed})")
+    return float(lib.hil_pulse_normal(h, t))

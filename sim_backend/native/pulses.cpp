@@ -1,0 +1,339 @@
+// Native CPU kernel of the emulator: every device walks through its own pulses only.
+//
+// The torch kernels (sim_backend/kernels.py) step the whole tile in lockstep, so a pass
+// costs as much for a device with no pulse left as for the busiest one. Here devices are
+// taken in groups of L neighbours (one SIMD vector): each lane applies its own samples'
+// pulses in order and the group loops until its busiest lane is done, so the work is
+// about the real pulse count. The math is the one of kernels.FusedParams (same formulas,
+// same noise hash, float32); transcendental functions are branch-free polynomials so the
+// lane loop vectorizes. Built and loaded at run time by sim_backend/native.py (ctypes).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int L = 8;  // lanes per group: one AVX2 vector of float32 (two SSE/NEON vectors)
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+typedef uint32_t vu __attribute__((vector_size(4 * L)));
+
+enum Family { LINEAR = 0, SQRT = 1, SQUARE = 2, POWER = 3, EXP = 4 };
+enum Source { COUNTS8 = 0, COUNTS32 = 1, BITS = 2 };
+
+inline vf splat(float a) { return vf{} + a; }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf to_f(vi a) { return __builtin_convertvector(a, vf); }
+inline vf to_f(vu a) { return __builtin_convertvector(a, vf); }
+inline bool any(vi m) {
+#if defined(__AVX__)
+  typedef long long v4di __attribute__((vector_size(32)));
+  return !__builtin_ia32_ptestz256((v4di)m, (v4di)m);
+#endif
+  int32_t lanes[L];
+  std::memcpy(lanes, &m, sizeof(m));
+  int32_t r = 0;
+  for (int k = 0; k < L; ++k) r |= lanes[k];
+  return r != 0;
+}
+
+inline vi gather(const int32_t* p, vi idx) {
+#if defined(__AVX2__)
+  return __builtin_ia32_gathersiv8si(vi{}, p, idx, vi{} - 1, 4);
+#else
+  vi r;
+  for (int k = 0; k < L; ++k) r[k] = p[idx[k]];
+  return r;
+#endif
+}
+
+inline vf vsqrt(vf v) {
+#if defined(__AVX__)
+  return __builtin_ia32_sqrtps256(v);
+#else
+  vf r;
+  for (int k = 0; k < L; ++k) r[k] = __builtin_sqrtf(v[k]);
+  return r;
+#endif
+}
+
+inline uint32_t mix(uint32_t x) {  // lowbias32, as kernels._mix
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline vu mix(vu x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+constexpr float LN2 = 0.693147180559945309f;
+constexpr float LOG2E = 1.442695040888963407f;
+constexpr float PI = 3.141592653589793238f;
+
+// log(x) for normal x > 0: x = 2^e m, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s)
+inline vf log_pos(vf x) {
+  vu b = (vu)x;
+  vi e = (vi)(b >> 23) - 127;
+  vf m = (vf)((b & 0x7FFFFFu) | 0x3F800000u);
+  vi big = m > splat(1.41421356f);
+  m = big ? m * 0.5f : m;
+  e -= big;  // big lanes are -1
+  vf s = (m - 1.0f) / (m + 1.0f);
+  vf s2 = s * s;
+  vf p = s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
+  return to_f(e) * LN2 + (2.0f * s + 2.0f * s * p);
+}
+
+// 2^y, 0 below 2^-126
+inline vf exp2_any(vf y) {
+  vf yc = vmin(vmax(y, splat(-126.0f)), splat(127.0f));
+  vi ni = __builtin_convertvector(yc + (yc >= 0.0f ? splat(0.5f) : splat(-0.5f)), vi);
+  vf z = (yc - to_f(ni)) * LN2;  // |z| <= ln2 / 2
+  vf p = 1.0f + z * (1.0f + z * (0.5f + z * (1.0f / 6 + z * (1.0f / 24 + z * (1.0f / 120 +
+         z * (1.0f / 720 + z * (1.0f / 5040)))))));
+  vf scale = (vf)((vu)(ni + 127) << 23);
+  return y < -126.0f ? splat(0.0f) : p * scale;
+}
+
+// expm1(z): Taylor series near 0 (keeps the relative accuracy), 2^(z log2 e) - 1 beyond
+inline vf expm1_any(vf z) {
+  vf t = z * (1.0f + z * (0.5f + z * (1.0f / 6 + z * (1.0f / 24 + z * (1.0f / 120 +
+         z * (1.0f / 720 + z * (1.0f / 5040 + z * (1.0f / 40320 + z * (1.0f / 362880)))))))));
+  vf big = exp2_any(z * LOG2E) - 1.0f;
+  return (z > -0.5f) & (z < 0.5f) ? t : big;
+}
+
+// cos(2 pi u) for u in [0, 1): r = u - round(u), cos(2 pi r) = 1 - 2 sin^2(pi r)
+inline vf cos_2pi(vf u) {
+  vf r = u >= 0.5f ? u - 1.0f : u;
+  vf x = PI * r;  // |x| <= pi / 2
+  vf x2 = x * x;
+  vf s = x * (1.0f + x2 * (-1.0f / 6 + x2 * (1.0f / 120 + x2 * (-1.0f / 5040 + x2 *
+         (1.0f / 362880 + x2 * (-1.0f / 39916800 + x2 * (1.0f / 6227020800.0f)))))));
+  return 1.0f - 2.0f * s * s;
+}
+
+// the standard normal of pulse t of the devices with stream ids h (as kernels.pulse_normal)
+inline vf pulse_normal(vu h, vu t) {
+  vu a = mix(h + t * 0x9E3779B9u);
+  vu b = mix(a ^ 0x5BD1E995u);
+  vf u1 = (to_f((a >> 8) & 0xFFFFFFu) + 1.0f) * (1.0f / 16777216.0f);
+  vf u2 = to_f((b >> 8) & 0xFFFFFFu) * (1.0f / 16777216.0f);
+  return vsqrt(-2.0f * log_pos(u1)) * cos_2pi(u2);
+}
+
+template <int F>
+inline vf response(vf v, vf g, float gamma) {  // h(v) of kernels.FusedParams, v >= 0
+  if constexpr (F == SQRT) return vsqrt(v);
+  if constexpr (F == SQUARE) return v * v;
+  if constexpr (F == EXP) return expm1_any(g * v);
+  if constexpr (F == POWER) {
+    vf lg = log_pos(vmax(v, splat(1e-38f))) * LOG2E;
+    vf r = exp2_any((gamma == gamma ? splat(gamma) : g) * lg);
+    return v > 0.0f ? r : splat(0.0f);
+  }
+  return v;
+}
+
+struct Args {
+  float* w;
+  int64_t numel, rows, cols, batch, words;
+  const void* counts;  // [batch, numel] int8 / int32 (COUNTS8 / COUNTS32)
+  const int32_t* fd;   // BITS: row fire masks [batch, words, rows]; bit 31 of word 0 = minus
+  const int32_t* fx;   // BITS: column fire masks [batch, words, cols]
+  const float *kp, *km, *tmin, *tmax, *g, *c2c;
+  int64_t c2c_stride;  // 0: one c2c for all devices
+  float gamma;         // POWER with one exponent for all devices, else NaN (use g)
+  uint32_t key;
+};
+
+template <int S>
+inline int32_t count(const Args& A, int64_t b, int64_t idx, int64_t r, int64_t c) {
+  if constexpr (S == COUNTS8) return static_cast<const int8_t*>(A.counts)[b * A.numel + idx];
+  if constexpr (S == COUNTS32) return static_cast<const int32_t*>(A.counts)[b * A.numel + idx];
+  const int32_t* fd = A.fd + b * A.words * A.rows + r;
+  const int32_t* fx = A.fx + b * A.words * A.cols + c;
+  int32_t n = 0;
+  for (int64_t k = 0; k < A.words; ++k)
+    n += __builtin_popcount(static_cast<uint32_t>(fd[k * A.rows] & fx[k * A.cols]) & 0x7FFFFFFFu);
+  return (fd[0] ^ fx[0]) < 0 ? -n : n;
+}
+
+// One group of L neighbouring devices in flight: weights, coefficients and, per lane,
+// the current sample bi, its pulses left rem and sign sg, and the pulses applied t.
+struct Group {
+  vf x, kp, km, lo, hi, gg, cc, sg;
+  vi rem, bi;
+  vu t, h;
+  int64_t base;
+  int nl;
+  std::vector<int32_t> loc;  // the group's counts [batch][lane]
+};
+
+template <bool NOISY, int S>
+void load(const Args& A, Group& G, int64_t grp) {
+  const int32_t nb = static_cast<int32_t>(A.batch);
+  G.base = grp * L;
+  G.nl = static_cast<int>(std::min<int64_t>(L, A.numel - G.base));
+  G.gg = G.cc = G.sg = vf{};
+  G.rem = vi{};
+  G.t = G.h = vu{};
+  for (int k = 0; k < L; ++k) {
+    const int64_t i = G.base + std::min(k, G.nl - 1);  // tail lanes mirror the last device
+    G.x[k] = A.w[i];
+    G.kp[k] = A.kp[i];
+    G.km[k] = A.km[i];
+    G.lo[k] = A.tmin[i];
+    G.hi[k] = A.tmax[i];
+    if (A.g) G.gg[k] = A.g[i];
+    if (NOISY) {
+      G.cc[k] = A.c2c[A.c2c_stride * i];
+      G.h[k] = mix(static_cast<uint32_t>(i) ^ A.key);
+    }
+    G.bi[k] = k < G.nl ? -1 : nb - 1;  // tail lanes: through from the start
+    const int64_t r = A.cols ? i / A.cols : 0, c = A.cols ? i % A.cols : 0;
+    for (int32_t b = 0; b < nb; ++b) G.loc[b * L + k] = count<S>(A, b, i, r, c);
+  }
+}
+
+// One step of every lane of G: a lane whose sample is through moves on to the next
+// sample, then each lane with pulses left applies one. False once all lanes are through.
+template <int F, bool NOISY>
+inline bool step(const Args& A, Group& G, vi last, vi lane) {
+  const vi need = (G.rem == 0) & (G.bi < last);
+  if (!any(need | (G.rem > 0))) return false;
+  G.bi -= need;  // need lanes are -1
+  const vi n = gather(G.loc.data(), G.bi * L + lane);
+  G.rem = need ? (n < 0 ? -n : n) : G.rem;
+  G.sg = need ? (n < 0 ? splat(-1.0f) : splat(1.0f)) : G.sg;
+  const vi act = G.rem > 0;
+  const vi pos = G.sg > 0.0f;
+  vf v = vmax(pos ? G.hi - G.x : G.x - G.lo, splat(0.0f));
+  vf dw = (pos ? G.kp : -G.km) * response<F>(v, G.gg, A.gamma);
+  if constexpr (NOISY) dw = dw * (1.0f + G.cc * pulse_normal(G.h, G.t));
+  vf nx = vmin(vmax(G.x + dw, G.lo), G.hi);
+  G.x = act ? nx : G.x;
+  G.t -= (vu)act;  // act lanes are -1
+  G.rem += act;
+  return true;
+}
+
+// devices [g0 * L, g1 * L): per lane, samples 0 .. batch-1 in order, |n_b| pulses each;
+// the noise counter of a device runs over its pulses in this call (0, 1, 2, ...). A lane
+// spends one step per pulse and one idle step per sample without pulses. SLOTS groups
+// are in flight at once (independent dependency chains for the out-of-order core); a
+// slot whose group is through takes the next one.
+template <int F, bool NOISY, int S>
+void run_groups(const Args& A, int64_t g0, int64_t g1) {
+  constexpr int SLOTS = 2;
+  Group G[SLOTS];
+  bool live[SLOTS];
+  const vi last = vi{} + static_cast<int32_t>(A.batch - 1);
+  vi lane;
+  for (int k = 0; k < L; ++k) lane[k] = k;
+  int64_t next = g0;
+  for (int s = 0; s < SLOTS; ++s) {
+    G[s].loc.resize(static_cast<size_t>(A.batch) * L);
+    live[s] = next < g1;
+    if (live[s]) load<NOISY, S>(A, G[s], next++);
+  }
+  for (;;) {
+    bool busy = false;
+    for (int s = 0; s < SLOTS; ++s) {
+      if (!live[s]) continue;
+      if (!step<F, NOISY>(A, G[s], last, lane)) {
+        for (int k = 0; k < G[s].nl; ++k) A.w[G[s].base + k] = G[s].x[k];
+        live[s] = next < g1;
+        if (live[s]) load<NOISY, S>(A, G[s], next++);
+      }
+      busy |= live[s];
+    }
+    if (!busy) break;
+  }
+}
+
+template <int F, bool NOISY, int S>
+void run_parallel(const Args& A, int nthreads) {
+  const int64_t groups = (A.numel + L - 1) / L;
+  constexpr int64_t grab = 64;  // groups per work item: small enough to balance the load
+  if (nthreads <= 1 || groups < 2 * grab) {
+    run_groups<F, NOISY, S>(A, 0, groups);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    for (;;) {
+      const int64_t g0 = next.fetch_add(grab);
+      if (g0 >= groups) return;
+      run_groups<F, NOISY, S>(A, g0, std::min(groups, g0 + grab));
+    }
+  };
+  const int extra = static_cast<int>(std::min<int64_t>(nthreads, groups / grab)) - 1;
+  std::vector<std::thread> pool;
+  pool.reserve(extra);
+  for (int k = 0; k < extra; ++k) pool.emplace_back(work);
+  work();
+  for (auto& th : pool) th.join();
+}
+
+template <int F, bool NOISY>
+int by_source(const Args& A, int source, int nthreads) {
+  switch (source) {
+    case COUNTS8: run_parallel<F, NOISY, COUNTS8>(A, nthreads); return 0;
+    case COUNTS32: run_parallel<F, NOISY, COUNTS32>(A, nthreads); return 0;
+    case BITS: run_parallel<F, NOISY, BITS>(A, nthreads); return 0;
+    default: return 2;
+  }
+}
+
+template <int F>
+int by_noise(const Args& A, int noisy, int source, int nthreads) {
+  return noisy ? by_source<F, true>(A, source, nthreads) : by_source<F, false>(A, source, nthreads);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Apply batch samples of signed pulse counts to w [numel] in place; 0 on success.
+// family: 0 linear, 1 power 0.5, 2 power 2, 3 power (gamma, or per-device g if gamma is
+// NaN), 4 exp; source: 0 int8 counts, 1 int32 counts, 2 fire bit masks (outer update).
+int hil_pulse_trains(float* w, int64_t numel, int64_t rows, int64_t cols, int64_t batch,
+                     int64_t words, int source, const void* counts, const int32_t* fd,
+                     const int32_t* fx, int family, int noisy, const float* kp,
+                     const float* km, const float* tmin, const float* tmax, const float* g,
+                     const float* c2c, int64_t c2c_stride, float gamma, int32_t key,
+                     int nthreads) {
+  if (numel <= 0 || batch <= 0) return 0;
+  Args A{w, numel, rows, cols, batch, words, counts, fd, fx, kp, km, tmin, tmax, g, c2c,
+         c2c_stride, gamma, static_cast<uint32_t>(key)};
+  switch (family) {
+    case LINEAR: return by_noise<LINEAR>(A, noisy, source, nthreads);
+    case SQRT: return by_noise<SQRT>(A, noisy, source, nthreads);
+    case SQUARE: return by_noise<SQUARE>(A, noisy, source, nthreads);
+    case POWER: return by_noise<POWER>(A, noisy, source, nthreads);
+    case EXP: return by_noise<EXP>(A, noisy, source, nthreads);
+    default: return 1;
+  }
+}
+
+// The normal of pulse t of stream h, for tests against kernels.pulse_normal.
+float hil_pulse_normal(int32_t h, int32_t t) {
+  return pulse_normal(vu{} + static_cast<uint32_t>(h), vu{} + static_cast<uint32_t>(t))[0];
+}
+
+}  // extern "C"

@@ -1,0 +1,132 @@
+"""The native CPU kernel (sim_backend/native) against the torch kernels: same normals, same
+pulses, same outer updates (to float rounding), packed fire masks equal to the counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hil
+import sim_backend.emulator as em
+from sim_backend import native
+from sim_backend.kernels import pulse_normal
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernel unavailable: {native.unavailable_reason()}")
+
+MODELS = [("linear", ""), ("power", "&gamma=0.5"), ("power", "&gamma=2"),
+          ("power", "&gamma=1.7"), ("exp", "&gamma=1")]
+
+
+def url(model: str, extra: str, c2c: float, engine: str = "native") -> str:
+    return (f"sim://?model={model}{extra}&tau=0.6&dw_min=2e-3&d2d=0.2&asym=0.1&stuck=0.05"
+            f"&c2c={c2c}&engine={engine}&seed=4")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_native_normals_match_the_torch_counter_normals():
+    g = gen(1)
+    h = torch.randint(-(2**31), 2**31 - 1, (2000,), generator=g).to(torch.int32)
+    t = torch.randint(0, 5000, (2000,), generator=g, dtype=torch.int32)
+    ours = torch.tensor([native.pulse_normal(int(a), int(b)) for a, b in zip(h, t, strict=True)])
+    ref = pulse_normal(h, t)
+    assert float((ours - ref).abs().max()) < 5e-6
+    assert abs(float(ours.mean())) < 0.1 and float(ours.std()) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("model,extra", MODELS)
+@pytest.mark.parametrize("c2c", [0.0, 0.3])
+def test_native_pulses_match_eager(model, extra, c2c):
+    """tile.pulse: pulse k of a device draws counter k in both, so the results agree to
+    rounding (bit for bit for the linear response without noise)."""
+    n = torch.randint(-30, 31, (40, 56), generator=gen(2), dtype=torch.int32)
+    out = {}
+    for engine in ("native", "eager"):
+        with hil.open_backend(url(model, extra, c2c, engine)) as be:
+            tile = be.allocate("t", 40, 56)
+            w0 = tile.read()
+            tile.pulse(n)
+            out[engine] = tile.read()
+    moved = float((out["eager"] - w0).abs().max())
+    assert moved > 0.02
+    diff = float((out["native"] - out["eager"]).abs().max())
+    if model == "linear" and c2c == 0:
+        assert diff == 0.0
+    assert diff < 1e-6
+
+
+@pytest.mark.parametrize("model,extra", MODELS)
+@pytest.mark.parametrize("c2c", [0.0, 0.3])
+def test_native_outer_update_matches_eager(model, extra, c2c):
+    """outer_update: packed fire masks on the native path, counts and the device-major torch
+    kernel on the eager one; same draws and noise counters, so the same weights."""
+    g = gen(3)
+    x, d = torch.rand(7, 56, generator=g) * 2 - 1, torch.rand(7, 40, generator=g) * 2 - 1
+    out = {}
+    for engine in ("native", "eager"):
+        with hil.open_backend(url(model, extra, c2c, engine)) as be:
+            tile = be.allocate("t", 40, 56)
+            w0 = tile.read()
+            tile.outer_update(x, d, 0.05)
+            tile.outer_update(-x, d, 0.02)
+            out[engine] = tile.read()
+    assert float((out["eager"] - w0).abs().max()) > 0.01
+    assert float((out["native"] - out["eager"]).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("train_length", [31, 40, 93])
+def test_packed_fire_masks_count_like_the_counts(train_length):
+    """popcount(rows & cols) with the sign bits gives pulse_train_counts' counts, also for
+    trains longer than one 31-slot word."""
+    g = gen(4)
+    x, d = torch.rand(5, 33, generator=g) * 2 - 1, torch.rand(5, 17, generator=g) * 2 - 1
+    x[0, :3] = 0.0
+    counts = em.pulse_train_counts(x, d, -0.3, 1e-3, train_length, gen(9))
+    fd, fx = em.pulse_train_bits(x, d, -0.3, 1e-3, train_length, gen(9))
+    assert fd.shape == (5, -(-train_length // 31), 17) and fx.dtype == torch.int32
+    both = fd.unsqueeze(3) & fx.unsqueeze(2)  # [B, words, rows, cols]
+    pop = sum(((both >> k) & 1) for k in range(31)).sum(1)
+    sign = torch.where((fd[:, 0].unsqueeze(2) ^ fx[:, 0].unsqueeze(1)) < 0, -1, 1)
+    assert torch.equal((pop * sign).to(torch.int32), counts)
+    assert int(counts.abs().max()) > 3
+
+
+def test_native_pulse_trains_equal_device_major_torch_kernel_with_noise():
+    """apply_pulse_trains on counts: the native kernel and the torch device-major kernel
+    number a device's noise counters by its pulses, so even noisy results agree."""
+    counts = torch.randint(-9, 10, (6, 24, 24), generator=gen(5)).to(torch.int8)
+    out = {}
+    for engine, method in (("native", "auto"), ("eager", "device")):
+        with hil.open_backend(url("power", "&gamma=0.5", 0.4, engine)) as be:
+            t = be.allocate("t", 24, 24)
+            em.apply_pulse_trains(t.w, counts, t.devices, t.gen, engine=engine, method=method)
+            out[engine] = t.read()
+    assert float((out["native"] - out["eager"]).abs().max()) < 1e-6
+
+
+def test_engine_native_without_the_kernel_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_failed", "no C++ compiler (test)")
+    with hil.open_backend(url("linear", "", 0.0)) as be:
+        tile = be.allocate("t", 4, 4)
+        with pytest.raises(hil.errors.BackendError, match="engine=native.*no C\\+\\+ compiler"):
+            tile.pulse(torch.ones(4, 4, dtype=torch.int32))
+    with hil.open_backend(url("linear", "", 0.0, "auto")) as be:  # auto: torch kernels
+        tile = be.allocate("t", 4, 4)
+        w0 = tile.read()
+        tile.pulse(torch.ones(4, 4, dtype=torch.int32))
+        assert bool((tile.read() > w0).any())
+
+
+def test_the_library_is_built_into_the_cache_once(tmp_path, monkeypatch):
+    """A fresh cache directory gets one compiled library; loading again reuses it."""
+    monkeypatch.setenv("HIL_CACHE_DIR", str(tmp_path))
+    lib = native._load()
+    built = list((tmp_path / "native").glob("pulses-*.so"))
+    assert len(built) == 1 and lib.hil_pulse_trains is not None
+    mtime = built[0].stat().st_mtime_ns
+    native._load()
+    assert built[0].stat().st_mtime_ns == mtime
