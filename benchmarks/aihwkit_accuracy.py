@@ -44,6 +44,11 @@ DEVICES = {
     "power gamma=0.5": DeviceSpec("power", gamma=0.5),
 }
 LABELS = {"sgd": "Analog SGD", "tt": "Tiki-Taka"}
+TRANSFER_READS = {  # Tiki-Taka's read of P: (aihwkit transfer_forward, sim:// read_noise)
+    "as-mapped": ("periphery", 0.0),  # vs_aihwkit: one-hot MVM there, exact tile.read() here
+    "exact": ("perfect", 0.0),  # both exact
+    "noisy": ("periphery", 0.06),  # both add the periphery's output noise 0.06
+}
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
@@ -59,6 +64,7 @@ class Setting:
     act: str = "sigmoid"
     c2c: float = 0.0
     train_limit: int = 0  # 0: all 1438 training images
+    transfer_read: str = "as-mapped"  # how Tiki-Taka reads P; see TRANSFER_READS
 
 
 def initial_weights(seed: int, tau: float) -> list[torch.Tensor]:
@@ -74,7 +80,8 @@ StepFn = Callable[[float], None]  # one update with the lr scaled by the argumen
 def build_here(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting, seed: int
                ) -> tuple[FCN, StepFn, Callable[[], None]]:
     """The FCN over hil.layers.AnalogLinear on sim://, updated by outer_update."""
-    backend = hil.open_backend(spec.sim_url(seed=seed))
+    noise = TRANSFER_READS[s.transfer_read][1]
+    backend = hil.open_backend(spec.sim_url(seed=seed) + (f"&read_noise={noise}" if noise else ""))
     layers = [our_layer(backend, spec, METHODS[key], o, i, s.lr, f"fc{k}", seed=seed, init=w)
               for k, ((i, o), w) in enumerate(zip(SIZES, inits, strict=True))]
 
@@ -92,6 +99,10 @@ def build_peer(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting
 
     torch.manual_seed(seed)
     cfg = peer_rpu_config(spec, METHODS[key])
+    if key != "sgd" and TRANSFER_READS[s.transfer_read][0] == "perfect":
+        from aihwkit.simulator.configs import IOParameters
+
+        cfg.device.transfer_forward = IOParameters(is_perfect=True)
     layers = [PeerLinear(i, o, bias=False, rpu_config=cfg) for i, o in SIZES]
     for layer, w in zip(layers, inits, strict=True):
         layer.set_weights(w)  # TransferCompound: W gets w, P stays 0 (as here)
@@ -187,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--act", default="sigmoid", choices=sorted(ACTS))
     ap.add_argument("--c2c", type=float, default=0.0, help="c2c here = dw_min_std there")
+    ap.add_argument("--transfer-read", default="as-mapped", choices=list(TRANSFER_READS),
+                    help="Tiki-Taka's read of P: as-mapped (aihwkit through its periphery, "
+                    "sim exact), exact (both), noisy (both with output noise 0.06)")
     ap.add_argument("--train-limit", type=int, default=0, help="first N training images only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None,
@@ -206,13 +220,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     s = Setting(epochs=args.epochs, lr=args.lr, act=args.act, c2c=args.c2c,
-                train_limit=args.train_limit)
+                train_limit=args.train_limit, transfer_read=args.transfer_read)
     data = load_digits(test_fraction=0.2, seed=0)
     seeds = list(range(args.seeds))
     runs: dict[str, dict] = {}
     if args.out is not None and args.out.exists():
         old = json.loads(args.out.read_text())
-        if old.get("setting") == asdict(s):
+        if {**asdict(Setting()), **old.get("setting", {})} == asdict(s):
             runs = old["runs"]
     jobs = [(k, d, seed, side) for seed in seeds for k in keys for d in devices
             for side in ("here", "aihwkit") if run_key(k, d, seed, side) not in runs]
