@@ -12,7 +12,7 @@ from hil.errors import BackendError
 from sim_backend import native
 from sim_backend.config import SimConfig
 from sim_backend.devices import DeviceArray, sample_devices, tile_generator
-from sim_backend.kernels import Variant, device_hash, get_kernel, pulse_normal
+from sim_backend.kernels import Variant, device_hash, get_kernel, hash_uniform, pulse_normal
 
 PopulationFactory = Callable[[str, int, int, torch.Generator], DeviceArray]
 COMPILE_MIN_DEVICES = 262144  # engine=auto compiles kernels of tiles this large (512x512) and up
@@ -88,7 +88,7 @@ class SimTile(Tile):
         fp = self.devices.fused()
         if fp is not None and _use_native(self.cfg.engine, self.w):
             # no counts tensor: the kernel counts coincidences from packed fire masks
-            bits = pulse_train_bits(x, d, lr, self.dw_min, bl, self.gen)
+            bits = pulse_train_bits(x, d, lr, self.dw_min, bl, self.gen, use_native=True)
             noisy, key = _noise_key(self.devices, self.gen)
             native.pulse_trains(self.w.view(-1), fp, key, noisy, bits=bits, shape=self.shape)
             return
@@ -98,11 +98,12 @@ class SimTile(Tile):
         apply_pulse_trains(self.w, counts, self.devices, self.gen, engine=self.cfg.engine)
 
 
-def _fire_masks(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
-                train_length: int, gen: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stochastic row/column pulse trains: (fx [B, bl, cols], fd [B, bl, rows]) fire
-    masks and the signs sign(x) [B, cols], sign(lr) sign(d) [B, rows].
+def _fire_probabilities(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
+                        train_length: int, gen: torch.Generator
+                        ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                                   tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per side (columns, rows): the firing probability per slot [B, n], the sign [B, n]
+    and the key of the side's draws (one from the tile generator per call and side).
 
     Column j fires with probability px_j = cx|x_j|, row i with pd_i = cd|d_i| in each
     of ``train_length`` slots; a device pulses where both fire, with sign
@@ -117,10 +118,16 @@ def _fire_masks(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
     k = abs(lr) / (dw_min * bl)
     px = (torch.sqrt(k * dmax / xmax) * xa).clamp(max=1.0)
     pd = (torch.sqrt(k * xmax / dmax) * da).clamp(max=1.0)
-    b = x.shape[0]
-    fx = torch.rand((b, bl, x.shape[1]), generator=gen, device=x.device) < px.unsqueeze(1)
-    fd = torch.rand((b, bl, d.shape[1]), generator=gen, device=d.device) < pd.unsqueeze(1)
-    return fx, fd, torch.sign(x), torch.sign(d) * (1.0 if lr >= 0 else -1.0)
+    kx, kd = _call_key(gen), _call_key(gen)
+    return (px, torch.sign(x), kx), (pd, torch.sign(d) * (1.0 if lr >= 0 else -1.0), kd)
+
+
+def _fire_masks(p: torch.Tensor, key: torch.Tensor, train_length: int) -> torch.Tensor:
+    """Fire masks [B, bl, n]: line j fires in slot t of sample b where
+    hash_uniform(key, (b bl + t) n + j) < p[b, j]."""
+    b, n = p.shape
+    u = hash_uniform(key, b * train_length * n, p.device).view(b, train_length, n)
+    return u < p.unsqueeze(1)
 
 
 def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
@@ -130,9 +137,9 @@ def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: floa
 
     ``dtype`` int8 is exact for train lengths up to 127 and saves memory.
     """
-    fx, fd, sx, sd = _fire_masks(x, d, lr, dw_min, train_length, gen)
-    sx = torch.where(fx, sx.unsqueeze(1), 0.0)
-    sd = torch.where(fd, sd.unsqueeze(1), 0.0)
+    (px, sx, kx), (pd, sd, kd) = _fire_probabilities(x, d, lr, dw_min, train_length, gen)
+    sx = torch.where(_fire_masks(px, kx, train_length), sx.unsqueeze(1), 0.0)
+    sd = torch.where(_fire_masks(pd, kd, train_length), sd.unsqueeze(1), 0.0)
     # sums of at most bl products of 0/+-1: exact integers in float32
     return torch.bmm(sd.transpose(1, 2), sx).to(dtype)
 
@@ -156,14 +163,18 @@ def _pack_bits(fire: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 
 
 def pulse_train_bits(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
-                     train_length: int, gen: torch.Generator
+                     train_length: int, gen: torch.Generator, use_native: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pulse trains of :func:`pulse_train_counts` (same draws) as packed fire masks:
     (rows [B, words, rows], columns [B, words, cols]) int32; the count of device (i, j) in
     sample b is the popcount of rows[b, :, i] & columns[b, :, j] (sign bit excluded),
-    negative where the two sign bits differ. Nothing of size rows x cols is built."""
-    fx, fd, sx, sd = _fire_masks(x, d, lr, dw_min, train_length, gen)
-    return _pack_bits(fd, sd), _pack_bits(fx, sx)
+    negative where the two sign bits differ. Nothing of size rows x cols is built;
+    ``use_native`` draws and packs in the native kernel (CPU), with the same result."""
+    bl = int(train_length)
+    (px, sx, kx), (pd, sd, kd) = _fire_probabilities(x, d, lr, dw_min, bl, gen)
+    if use_native:
+        return native.fire_bits(pd, sd, bl, kd), native.fire_bits(px, sx, bl, kx)
+    return _pack_bits(_fire_masks(pd, kd, bl), sd), _pack_bits(_fire_masks(px, kx, bl), sx)
 
 
 def _is_noisy(dev: DeviceArray) -> bool:

@@ -53,6 +53,15 @@ def pulse_normal(h: Tensor, t: Tensor | int) -> Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
 
 
+def hash_uniform(key: Tensor, numel: int, device: torch.device) -> Tensor:
+    """Uniforms in [0, 1) (24-bit) of the counters 0 .. numel-1 under ``key``: the
+    coincidence pulse trains' draws, the same in the native kernel (no generator state
+    to stream through, so the native kernel draws them in registers)."""
+    idx = torch.arange(numel, dtype=torch.int64, device=device).to(torch.int32)
+    a = _mix(_mix(idx ^ key) + 0x68E31DA4)
+    return ((a >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 16777216.0)
+
+
 @dataclass
 class FusedParams:
     """Per-device coefficients (flat float32 [numel]) of a parametric family.

@@ -86,6 +86,8 @@ def _load() -> ctypes.CDLL:
                                      p, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int32,
                                      i32]
     lib.hil_pulse_trains.restype = i32
+    lib.hil_fire_bits.argtypes = [p, p, i64, i64, i64, ctypes.c_int32, p]
+    lib.hil_fire_bits.restype = None
     lib.hil_pulse_normal.argtypes = [ctypes.c_int32, ctypes.c_int32]
     lib.hil_pulse_normal.restype = ctypes.c_float
     return lib
@@ -177,6 +179,23 @@ def pulse_trains(w: torch.Tensor, fp: FusedParams, key: torch.Tensor, noisy: boo
         _ptr(g), c2c.data_ptr(), 1 if c2c.dim() else 0, gamma, int(key), nthreads)
     if rc != 0:
         raise RuntimeError(f"native pulse kernel failed (code {rc})")
+
+
+def fire_bits(p: torch.Tensor, sign: torch.Tensor, train_length: int, key: torch.Tensor
+              ) -> torch.Tensor:
+    """Packed fire masks [B, ceil(bl / 31), n] int32 of lines firing with probabilities
+    p [B, n] in each of bl slots (draws: kernels.hash_uniform under ``key``; layout:
+    emulator.pulse_train_bits)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native pulse kernel unavailable ({_failed})")
+    p = p.to(torch.float32).contiguous()
+    sign = sign.to(torch.float32).contiguous()
+    b, n = p.shape
+    out = torch.empty((b, -(-train_length // 31), n), dtype=torch.int32)
+    lib.hil_fire_bits(p.data_ptr(), sign.data_ptr(), b, n, train_length, int(key),
+                      out.data_ptr())
+    return out
 
 
 def pulse_normal(h: int, t: int) -> float:

@@ -78,14 +78,15 @@ def test_native_outer_update_matches_eager(model, extra, c2c):
 
 
 @pytest.mark.parametrize("train_length", [31, 40, 93])
-def test_packed_fire_masks_count_like_the_counts(train_length):
+@pytest.mark.parametrize("use_native", [False, True])
+def test_packed_fire_masks_count_like_the_counts(train_length, use_native):
     """popcount(rows & cols) with the sign bits gives pulse_train_counts' counts, also for
-    trains longer than one 31-slot word."""
+    trains longer than one 31-slot word; the native kernel draws and packs the same."""
     g = gen(4)
     x, d = torch.rand(5, 33, generator=g) * 2 - 1, torch.rand(5, 17, generator=g) * 2 - 1
     x[0, :3] = 0.0
     counts = em.pulse_train_counts(x, d, -0.3, 1e-3, train_length, gen(9))
-    fd, fx = em.pulse_train_bits(x, d, -0.3, 1e-3, train_length, gen(9))
+    fd, fx = em.pulse_train_bits(x, d, -0.3, 1e-3, train_length, gen(9), use_native=use_native)
     assert fd.shape == (5, -(-train_length // 31), 17) and fx.dtype == torch.int32
     both = fd.unsqueeze(3) & fx.unsqueeze(2)  # [B, words, rows, cols]
     pop = sum(((both >> k) & 1) for k in range(31)).sum(1)

@@ -161,6 +161,47 @@ struct Args {
   uint32_t key;
 };
 
+inline vu popcount(vu x) {  // per-lane bit count (SWAR: AVX2 has no vector popcount)
+  x = x - ((x >> 1) & 0x55555555u);
+  x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+  x = (x + (x >> 4)) & 0x0F0F0F0Fu;
+  return (x * 0x01010101u) >> 24;
+}
+
+// The signed counts of sample b for the L devices from base on, which lie in one row
+// (BITS) or are all real (COUNTS*): one vector pass, no per-device work.
+template <int S>
+inline vi count_lanes(const Args& A, int64_t b, int64_t base) {
+  if constexpr (S == COUNTS8) {
+    int8_t c[L];
+    std::memcpy(c, static_cast<const int8_t*>(A.counts) + b * A.numel + base, L);
+    vi n;
+    for (int k = 0; k < L; ++k) n[k] = c[k];
+    return n;
+  }
+  if constexpr (S == COUNTS32) {
+    vi n;
+    std::memcpy(&n, static_cast<const int32_t*>(A.counts) + b * A.numel + base, sizeof(n));
+    return n;
+  }
+  const int64_t r = base / A.cols, c0 = base % A.cols;
+  const int32_t* fd = A.fd + b * A.words * A.rows + r;
+  const int32_t* fx = A.fx + b * A.words * A.cols + c0;
+  uint32_t fires = 0;
+  for (int64_t k = 0; k < A.words; ++k) fires |= static_cast<uint32_t>(fd[k * A.rows]);
+  if ((fires & 0x7FFFFFFFu) == 0) return vi{};  // the row does not fire in this sample
+  vu n{};
+  vi x0;
+  for (int64_t k = 0; k < A.words; ++k) {
+    vu xk;
+    std::memcpy(&xk, fx + k * A.cols, sizeof(xk));
+    if (k == 0) x0 = (vi)xk;
+    n += popcount(xk & (static_cast<uint32_t>(fd[k * A.rows]) & 0x7FFFFFFFu));
+  }
+  const vi neg = ((vi{} + fd[0]) ^ x0) < 0;
+  return neg ? -(vi)n : (vi)n;
+}
+
 template <int S>
 inline int32_t count(const Args& A, int64_t b, int64_t idx, int64_t r, int64_t c) {
   if constexpr (S == COUNTS8) return static_cast<const int8_t*>(A.counts)[b * A.numel + idx];
@@ -174,21 +215,51 @@ inline int32_t count(const Args& A, int64_t b, int64_t idx, int64_t r, int64_t c
 }
 
 // One group of L neighbouring devices in flight: weights, coefficients and, per lane,
-// the current sample bi, its pulses left rem and sign sg, and the pulses applied t.
+// its samples with pulses (loc[j][lane], j <= last), the current one bi, its pulses
+// left rem and sign sg, and the pulses applied t.
 struct Group {
   vf x, kp, km, lo, hi, gg, cc, sg;
-  vi rem, bi;
+  vi rem, bi, last;
   vu t, h;
   int64_t base;
   int nl;
-  std::vector<int32_t> loc;  // the group's counts [batch][lane]
+  std::vector<int32_t> loc;  // the lanes' nonzero counts in sample order [batch][lane]
 };
 
+// Load group grp; false (nothing loaded) when none of its devices gets a pulse.
 template <bool NOISY, int S>
-void load(const Args& A, Group& G, int64_t grp) {
+bool load(const Args& A, Group& G, int64_t grp) {
   const int32_t nb = static_cast<int32_t>(A.batch);
   G.base = grp * L;
   G.nl = static_cast<int>(std::min<int64_t>(L, A.numel - G.base));
+  // each lane's nonzero counts, packed in sample order
+  int32_t j[L] = {};
+  const bool whole = G.nl == L && (S != BITS || (A.cols && G.base / A.cols ==
+                                                  (G.base + L - 1) / A.cols));
+  if (whole) {  // a vector per sample
+    for (int32_t b = 0; b < nb; ++b) {
+      const vi n = count_lanes<S>(A, b, G.base);
+      if (!any(n)) continue;
+      for (int k = 0; k < L; ++k)
+        if (n[k] != 0) G.loc[j[k]++ * L + k] = n[k];
+    }
+  } else {  // the tail, or a group across two rows: device by device
+    for (int k = 0; k < G.nl; ++k) {
+      const int64_t i = G.base + k;
+      const int64_t r = A.cols ? i / A.cols : 0, c = A.cols ? i % A.cols : 0;
+      for (int32_t b = 0; b < nb; ++b) {
+        const int32_t n = count<S>(A, b, i, r, c);
+        if (n != 0) G.loc[j[k]++ * L + k] = n;
+      }
+    }
+  }
+  bool pulses = false;
+  for (int k = 0; k < L; ++k) {
+    G.last[k] = j[k] - 1;
+    G.bi[k] = -1;
+    pulses |= j[k] > 0;
+  }
+  if (!pulses) return false;
   G.gg = G.cc = G.sg = vf{};
   G.rem = vi{};
   G.t = G.h = vu{};
@@ -204,20 +275,19 @@ void load(const Args& A, Group& G, int64_t grp) {
       G.cc[k] = A.c2c[A.c2c_stride * i];
       G.h[k] = mix(static_cast<uint32_t>(i) ^ A.key);
     }
-    G.bi[k] = k < G.nl ? -1 : nb - 1;  // tail lanes: through from the start
-    const int64_t r = A.cols ? i / A.cols : 0, c = A.cols ? i % A.cols : 0;
-    for (int32_t b = 0; b < nb; ++b) G.loc[b * L + k] = count<S>(A, b, i, r, c);
   }
+  return true;
 }
 
-// One step of every lane of G: a lane whose sample is through moves on to the next
-// sample, then each lane with pulses left applies one. False once all lanes are through.
+// One step of every lane of G: a lane whose sample is through moves on to its next
+// sample with pulses, then each lane with pulses left applies one. False once all
+// lanes are through.
 template <int F, bool NOISY>
-inline bool step(const Args& A, Group& G, vi last, vi lane) {
-  const vi need = (G.rem == 0) & (G.bi < last);
+inline bool step(const Args& A, Group& G, vi lane) {
+  const vi need = (G.rem == 0) & (G.bi < G.last);
   if (!any(need | (G.rem > 0))) return false;
   G.bi -= need;  // need lanes are -1
-  const vi n = gather(G.loc.data(), G.bi * L + lane);
+  const vi n = gather(G.loc.data(), (G.bi > 0 ? G.bi : vi{}) * L + lane);
   G.rem = need ? (n < 0 ? -n : n) : G.rem;
   G.sg = need ? (n < 0 ? splat(-1.0f) : splat(1.0f)) : G.sg;
   const vi act = G.rem > 0;
@@ -233,32 +303,33 @@ inline bool step(const Args& A, Group& G, vi last, vi lane) {
 }
 
 // devices [g0 * L, g1 * L): per lane, samples 0 .. batch-1 in order, |n_b| pulses each;
-// the noise counter of a device runs over its pulses in this call (0, 1, 2, ...). A lane
-// spends one step per pulse and one idle step per sample without pulses. SLOTS groups
-// are in flight at once (independent dependency chains for the out-of-order core); a
-// slot whose group is through takes the next one.
+// the noise counter of a device runs over its pulses in this call (0, 1, 2, ...). A
+// group takes as many steps as its busiest lane has pulses; groups without pulses are
+// skipped. SLOTS groups are in flight at once (independent dependency chains for the
+// out-of-order core); a slot whose group is through takes the next one.
 template <int F, bool NOISY, int S>
 void run_groups(const Args& A, int64_t g0, int64_t g1) {
   constexpr int SLOTS = 2;
   Group G[SLOTS];
   bool live[SLOTS];
-  const vi last = vi{} + static_cast<int32_t>(A.batch - 1);
   vi lane;
   for (int k = 0; k < L; ++k) lane[k] = k;
   int64_t next = g0;
+  auto refill = [&](int s) {  // the next group with pulses into slot s, if any
+    live[s] = false;
+    while (!live[s] && next < g1) live[s] = load<NOISY, S>(A, G[s], next++);
+  };
   for (int s = 0; s < SLOTS; ++s) {
     G[s].loc.resize(static_cast<size_t>(A.batch) * L);
-    live[s] = next < g1;
-    if (live[s]) load<NOISY, S>(A, G[s], next++);
+    refill(s);
   }
   for (;;) {
     bool busy = false;
     for (int s = 0; s < SLOTS; ++s) {
       if (!live[s]) continue;
-      if (!step<F, NOISY>(A, G[s], last, lane)) {
+      if (!step<F, NOISY>(A, G[s], lane)) {
         for (int k = 0; k < G[s].nl; ++k) A.w[G[s].base + k] = G[s].x[k];
-        live[s] = next < g1;
-        if (live[s]) load<NOISY, S>(A, G[s], next++);
+        refill(s);
       }
       busy |= live[s];
     }
@@ -328,6 +399,41 @@ int hil_pulse_trains(float* w, int64_t numel, int64_t rows, int64_t cols, int64_
     case POWER: return by_noise<POWER>(A, noisy, source, nthreads);
     case EXP: return by_noise<EXP>(A, noisy, source, nthreads);
     default: return 1;
+  }
+}
+
+// Packed fire masks of pulse trains: out[b][k][j] bit t fires slot 31 k + t of line j
+// in sample b when hash_uniform(key, (b * bl + slot) * n + j) < p[b][j] (as
+// kernels.hash_uniform); bit 31 of word 0 is set where sign[b][j] < 0.
+void hil_fire_bits(const float* p, const float* sign, int64_t batch, int64_t n,
+                   int64_t train_length, int32_t key, int32_t* out) {
+  const int64_t words = (train_length + 30) / 31;
+  const uint32_t k0 = static_cast<uint32_t>(key);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j0 = 0; j0 < n; j0 += L) {
+      const int nl = static_cast<int>(std::min<int64_t>(L, n - j0));
+      vf pj{};
+      vu idx0;
+      for (int k = 0; k < L; ++k) {
+        pj[k] = k < nl ? p[b * n + j0 + k] : 0.0f;
+        idx0[k] = static_cast<uint32_t>(b * train_length * n + j0 + k);
+      }
+      for (int64_t w = 0; w < words; ++w) {
+        vu bits{};
+        const int64_t t1 = std::min<int64_t>(31, train_length - 31 * w);
+        for (int64_t t = 0; t < t1; ++t) {
+          const vu idx = idx0 + static_cast<uint32_t>((31 * w + t) * n);
+          const vu a = mix(mix(idx ^ k0) + 0x68E31DA4u);
+          const vf u = to_f((a >> 8) & 0xFFFFFFu) * (1.0f / 16777216.0f);
+          bits |= (vu)(u < pj) & (1u << t);
+        }
+        for (int k = 0; k < nl; ++k) {
+          uint32_t v = bits[k];
+          if (w == 0 && sign[b * n + j0 + k] < 0.0f) v |= 0x80000000u;
+          out[(b * words + w) * n + j0 + k] = static_cast<int32_t>(v);
+        }
+      }
+    }
   }
 }
 
