@@ -82,12 +82,19 @@ class AnalogAlgorithm(ABC):
         return [(self.tiles["W"], 1.0)]
 
     # -- writing ---------------------------------------------------------------------
-    def pulse_delta(self, tile: Tile, delta: torch.Tensor) -> torch.Tensor:
-        """Apply a desired change as stochastically rounded pulse counts; return the counts."""
+    def pulse_delta(self, tile: Tile, delta: torch.Tensor, cols: slice | None = None
+                    ) -> torch.Tensor:
+        """Apply a desired change as stochastically rounded pulse counts; return the counts.
+        With ``cols``, ``delta`` holds those columns only (the others get no pulse)."""
         n = stochastic_round(delta / tile.dw_min, self.gen)
         if self.max_pulses is not None:
             n = n.clamp(-self.max_pulses, self.max_pulses)
-        self.pulse_counts(tile, n)
+        if cols is None:
+            self.pulse_counts(tile, n)
+        else:
+            full = torch.zeros(tile.shape, dtype=torch.int32)
+            full[:, cols] = n
+            self.pulse_counts(tile, full)
         return n
 
     def pulse_counts(self, tile: Tile, n: torch.Tensor) -> None:

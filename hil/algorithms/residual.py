@@ -122,9 +122,7 @@ class ResidualLearning(_TwoTile):
     """
 
     def _transfer(self, cols: slice) -> None:
-        delta = torch.zeros(self.shape)
-        delta[:, cols] = self.transfer_lr * self.read_p()[:, cols]
-        self.pulse_delta(self.tiles["W"], delta)
+        self.pulse_delta(self.tiles["W"], self.transfer_lr * self.read_p()[:, cols], cols=cols)
 
 
 class TikiTaka(ResidualLearning):

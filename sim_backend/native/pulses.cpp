@@ -214,55 +214,95 @@ inline int32_t count(const Args& A, int64_t b, int64_t idx, int64_t r, int64_t c
   return (fd[0] ^ fx[0]) < 0 ? -n : n;
 }
 
-// One group of L neighbouring devices in flight: weights, coefficients and, per lane,
-// its samples with pulses (loc[j][lane], j <= last), the current one bi, its pulses
-// left rem and sign sg, and the pulses applied t.
+// One group of L neighbouring devices in flight. A lane applies its samples' pulses
+// back to back, so at step `it` every lane with total > it applies its pulse number it
+// (its noise counter); the sign of that pulse is bit it % 32 of signs[it / 32][lane]
+// (set: negative). The group is through after tmax = max(total) steps.
 struct Group {
-  vf x, kp, km, lo, hi, gg, cc, sg;
-  vi rem, bi, last;
-  vu t, h;
+  vf x, kp, km, lo, hi, gg, cc;
+  vi total;
+  vu h;
   int64_t base;
-  int nl;
-  std::vector<int32_t> loc;  // the lanes' nonzero counts in sample order [batch][lane]
+  int nl, it, tmax;
+  std::vector<uint32_t> signs;  // sign bits of the lanes' pulse sequences [word][lane]
 };
 
-// Load group grp; false (nothing loaded) when none of its devices gets a pulse.
+// The signed counts of sample b for the lanes of G (tail lanes: 0).
+template <int S>
+inline vi group_counts(const Args& A, const Group& G, int64_t b, bool whole) {
+  if (whole) return count_lanes<S>(A, b, G.base);
+  vi n{};
+  for (int k = 0; k < G.nl; ++k) {
+    const int64_t i = G.base + k;
+    n[k] = count<S>(A, b, i, A.cols ? i / A.cols : 0, A.cols ? i % A.cols : 0);
+  }
+  return n;
+}
+
+// Load group grp; false (nothing loaded) when none of its devices gets a pulse. The
+// lanes' pulse sequences are built with vector ops, sample by sample: |n| sign bits
+// (1 = negative) appended at each lane's own fill position (variable shifts); a lane's
+// completed 32-bit word is stored to signs[word][lane].
 template <bool NOISY, int S>
 bool load(const Args& A, Group& G, int64_t grp) {
-  const int32_t nb = static_cast<int32_t>(A.batch);
   G.base = grp * L;
   G.nl = static_cast<int>(std::min<int64_t>(L, A.numel - G.base));
-  // each lane's nonzero counts, packed in sample order
-  int32_t j[L] = {};
   const bool whole = G.nl == L && (S != BITS || (A.cols && G.base / A.cols ==
                                                   (G.base + L - 1) / A.cols));
-  if (whole) {  // a vector per sample
-    for (int32_t b = 0; b < nb; ++b) {
-      const vi n = count_lanes<S>(A, b, G.base);
-      if (!any(n)) continue;
-      for (int k = 0; k < L; ++k)
-        if (n[k] != 0) G.loc[j[k]++ * L + k] = n[k];
-    }
-  } else {  // the tail, or a group across two rows: device by device
-    for (int k = 0; k < G.nl; ++k) {
-      const int64_t i = G.base + k;
-      const int64_t r = A.cols ? i / A.cols : 0, c = A.cols ? i % A.cols : 0;
-      for (int32_t b = 0; b < nb; ++b) {
-        const int32_t n = count<S>(A, b, i, r, c);
-        if (n != 0) G.loc[j[k]++ * L + k] = n;
+  vu acc{};
+  vi fill{}, word{}, total{};
+  const vi full = vi{} + 32;
+  for (int64_t b = 0; b < A.batch; ++b) {
+    const vi n = group_counts<S>(A, G, b, whole);
+    if (!any(n)) continue;
+    const vi m = n < 0 ? -n : n;
+    total += m;
+    if (any(m > 32)) {  // long runs (pulse() with |n| > 32): one bit at a time
+      for (int k = 0; k < L; ++k) {
+        for (int32_t q = 0; q < m[k]; ++q) {
+          if (n[k] < 0) acc[k] |= 1u << fill[k];
+          if (++fill[k] == 32) {
+            if (static_cast<size_t>((word[k] + 1) * L) > G.signs.size())
+              G.signs.resize(static_cast<size_t>((word[k] + 1) * L) * 2);
+            G.signs[word[k]++ * L + k] = acc[k];
+            acc[k] = 0;
+            fill[k] = 0;
+          }
+        }
       }
+      continue;
+    }
+    // ones = 2^m - 1 where negative (m <= 32), placed at fill; bits past 32 spill over
+    const vu ones = (n < 0) & (m > 0) ? (vu)(m == full ? vi{} - 1 : (vi)(((vu{} + 1u) << (vu)m) - 1u))
+                                      : vu{};
+    acc |= ones << (vu)fill;
+    const vu spill = fill > 0 ? ones >> (vu)(full - fill) : vu{};
+    fill += m;
+    const vi done = fill >= full;
+    if (any(done)) {
+      const int64_t need = (static_cast<int64_t>(*std::max_element(
+          reinterpret_cast<const int32_t*>(&word), reinterpret_cast<const int32_t*>(&word) + L))
+          + 1) * L;
+      if (static_cast<int64_t>(G.signs.size()) < need) G.signs.resize(need * 2);
+      for (int k = 0; k < L; ++k)
+        if (done[k]) G.signs[word[k] * L + k] = acc[k];
+      acc = done ? spill : acc;
+      fill -= done & full;
+      word -= done;  // done lanes are -1
     }
   }
-  bool pulses = false;
-  for (int k = 0; k < L; ++k) {
-    G.last[k] = j[k] - 1;
-    G.bi[k] = -1;
-    pulses |= j[k] > 0;
-  }
-  if (!pulses) return false;
-  G.gg = G.cc = G.sg = vf{};
-  G.rem = vi{};
-  G.t = G.h = vu{};
+  int32_t tmax = 0;
+  for (int k = 0; k < L; ++k) tmax = std::max(tmax, total[k]);
+  if (tmax == 0) return false;
+  const int64_t need = (static_cast<int64_t>(tmax) + 31) / 32 * L;
+  if (static_cast<int64_t>(G.signs.size()) < need) G.signs.resize(need);
+  for (int k = 0; k < L; ++k)  // the lanes' last, partial words
+    if (fill[k] > 0) G.signs[word[k] * L + k] = acc[k];
+  G.total = total;
+  G.it = 0;
+  G.tmax = tmax;
+  G.gg = G.cc = vf{};
+  G.h = vu{};
   for (int k = 0; k < L; ++k) {
     const int64_t i = G.base + std::min(k, G.nl - 1);  // tail lanes mirror the last device
     G.x[k] = A.w[i];
@@ -279,26 +319,21 @@ bool load(const Args& A, Group& G, int64_t grp) {
   return true;
 }
 
-// One step of every lane of G: a lane whose sample is through moves on to its next
-// sample with pulses, then each lane with pulses left applies one. False once all
-// lanes are through.
+// Step `it` of G: every lane with pulses left applies its pulse number it. False once
+// the group is through.
 template <int F, bool NOISY>
-inline bool step(const Args& A, Group& G, vi lane) {
-  const vi need = (G.rem == 0) & (G.bi < G.last);
-  if (!any(need | (G.rem > 0))) return false;
-  G.bi -= need;  // need lanes are -1
-  const vi n = gather(G.loc.data(), (G.bi > 0 ? G.bi : vi{}) * L + lane);
-  G.rem = need ? (n < 0 ? -n : n) : G.rem;
-  G.sg = need ? (n < 0 ? splat(-1.0f) : splat(1.0f)) : G.sg;
-  const vi act = G.rem > 0;
-  const vi pos = G.sg > 0.0f;
+inline bool step(const Args& A, Group& G) {
+  if (G.it >= G.tmax) return false;
+  const uint32_t it = static_cast<uint32_t>(G.it++);
+  const vi act = G.total > static_cast<int32_t>(it);
+  vu word;
+  std::memcpy(&word, G.signs.data() + (it >> 5) * L, sizeof(word));
+  const vi pos = ((word >> (it & 31)) & 1u) == 0u;
   vf v = vmax(pos ? G.hi - G.x : G.x - G.lo, splat(0.0f));
   vf dw = (pos ? G.kp : -G.km) * response<F>(v, G.gg, A.gamma);
-  if constexpr (NOISY) dw = dw * (1.0f + G.cc * pulse_normal(G.h, G.t));
+  if constexpr (NOISY) dw = dw * (1.0f + G.cc * pulse_normal(G.h, vu{} + it));
   vf nx = vmin(vmax(G.x + dw, G.lo), G.hi);
   G.x = act ? nx : G.x;
-  G.t -= (vu)act;  // act lanes are -1
-  G.rem += act;
   return true;
 }
 
@@ -312,22 +347,17 @@ void run_groups(const Args& A, int64_t g0, int64_t g1) {
   constexpr int SLOTS = 2;
   Group G[SLOTS];
   bool live[SLOTS];
-  vi lane;
-  for (int k = 0; k < L; ++k) lane[k] = k;
   int64_t next = g0;
   auto refill = [&](int s) {  // the next group with pulses into slot s, if any
     live[s] = false;
     while (!live[s] && next < g1) live[s] = load<NOISY, S>(A, G[s], next++);
   };
-  for (int s = 0; s < SLOTS; ++s) {
-    G[s].loc.resize(static_cast<size_t>(A.batch) * L);
-    refill(s);
-  }
+  for (int s = 0; s < SLOTS; ++s) refill(s);
   for (;;) {
     bool busy = false;
     for (int s = 0; s < SLOTS; ++s) {
       if (!live[s]) continue;
-      if (!step<F, NOISY>(A, G[s], lane)) {
+      if (!step<F, NOISY>(A, G[s])) {
         for (int k = 0; k < G[s].nl; ++k) A.w[G[s].base + k] = G[s].x[k];
         refill(s);
       }
