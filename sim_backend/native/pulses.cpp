@@ -94,7 +94,8 @@ inline vf log_pos(vf x) {
   e -= big;  // big lanes are -1
   vf s = (m - 1.0f) / (m + 1.0f);
   vf s2 = s * s;
-  vf p = s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
+  const vf s4 = s2 * s2;  // Estrin's scheme: short dependency chains
+  vf p = s2 * ((1.0f / 3 + s2 * (1.0f / 5)) + s4 * (1.0f / 7 + s2 * (1.0f / 9)));
   return to_f(e) * LN2 + (2.0f * s + 2.0f * s * p);
 }
 
@@ -103,8 +104,9 @@ inline vf exp2_any(vf y) {
   vf yc = vmin(vmax(y, splat(-126.0f)), splat(127.0f));
   vi ni = __builtin_convertvector(yc + (yc >= 0.0f ? splat(0.5f) : splat(-0.5f)), vi);
   vf z = (yc - to_f(ni)) * LN2;  // |z| <= ln2 / 2
-  vf p = 1.0f + z * (1.0f + z * (0.5f + z * (1.0f / 6 + z * (1.0f / 24 + z * (1.0f / 120 +
-         z * (1.0f / 720 + z * (1.0f / 5040)))))));
+  const vf z2 = z * z, z4 = z2 * z2;
+  vf p = ((1.0f + z) + z2 * (0.5f + z * (1.0f / 6))) +
+         z4 * ((1.0f / 24 + z * (1.0f / 120)) + z2 * (1.0f / 720 + z * (1.0f / 5040)));
   vf scale = (vf)((vu)(ni + 127) << 23);
   return y < -126.0f ? splat(0.0f) : p * scale;
 }
@@ -122,8 +124,9 @@ inline vf cos_2pi(vf u) {
   vf r = u >= 0.5f ? u - 1.0f : u;
   vf x = PI * r;  // |x| <= pi / 2
   vf x2 = x * x;
-  vf s = x * (1.0f + x2 * (-1.0f / 6 + x2 * (1.0f / 120 + x2 * (-1.0f / 5040 + x2 *
-         (1.0f / 362880 + x2 * (-1.0f / 39916800 + x2 * (1.0f / 6227020800.0f)))))));
+  const vf x4 = x2 * x2, x8 = x4 * x4;
+  vf s = x * (((1.0f + x2 * (-1.0f / 6)) + x4 * (1.0f / 120 + x2 * (-1.0f / 5040))) +
+              x8 * ((1.0f / 362880 + x2 * (-1.0f / 39916800)) + x4 * (1.0f / 6227020800.0f)));
   return 1.0f - 2.0f * s * s;
 }
 
