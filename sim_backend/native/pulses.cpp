@@ -162,6 +162,8 @@ struct Args {
   int64_t c2c_stride;  // 0: one c2c for all devices
   float gamma;         // POWER with one exponent for all devices, else NaN (use g)
   uint32_t key;
+  const uint32_t* colany = nullptr;  // BITS, cols % L == 0: OR of fx over each L columns
+  const uint8_t* live = nullptr;     // with colany: per group, 0 if it has no coincidence
 };
 
 inline vu popcount(vu x) {  // per-lane bit count (SWAR: AVX2 has no vector popcount)
@@ -172,9 +174,10 @@ inline vu popcount(vu x) {  // per-lane bit count (SWAR: AVX2 has no vector popc
 }
 
 // The signed counts of sample b for the L devices from base on, which lie in one row
-// (BITS) or are all real (COUNTS*): one vector pass, no per-device work.
+// r from column c0 on (BITS) or are all real (COUNTS*): one vector pass, no per-device
+// work.
 template <int S>
-inline vi count_lanes(const Args& A, int64_t b, int64_t base) {
+inline vi count_lanes(const Args& A, int64_t b, int64_t base, int64_t r, int64_t c0) {
   if constexpr (S == COUNTS8) {
     int8_t c[L];
     std::memcpy(c, static_cast<const int8_t*>(A.counts) + b * A.numel + base, L);
@@ -187,12 +190,17 @@ inline vi count_lanes(const Args& A, int64_t b, int64_t base) {
     std::memcpy(&n, static_cast<const int32_t*>(A.counts) + b * A.numel + base, sizeof(n));
     return n;
   }
-  const int64_t r = base / A.cols, c0 = base % A.cols;
   const int32_t* fd = A.fd + b * A.words * A.rows + r;
   const int32_t* fx = A.fx + b * A.words * A.cols + c0;
-  uint32_t fires = 0;
-  for (int64_t k = 0; k < A.words; ++k) fires |= static_cast<uint32_t>(fd[k * A.rows]);
-  if ((fires & 0x7FFFFFFFu) == 0) return vi{};  // the row does not fire in this sample
+  uint32_t fires = 0;  // slots in which the row and at least one of the columns fire
+  if (A.colany) {
+    const uint32_t* any_col = A.colany + b * A.words * (A.cols / L) + c0 / L;
+    for (int64_t k = 0; k < A.words; ++k)
+      fires |= static_cast<uint32_t>(fd[k * A.rows]) & any_col[k * (A.cols / L)];
+  } else {
+    for (int64_t k = 0; k < A.words; ++k) fires |= static_cast<uint32_t>(fd[k * A.rows]);
+  }
+  if ((fires & 0x7FFFFFFFu) == 0) return vi{};  // no coincidence in this sample
   vu n{};
   vi x0;
   for (int64_t k = 0; k < A.words; ++k) {
@@ -232,8 +240,9 @@ struct Group {
 
 // The signed counts of sample b for the lanes of G (tail lanes: 0).
 template <int S>
-inline vi group_counts(const Args& A, const Group& G, int64_t b, bool whole) {
-  if (whole) return count_lanes<S>(A, b, G.base);
+inline vi group_counts(const Args& A, const Group& G, int64_t b, bool whole, int64_t r,
+                       int64_t c0) {
+  if (whole) return count_lanes<S>(A, b, G.base, r, c0);
   vi n{};
   for (int k = 0; k < G.nl; ++k) {
     const int64_t i = G.base + k;
@@ -250,13 +259,14 @@ template <bool NOISY, int S>
 bool load(const Args& A, Group& G, int64_t grp) {
   G.base = grp * L;
   G.nl = static_cast<int>(std::min<int64_t>(L, A.numel - G.base));
-  const bool whole = G.nl == L && (S != BITS || (A.cols && G.base / A.cols ==
-                                                  (G.base + L - 1) / A.cols));
+  // the group's first row and column (one division per group, none per sample)
+  const int64_t r0 = A.cols ? G.base / A.cols : 0, c0 = A.cols ? G.base - r0 * A.cols : 0;
+  const bool whole = G.nl == L && (S != BITS || c0 + L <= A.cols);
   vu acc{};
   vi fill{}, word{}, total{};
   const vi full = vi{} + 32;
   for (int64_t b = 0; b < A.batch; ++b) {
-    const vi n = group_counts<S>(A, G, b, whole);
+    const vi n = group_counts<S>(A, G, b, whole, r0, c0);
     if (!any(n)) continue;
     const vi m = n < 0 ? -n : n;
     total += m;
@@ -353,7 +363,10 @@ void run_groups(const Args& A, int64_t g0, int64_t g1) {
   int64_t next = g0;
   auto refill = [&](int s) {  // the next group with pulses into slot s, if any
     live[s] = false;
-    while (!live[s] && next < g1) live[s] = load<NOISY, S>(A, G[s], next++);
+    while (!live[s] && next < g1) {
+      const int64_t grp = next++;
+      if (!A.live || A.live[grp]) live[s] = load<NOISY, S>(A, G[s], grp);
+    }
   };
   for (int s = 0; s < SLOTS; ++s) refill(s);
   for (;;) {
@@ -425,6 +438,28 @@ int hil_pulse_trains(float* w, int64_t numel, int64_t rows, int64_t cols, int64_
   if (numel <= 0 || batch <= 0) return 0;
   Args A{w, numel, rows, cols, batch, words, counts, fd, fx, kp, km, tmin, tmax, g, c2c,
          c2c_stride, gamma, static_cast<uint32_t>(key)};
+  std::vector<uint32_t> colany;
+  std::vector<uint8_t> live;
+  if (source == BITS && cols % L == 0) {  // lets groups skip samples without coincidences
+    const int64_t ncg = cols / L;
+    colany.assign(static_cast<size_t>(batch * words * ncg), 0u);
+    for (int64_t bw = 0; bw < batch * words; ++bw)
+      for (int64_t c = 0; c < cols; ++c)
+        colany[bw * ncg + c / L] |= static_cast<uint32_t>(fx[bw * cols + c]);
+    A.colany = colany.data();
+    // groups (row r, columns L cg ..) with a slot where the row and one column fire
+    live.assign(static_cast<size_t>(rows * ncg), 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      uint8_t* lr = live.data() + r * ncg;
+      for (int64_t bw = 0; bw < batch * words; ++bw) {
+        const uint32_t fr = static_cast<uint32_t>(fd[bw * rows + r]) & 0x7FFFFFFFu;
+        if (fr == 0) continue;
+        const uint32_t* ca = colany.data() + bw * ncg;
+        for (int64_t cg = 0; cg < ncg; ++cg) lr[cg] |= (ca[cg] & fr) != 0;
+      }
+    }
+    A.live = live.data();
+  }
   switch (family) {
     case LINEAR: return by_noise<LINEAR>(A, noisy, source, nthreads);
     case SQRT: return by_noise<SQRT>(A, noisy, source, nthreads);
