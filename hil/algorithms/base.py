@@ -100,6 +100,12 @@ class AnalogAlgorithm(ABC):
     def pulse_counts(self, tile: Tile, n: torch.Tensor) -> None:
         """Apply signed pulse counts, split into commands within the backend's limit."""
         limit = self.backend.capabilities.max_pulses_per_command
+        lo, hi = (int(v) for v in torch.aminmax(n))
+        if lo == 0 and hi == 0:
+            return
+        if -lo <= limit and hi <= limit:  # the usual case: one command, no copy
+            tile.pulse(n if n.dtype == torch.int32 else n.to(torch.int32))
+            return
         rest = n.to(torch.int64)
         while bool(rest.any()):
             part = rest.clamp(-limit, limit)
