@@ -316,6 +316,23 @@ bool load(const Args& A, Group& G, int64_t grp) {
   G.tmax = tmax;
   G.gg = G.cc = vf{};
   G.h = vu{};
+  if (G.nl == L) {  // vector loads
+    const size_t bytes = sizeof(vf);
+    std::memcpy(&G.x, A.w + G.base, bytes);
+    std::memcpy(&G.kp, A.kp + G.base, bytes);
+    std::memcpy(&G.km, A.km + G.base, bytes);
+    std::memcpy(&G.lo, A.tmin + G.base, bytes);
+    std::memcpy(&G.hi, A.tmax + G.base, bytes);
+    if (A.g) std::memcpy(&G.gg, A.g + G.base, bytes);
+    if (NOISY) {
+      if (A.c2c_stride) std::memcpy(&G.cc, A.c2c + G.base, bytes);
+      else G.cc = splat(A.c2c[0]);
+      vu idx;
+      for (int k = 0; k < L; ++k) idx[k] = static_cast<uint32_t>(G.base + k);
+      G.h = mix(idx ^ A.key);
+    }
+    return true;
+  }
   for (int k = 0; k < L; ++k) {
     const int64_t i = G.base + std::min(k, G.nl - 1);  // tail lanes mirror the last device
     G.x[k] = A.w[i];
@@ -374,7 +391,8 @@ void run_groups(const Args& A, int64_t g0, int64_t g1) {
     for (int s = 0; s < SLOTS; ++s) {
       if (!live[s]) continue;
       if (!step<F, NOISY>(A, G[s])) {
-        for (int k = 0; k < G[s].nl; ++k) A.w[G[s].base + k] = G[s].x[k];
+        if (G[s].nl == L) std::memcpy(A.w + G[s].base, &G[s].x, sizeof(vf));
+        else for (int k = 0; k < G[s].nl; ++k) A.w[G[s].base + k] = G[s].x[k];
         refill(s);
       }
       busy |= live[s];
