@@ -8,11 +8,12 @@ on both sides, with Analog SGD and Tiki-Taka on devices both simulators implemen
 mapping is benchmarks/vs_aihwkit.py's (docs/aihwkit.md). Needs aihwkit; never in make test:
 
     .peers/venv/bin/python benchmarks/aihwkit_accuracy.py [--epochs 30] [--seeds 3] \\
-        [--out out/aihwkit_accuracy.json]
+        [--act sigmoid|tanh] [--transfer-read as-mapped|exact|noisy] [--out FILE.json]
 
-Prints one markdown row per method and device: test accuracy here, in aihwkit (mean over
-seeds), their difference and its standard error (paired by seed). Exit code 1 when a
-mean difference exceeds 1 point.
+Prints one markdown row per method and device: test accuracy here and in aihwkit after
+the last epoch and over the last 5 (mean +- sd over seeds), their differences +- standard
+error (paired by seed). --out keeps every run's per-epoch curve and lets a rerun resume
+(e.g. with more seeds). Exit code 1 when a final-epoch mean difference exceeds 1 point.
 """
 
 from __future__ import annotations
