@@ -52,7 +52,7 @@ def zero_shift(backend: Backend, cal: Calibration, pairs: int = 200,
                                  dtype=torch.float32)
         # a tolerance below half a step of the coarsest devices would never be met
         dw = np.nanquantile(tc.values["dw_min"], 0.9)
-        res = program(ref, target, tol=float(tol if tol is not None else dw), max_iter=60)
+        res = program(ref, target, tol=float(tol if tol is not None else dw))
         if advance:
             advance(1)
         diffs = []

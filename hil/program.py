@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ def program(
     tile: Tile,
     target: torch.Tensor | float,
     tol: float | None = None,
-    max_iter: int = 100,
+    max_iter: int | None = None,
     max_pulses: int = 64,
     mask: torch.Tensor | None = None,
 ) -> ProgramResult:
@@ -36,12 +37,17 @@ def program(
     Each round reads the tile, converts the remaining error into pulse counts with
     a per-device estimate of the step size (learned from the previous round, so
     devices whose response is smaller or larger than nominal are not under- or
-    over-driven), and pulses only the devices still outside ``tol``.
+    over-driven), and pulses only the devices still outside ``tol``. ``max_iter``
+    None: 100 rounds plus twice the rounds of ``max_pulses`` nominal steps the largest
+    distance needs (a fixed cap stops short when the distance is many dw_min).
     """
     tol = tile.dw_min if tol is None else float(tol)
     w = tile.read()
     target_t = torch.as_tensor(target, dtype=w.dtype, device=w.device).expand_as(w)
     active_mask = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(w.device)
+    if max_iter is None:
+        far = float(((target_t - w).abs() * active_mask).max()) if w.numel() else 0.0
+        max_iter = 100 + 2 * math.ceil(far / (tile.dw_min * max_pulses))
     step = torch.full_like(w, tile.dw_min)  # per-device step estimate (weight per pulse)
     total = 0
     it = 0

@@ -145,7 +145,7 @@ class AnalogAlgorithm(ABC):
 
     # -- initialization --------------------------------------------------------------
     def program_weights(self, w0: torch.Tensor, tol: float | None = None,
-                        max_iter: int = 60) -> float:
+                        max_iter: int | None = None) -> float:
         """Write-verify W to ``w0`` (e.g. a layer's initial weights); return fraction converged."""
         target = w0.detach().to(torch.float32).reshape(self.shape)
         return program(self.tiles["W"], target, tol=tol, max_iter=max_iter).fraction_converged

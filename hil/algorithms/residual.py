@@ -70,7 +70,7 @@ class _TwoTile(AnalogAlgorithm):
         for _ in range(cycles):  # alternating pulses settle each device at its symmetric point
             p.pulse(up)
             p.pulse(-up)
-        program(ref, p.read().detach().to("cpu", torch.float32), max_iter=100)
+        program(ref, p.read().detach().to("cpu", torch.float32))
 
     def read_p(self) -> torch.Tensor:
         """P as the algorithm sees it (minus the reference tile when zero-shifting)."""
