@@ -251,6 +251,44 @@ inline vi group_counts(const Args& A, const Group& G, int64_t b, bool whole, int
   return n;
 }
 
+// The group's weights, coefficients and noise stream ids; its step counter to 0.
+template <bool NOISY>
+void load_devices(const Args& A, Group& G) {
+  G.it = 0;
+  G.gg = G.cc = vf{};
+  G.h = vu{};
+  if (G.nl == L) {  // vector loads
+    const size_t bytes = sizeof(vf);
+    std::memcpy(&G.x, A.w + G.base, bytes);
+    std::memcpy(&G.kp, A.kp + G.base, bytes);
+    std::memcpy(&G.km, A.km + G.base, bytes);
+    std::memcpy(&G.lo, A.tmin + G.base, bytes);
+    std::memcpy(&G.hi, A.tmax + G.base, bytes);
+    if (A.g) std::memcpy(&G.gg, A.g + G.base, bytes);
+    if (NOISY) {
+      if (A.c2c_stride) std::memcpy(&G.cc, A.c2c + G.base, bytes);
+      else G.cc = splat(A.c2c[0]);
+      vu idx;
+      for (int k = 0; k < L; ++k) idx[k] = static_cast<uint32_t>(G.base + k);
+      G.h = mix(idx ^ A.key);
+    }
+    return;
+  }
+  for (int k = 0; k < L; ++k) {
+    const int64_t i = G.base + std::min(k, G.nl - 1);  // tail lanes mirror the last device
+    G.x[k] = A.w[i];
+    G.kp[k] = A.kp[i];
+    G.km[k] = A.km[i];
+    G.lo[k] = A.tmin[i];
+    G.hi[k] = A.tmax[i];
+    if (A.g) G.gg[k] = A.g[i];
+    if (NOISY) {
+      G.cc[k] = A.c2c[A.c2c_stride * i];
+      G.h[k] = mix(static_cast<uint32_t>(i) ^ A.key);
+    }
+  }
+}
+
 // Load group grp; false (nothing loaded) when none of its devices gets a pulse. The
 // lanes' pulse sequences are built with vector ops, sample by sample: |n| sign bits
 // (1 = negative) appended at each lane's own fill position (variable shifts); a lane's
@@ -262,6 +300,20 @@ bool load(const Args& A, Group& G, int64_t grp) {
   // the group's first row and column (one division per group, none per sample)
   const int64_t r0 = A.cols ? G.base / A.cols : 0, c0 = A.cols ? G.base - r0 * A.cols : 0;
   const bool whole = G.nl == L && (S != BITS || c0 + L <= A.cols);
+  if (A.batch == 1) {  // pulse(): one sample, every pulse of a lane has one sign
+    const vi n = group_counts<S>(A, G, 0, whole, r0, c0);
+    if (!any(n)) return false;
+    G.total = n < 0 ? -n : n;
+    int32_t tmax = 0;
+    for (int k = 0; k < L; ++k) tmax = std::max(tmax, G.total[k]);
+    const int64_t words = (static_cast<int64_t>(tmax) + 31) / 32;
+    if (static_cast<int64_t>(G.signs.size()) < words * L) G.signs.resize(words * L);
+    const vu neg = (vu)(n < 0);
+    for (int64_t w = 0; w < words; ++w) std::memcpy(G.signs.data() + w * L, &neg, sizeof(neg));
+    G.tmax = tmax;
+    load_devices<NOISY>(A, G);
+    return true;
+  }
   vu acc{};
   vi fill{}, word{}, total{};
   const vi full = vi{} + 32;
@@ -312,40 +364,8 @@ bool load(const Args& A, Group& G, int64_t grp) {
   for (int k = 0; k < L; ++k)  // the lanes' last, partial words
     if (fill[k] > 0) G.signs[word[k] * L + k] = acc[k];
   G.total = total;
-  G.it = 0;
   G.tmax = tmax;
-  G.gg = G.cc = vf{};
-  G.h = vu{};
-  if (G.nl == L) {  // vector loads
-    const size_t bytes = sizeof(vf);
-    std::memcpy(&G.x, A.w + G.base, bytes);
-    std::memcpy(&G.kp, A.kp + G.base, bytes);
-    std::memcpy(&G.km, A.km + G.base, bytes);
-    std::memcpy(&G.lo, A.tmin + G.base, bytes);
-    std::memcpy(&G.hi, A.tmax + G.base, bytes);
-    if (A.g) std::memcpy(&G.gg, A.g + G.base, bytes);
-    if (NOISY) {
-      if (A.c2c_stride) std::memcpy(&G.cc, A.c2c + G.base, bytes);
-      else G.cc = splat(A.c2c[0]);
-      vu idx;
-      for (int k = 0; k < L; ++k) idx[k] = static_cast<uint32_t>(G.base + k);
-      G.h = mix(idx ^ A.key);
-    }
-    return true;
-  }
-  for (int k = 0; k < L; ++k) {
-    const int64_t i = G.base + std::min(k, G.nl - 1);  // tail lanes mirror the last device
-    G.x[k] = A.w[i];
-    G.kp[k] = A.kp[i];
-    G.km[k] = A.km[i];
-    G.lo[k] = A.tmin[i];
-    G.hi[k] = A.tmax[i];
-    if (A.g) G.gg[k] = A.g[i];
-    if (NOISY) {
-      G.cc[k] = A.c2c[A.c2c_stride * i];
-      G.h[k] = mix(static_cast<uint32_t>(i) ^ A.key);
-    }
-  }
+  load_devices<NOISY>(A, G);
   return true;
 }
 
