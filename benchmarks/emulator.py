@@ -139,8 +139,9 @@ def main() -> None:
                         help="comma-separated response families to measure")
     parser.add_argument("--methods", action="store_true",
                         help="only compare outer_update's kernels on the same counts")
-    parser.add_argument("--engine", choices=("native", "compiled", "eager"), default="native",
-                        help="sim:// engine to measure (native: the C++ kernel, CPU only)")
+    parser.add_argument("--engine", choices=("auto", "native", "compiled", "eager"),
+                        default="auto", help="sim:// engine to measure (native: the C++ "
+                        "kernel, CPU only; auto: what a default URL takes)")
     parser.add_argument("--device", default="cpu", help="torch device of the tiles (--methods)")
     args = parser.parse_args()
     models = args.models.split(",")
@@ -166,7 +167,7 @@ def main() -> None:
     for model in models:
         for c2c in (0.0, 0.1):
             print(bench_outer(model, c2c, repeats, args.engine), flush=True)
-    if args.engine != "eager":
+    if args.engine not in ("eager", "auto"):
         for model in models:
             print(agreement(model, args.engine), flush=True)
 

@@ -17,6 +17,9 @@ from sim_backend.kernels import Variant, device_hash, get_kernel, hash_uniform, 
 PopulationFactory = Callable[[str, int, int, torch.Generator], DeviceArray]
 COMPILE_MIN_DEVICES = 262144  # engine=auto compiles kernels of tiles this large (512x512) and up
 PULSE_UNROLL = 8  # pulses per fused pass when |n| > 1
+SINGLE_PASS_PULSES = 1  # engine=auto: pulse() calls with |n| up to this on tiles from
+# COMPILE_MIN_DEVICES on take the compiled torch kernel (one pass at the memory roofline;
+# measured 26% of it for the native kernel, whose per-group set-up dominates there)
 TRAIN_UNROLL = 4  # pulses per sample per fused pass of the device-major outer_update
 SAMPLE_UNROLLS = (1, 2, 4, 8, 16, 24, 32)  # compiled unroll buckets of the sample-major one
 NOISY_MAX_UNROLL = 8  # largest unroll bucket of noisy sample kernels
@@ -236,9 +239,10 @@ def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.
     dw_min * q_s(w) * (1 + c2c * xi), clipped to the bounds, where xi is the
     counter-based normal of (call, device, k): one per pulse applied, none drawn for
     idle devices. Returns the new weights (written into ``out`` when given, which may
-    be ``w`` itself). ``engine``: 'auto' (compiled kernels from COMPILE_MIN_DEVICES
-    devices on), 'compiled' or 'eager'; responses other than linear/power/exp always
-    take the eager generic loop.
+    be ``w`` itself). ``engine``: 'auto' (the native kernel on CPU, except single-pass
+    calls on large tiles, see SINGLE_PASS_PULSES; else compiled kernels from
+    COMPILE_MIN_DEVICES devices on), 'native', 'compiled' or 'eager'; responses other
+    than linear/power/exp always take the eager generic loop.
     """
     if n.numel():
         lo, hi = torch.aminmax(n)  # one read pass, no temporary |n|
@@ -252,7 +256,8 @@ def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.
     fp = dev.fused()
     if fp is None:
         _generic_pulses(res, n, n.abs(), kmax, dev, noisy, key)
-    elif _use_native(engine, res):
+    elif _use_native(engine, res) and not (engine == "auto" and kmax <= SINGLE_PASS_PULSES
+                                           and _use_compiled(engine, res.numel())):
         native.pulse_trains(res.view(-1), fp, key, noisy, counts=n.reshape(1, -1))
     else:
         compiled = _use_compiled(engine, res.numel())
