@@ -32,7 +32,9 @@ NATIVE_FLAGS = ["-march=native"]  # dropped if the compiler rejects it
 FAMILY_CODE = {"linear": 0, "exp": 4}
 SOURCE_CODE = {torch.int8: 0, torch.int32: 1}
 BITS_SOURCE = 2
-MIN_THREADED = 16384  # devices below which one thread does the work (thread start ~50 us)
+MIN_THREADED = 1 << 22  # device-samples (numel x batch) below which one thread does the
+# work: threads start per call and compete with torch's spinning OpenMP workers (the
+# paper's FCN step, 784x256 at batch 10, ran 5-7 ms single against 8-9 ms threaded)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -172,7 +174,7 @@ def pulse_trains(w: torch.Tensor, fp: FusedParams, key: torch.Tensor, noisy: boo
         cnt = cnt.reshape(-1, numel).contiguous()
         rows, cols = shape if shape is not None else (1, numel)
         batch, words, source, fd, fx = cnt.shape[0], 0, SOURCE_CODE[cnt.dtype], None, None
-    nthreads = torch.get_num_threads() if numel >= MIN_THREADED else 1
+    nthreads = torch.get_num_threads() if numel * batch >= MIN_THREADED else 1
     rc = lib.hil_pulse_trains(
         w.data_ptr(), numel, rows, cols, batch, words, source, _ptr(cnt), _ptr(fd), _ptr(fx),
         family, int(noisy), kp.data_ptr(), km.data_ptr(), tmin.data_ptr(), tmax.data_ptr(),
