@@ -62,16 +62,8 @@ inline vf vsqrt(vf v) {
 #endif
 }
 
-inline uint32_t mix(uint32_t x) {  // lowbias32, as kernels._mix
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
-
-inline vu mix(vu x) {
+template <class U>  // uint32_t or vu
+inline U mix(U x) {  // lowbias32, as kernels._mix
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
