@@ -14,38 +14,30 @@ outer_update's kernels (compiled sample- and device-major, native) on the same c
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 import hil
 from sim_backend.emulator import apply_pulse_trains, pulse_train_counts
 
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # noqa: E402
 
 
 def copy_bandwidth(numel: int, repeats: int) -> float:
     """Bytes/s of dst.copy_(src) on float32 tensors larger than the caches (read + write)."""
     src, dst = torch.randn(numel), torch.empty(numel)
-    return 2 * 4 * numel / best_time(lambda: dst.copy_(src), repeats)
+    return 2 * 4 * numel / median_time(lambda: dst.copy_(src), repeats)
 
 
 def randn_rate(numel: int, repeats: int) -> float:
     """Standard normals per second of torch.randn into a preallocated tensor."""
     out = torch.empty(numel)
     gen = torch.Generator().manual_seed(0)
-    return numel / best_time(lambda: torch.randn(numel, generator=gen, out=out), repeats)
+    return numel / median_time(lambda: torch.randn(numel, generator=gen, out=out), repeats)
 
 
 def bench_pulse(model: str, nmax: int, c2c: float, side: int, bw: float, rate: float,
@@ -59,7 +51,7 @@ def bench_pulse(model: str, nmax: int, c2c: float, side: int, bw: float, rate: f
         t_compile = time.perf_counter()
         tile.pulse(n)  # compiles the kernels (cached on disk for later runs)
         t_compile = time.perf_counter() - t_compile
-        t = best_time(lambda: tile.pulse(n), repeats)
+        t = median_time(lambda: tile.pulse(n), repeats)
         fp = tile.devices.fused()
         numel = side * side
         line = (f"pulse {model:6s} |n|<={nmax:<2d} c2c={c2c:<4} {pulses / t / 1e6:8.1f} M "
@@ -89,7 +81,7 @@ def bench_outer(model: str, c2c: float, repeats: int, engine: str) -> str:
         t_compile = time.perf_counter()
         tile.outer_update(x, d, 0.01)
         t_compile = time.perf_counter() - t_compile
-        t = best_time(lambda: tile.outer_update(x, d, 0.01), repeats)
+        t = median_time(lambda: tile.outer_update(x, d, 0.01), repeats)
         return (f"outer_update {model:6s} c2c={c2c:<4} 512x512 batch 32 train 31: "
                 f"{t * 1e3:7.1f} ms/call, {pulses / 1e6:4.1f} M pulses/call, "
                 f"{pulses / t / 1e6:7.1f} M pulses/s (first call {t_compile:5.1f} s)")
@@ -108,7 +100,7 @@ def compare_methods(model: str, c2c: float, repeats: int, device: str) -> str:
         runs = [("sample-major", "compiled", "sample"), ("device-major", "compiled", "device")]
         if device == "cpu":
             runs.append(("native", "native", "auto"))
-        t = {label: best_time(lambda e=e, m=m: apply_pulse_trains(
+        t = {label: median_time(lambda e=e, m=m: apply_pulse_trains(
             tile.w, counts, tile.devices, tile.gen, engine=e, method=m), repeats)
              for label, e, m in runs}
     return (f"apply_pulse_trains {model:6s} c2c={c2c:<4} 512x512 batch 32: "

@@ -15,17 +15,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 import hil
 from hil.algorithms import make_algorithm
 from hil.layers import AnalogLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # noqa: E402
 
 PEER_HINT = ("benchmarks/vs_aihwkit.py needs IBM aihwkit: pip install -e .[peers] "
              "(aihwkit 1.2.0 is an sdist only: docs/aihwkit.md says how to build it)")
@@ -173,18 +175,6 @@ def our_layer(backend: hil.Backend, spec: DeviceSpec, method: Method, rows: int,
             if tile.name.endswith(".W"):
                 tile.w.copy_(init.clamp(-spec.tau, spec.tau))
     return AnalogLinear(cols, rows, alg, bias=False, io="analog")
-
-
-# -- timing ------------------------------------------------------------------------------
-def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @dataclass
