@@ -147,19 +147,16 @@ def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: floa
     return torch.bmm(sd.transpose(1, 2), sx).to(dtype)
 
 
-BITS_PER_WORD = 31  # slots per int32 fire-mask word; bit 31 of word 0 carries the sign
-
-
 def _pack_bits(fire: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """Pack fire masks [B, bl, n] into int32 words [B, ceil(bl / 31), n] (slot 31 k + t in
     bit t of word k) with bit 31 of word 0 set where sign < 0."""
     b, bl, n = fire.shape
-    words = -(-bl // BITS_PER_WORD)
-    f = torch.nn.functional.pad(fire, (0, 0, 0, words * BITS_PER_WORD - bl))
-    weight = torch.tensor([1 << t for t in range(BITS_PER_WORD)], dtype=torch.int32,
+    per = native.BITS_PER_WORD
+    words = -(-bl // per)
+    f = torch.nn.functional.pad(fire, (0, 0, 0, words * per - bl))
+    weight = torch.tensor([1 << t for t in range(per)], dtype=torch.int32,
                           device=fire.device).view(1, 1, -1, 1)
-    packed = (f.view(b, words, BITS_PER_WORD, n).to(torch.int32) * weight).sum(2,
-                                                                                 dtype=torch.int32)
+    packed = (f.view(b, words, per, n).to(torch.int32) * weight).sum(2, dtype=torch.int32)
     minus = torch.tensor(-(2**31), dtype=torch.int32, device=fire.device)
     packed[:, 0] = torch.where(sign < 0, packed[:, 0] | minus, packed[:, 0])
     return packed.contiguous()
@@ -198,9 +195,13 @@ def _call_key(gen: torch.Generator) -> torch.Tensor:
                          dtype=torch.int64).to(torch.int32)
 
 
-def _use_native(engine: str, w: torch.Tensor) -> bool:
-    """The native kernel runs CPU tiles under engine 'native', and 'auto' where it builds."""
+def _use_native(engine: str, w: torch.Tensor, kmax: int | None = None) -> bool:
+    """The native kernel runs CPU tiles under engine 'native', and 'auto' where it builds,
+    except single-pass pulse() calls (``kmax``) on large tiles (see SINGLE_PASS_PULSES)."""
     if w.device.type != "cpu" or engine not in ("auto", "native"):
+        return False
+    if (engine == "auto" and kmax is not None and kmax <= SINGLE_PASS_PULSES
+            and _use_compiled(engine, w.numel())):
         return False
     if native.available():
         return True
@@ -256,8 +257,7 @@ def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.
     fp = dev.fused()
     if fp is None:
         _generic_pulses(res, n, n.abs(), kmax, dev, noisy, key)
-    elif _use_native(engine, res) and not (engine == "auto" and kmax <= SINGLE_PASS_PULSES
-                                           and _use_compiled(engine, res.numel())):
+    elif _use_native(engine, res, kmax):
         native.pulse_trains(res.view(-1), fp, key, noisy, counts=n.reshape(1, -1))
     else:
         compiled = _use_compiled(engine, res.numel())

@@ -32,6 +32,7 @@ NATIVE_FLAGS = ["-march=native"]  # dropped if the compiler rejects it
 FAMILY_CODE = {"linear": 0, "exp": 4}
 SOURCE_CODE = {torch.int8: 0, torch.int32: 1}
 BITS_SOURCE = 2
+BITS_PER_WORD = 31  # pulse-train slots per int32 fire-mask word; bit 31 of word 0: the sign
 MIN_THREADED = 1 << 22  # device-samples (numel x batch) below which one thread does the
 # work: threads start per call and compete with torch's spinning OpenMP workers (the
 # paper's FCN step, 784x256 at batch 10, ran 5-7 ms single against 8-9 ms threaded)
@@ -125,6 +126,13 @@ def available() -> bool:
     return library() is not None
 
 
+def _require() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native pulse kernel unavailable ({_failed})")
+    return lib
+
+
 def _family(fp: FusedParams) -> tuple[int, float]:
     if fp.family != "power":
         return FAMILY_CODE[fp.family], math.nan
@@ -155,9 +163,7 @@ def pulse_trains(w: torch.Tensor, fp: FusedParams, key: torch.Tensor, noisy: boo
     Sample b's pulses all land before sample b+1's; the noise of a device's p-th pulse
     in this call is kernels.pulse_normal(mix(i ^ key), p).
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native pulse kernel unavailable ({_failed})")
+    lib = _require()
     numel = w.numel()
     assert w.dtype == torch.float32 and w.is_contiguous() and w.device.type == "cpu"
     family, gamma = _family(fp)
@@ -188,13 +194,11 @@ def fire_bits(p: torch.Tensor, sign: torch.Tensor, train_length: int, key: torch
     """Packed fire masks [B, ceil(bl / 31), n] int32 of lines firing with probabilities
     p [B, n] in each of bl slots (draws: kernels.hash_uniform under ``key``; layout:
     emulator.pulse_train_bits)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native pulse kernel unavailable ({_failed})")
+    lib = _require()
     p = p.to(torch.float32).contiguous()
     sign = sign.to(torch.float32).contiguous()
     b, n = p.shape
-    out = torch.empty((b, -(-train_length // 31), n), dtype=torch.int32)
+    out = torch.empty((b, -(-train_length // BITS_PER_WORD), n), dtype=torch.int32)
     lib.hil_fire_bits(p.data_ptr(), sign.data_ptr(), b, n, train_length, int(key),
                       out.data_ptr())
     return out
@@ -202,7 +206,5 @@ def fire_bits(p: torch.Tensor, sign: torch.Tensor, train_length: int, key: torch
 
 def pulse_normal(h: int, t: int) -> float:
     """The native kernel's normal of pulse t of stream h (tests compare it to kernels')."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native pulse kernel unavailable ({_failed})")
+    lib = _require()
     return float(lib.hil_pulse_normal(h, t))
