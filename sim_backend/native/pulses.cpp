@@ -42,16 +42,6 @@ inline bool any(vi m) {
   return r != 0;
 }
 
-inline vi gather(const int32_t* p, vi idx) {
-#if defined(__AVX2__)
-  return __builtin_ia32_gathersiv8si(vi{}, p, idx, vi{} - 1, 4);
-#else
-  vi r;
-  for (int k = 0; k < L; ++k) r[k] = p[idx[k]];
-  return r;
-#endif
-}
-
 inline vf vsqrt(vf v) {
 #if defined(__AVX__)
   return __builtin_ia32_sqrtps256(v);
