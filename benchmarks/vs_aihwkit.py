@@ -25,6 +25,7 @@ import torch
 import hil
 from hil.algorithms import make_algorithm
 from hil.layers import AnalogLinear
+from hil.optim import AnalogOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_time  # noqa: E402
@@ -319,8 +320,8 @@ def bench_fcn(spec: DeviceSpec, method: Method, reps: int, lr: float = 0.05, bat
                             init=torch.empty(o, i).uniform_(-1 / math.sqrt(i), 1 / math.sqrt(i)))
                   for k, (i, o) in enumerate(sizes)]
         ours_net = FCN(layers)
-        ours = median_time(_train_steps(ours_net, lambda: [m.analog_step() for m in layers], xs, ys,
-                                        nll), reps)
+        opt_here = AnalogOptimizer(ours_net, digital_lr=lr)  # no digital parameters here
+        ours = median_time(_train_steps(ours_net, opt_here.step, xs, ys, nll), reps)
     cfg = peer_rpu_config(spec, method)
     peer_net = FCN([PeerLinear(i, o, bias=False, rpu_config=cfg) for i, o in sizes])
     opt = AnalogSGD(peer_net.parameters(), lr=lr * spec.peer_lr_scale)

@@ -28,9 +28,13 @@ SAMPLE_LEVELS: tuple[int, ...] = ()  # sample-major: pulse counts past which a p
 _COMPILE_BROKEN = False
 
 
-def _quantize(x: torch.Tensor, bound: float, bits: int) -> torch.Tensor:
-    """Clip to +-bound and round to the 2^bits - 1 levels of a converter spanning it."""
-    res = 2 * bound / (2**bits - 2)
+def _resolution(bound: float, bits: int) -> float:
+    """The level spacing of a converter with 2^bits - 1 levels spanning +-bound."""
+    return 2 * bound / (2**bits - 2)
+
+
+def _quantize(x: torch.Tensor, bound: float, res: float) -> torch.Tensor:
+    """Clip to +-bound and round to the converter's levels ``res`` apart (half to even)."""
     return torch.round(x.clamp(-bound, bound) / res) * res
 
 
@@ -71,13 +75,20 @@ class SimTile(Tile):
             y = x @ w.t()
         else:
             c = self.cfg
-            # noise management: scale each input vector to the DAC range, undo after the ADC
-            scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / c.inp_bound
-            xq = _quantize(x / scale, c.inp_bound, c.inp_bits)
-            y = xq @ w.t()
-            if c.out_noise > 0:
-                y = y + c.out_noise * torch.randn(y.shape, generator=self.gen, device=y.device)
-            y = _quantize(y, c.out_bound, c.out_bits) * scale
+            in_res = _resolution(c.inp_bound, c.inp_bits)
+            out_res = _resolution(c.out_bound, c.out_bits)
+            noise = (torch.randn((x.shape[0], w.shape[0]), generator=self.gen, device=x.device)
+                     if c.out_noise > 0 else None)
+            if _use_native(c.engine, self.w):  # the same ops fused, two passes
+                xq, scale = native.mvm_in(x, c.inp_bound, in_res)
+                y = native.mvm_out(xq @ w.t(), noise, c.out_noise, c.out_bound, out_res, scale)
+            else:
+                # noise management: scale each input vector to the DAC range, undo after the ADC
+                scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / c.inp_bound
+                y = _quantize(x / scale, c.inp_bound, in_res) @ w.t()
+                if noise is not None:
+                    y = y + c.out_noise * noise
+                y = _quantize(y, c.out_bound, out_res) * scale
         return y.reshape(-1) if squeeze else y
 
     def outer_update(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> None:
@@ -90,10 +101,10 @@ class SimTile(Tile):
         bl = self.cfg.train_length
         fp = self.devices.fused()
         if fp is not None and _use_native(self.cfg.engine, self.w):
-            # no counts tensor: the kernel counts coincidences from packed fire masks
-            bits = pulse_train_bits(x, d, lr, self.dw_min, bl, self.gen, use_native=True)
+            # one call: probabilities, packed fire masks (no counts tensor), pulses
+            keys = _call_keys(self.gen, 2).tolist()  # the draws of pulse_train_bits
             noisy, key = _noise_key(self.devices, self.gen)
-            native.pulse_trains(self.w.view(-1), fp, key, noisy, bits=bits, shape=self.shape)
+            native.outer_update(self.w, fp, x, d, lr, self.dw_min, bl, keys, noisy, int(key))
             return
         counts = pulse_train_counts(x, d, lr, self.dw_min, bl, self.gen,
                                     dtype=torch.int8 if bl <= 127 else torch.int32)
@@ -121,7 +132,7 @@ def _fire_probabilities(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: flo
     k = abs(lr) / (dw_min * bl)
     px = (torch.sqrt(k * dmax / xmax) * xa).clamp(max=1.0)
     pd = (torch.sqrt(k * xmax / dmax) * da).clamp(max=1.0)
-    kx, kd = _call_key(gen), _call_key(gen)
+    kx, kd = _call_keys(gen, 2)
     return (px, torch.sign(x), kx), (pd, torch.sign(d) * (1.0 if lr >= 0 else -1.0), kd)
 
 
@@ -184,14 +195,17 @@ def _is_noisy(dev: DeviceArray) -> bool:
 
 def _noise_key(dev: DeviceArray, gen: torch.Generator) -> tuple[bool, torch.Tensor]:
     """Whether the devices have c2c noise and the call key of its counters (0 if not)."""
-    noisy = _is_noisy(dev)
-    key = _call_key(gen) if noisy else torch.zeros((), dtype=torch.int32, device=gen.device)
+    fp = dev.fused()
+    noisy = fp.noisy if fp is not None else _is_noisy(dev)
+    key = (_call_keys(gen, 1)[0] if noisy
+           else torch.zeros((), dtype=torch.int32, device=gen.device))
     return noisy, key
 
 
-def _call_key(gen: torch.Generator) -> torch.Tensor:
-    """One int32 key per noisy call, drawn from the tile generator (seeds the pulse noise)."""
-    return torch.randint(-(2**31), 2**31 - 1, (), generator=gen, device=gen.device,
+def _call_keys(gen: torch.Generator, n: int) -> torch.Tensor:
+    """n int32 keys [n] for one call, drawn from the tile generator (they seed the counter
+    hashes of the pulse trains and of the pulse noise)."""
+    return torch.randint(-(2**31), 2**31 - 1, (n,), generator=gen, device=gen.device,
                          dtype=torch.int64).to(torch.int32)
 
 

@@ -80,6 +80,7 @@ class FusedParams:
     g: Tensor | None  # power: gamma; exp: gamma / half range; linear or uniform gamma: None
     c2c: Tensor  # 0-d or [numel]
     gamma: float | None = None  # power with one gamma for all devices: a kernel constant
+    noisy: bool = False  # any device with c2c > 0 (decided once, not per call)
 
     @property
     def variant(self) -> Variant:
@@ -140,7 +141,7 @@ def fused_params(dev) -> FusedParams | None:
     c2c_t = (flat(torch.as_tensor(c2c).expand(shape)) if isinstance(c2c, Tensor) and c2c.dim()
              else torch.tensor(float(c2c), dtype=f32, device=dev.w0.device))
     return FusedParams(family, flat(cp), flat(cm), flat(tmin), flat(tmax),
-                       None if gg is None else flat(gg), c2c_t, gamma)
+                       None if gg is None else flat(gg), c2c_t, gamma, bool((c2c_t > 0).any()))
 
 
 def _power(v: Tensor, g: Tensor, gamma: float | None) -> Tensor:

@@ -89,6 +89,15 @@ def _load() -> ctypes.CDLL:
                                      p, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int32,
                                      i32]
     lib.hil_pulse_trains.restype = i32
+    lib.hil_outer_update.argtypes = [p, i64, i64, p, p, i64, ctypes.c_double, i32, i64,
+                                     ctypes.c_int32, ctypes.c_int32, i32, i32, p, p, p, p, p,
+                                     p, i64, ctypes.c_float, ctypes.c_int32, i32]
+    lib.hil_outer_update.restype = i32
+    f32 = ctypes.c_float
+    lib.hil_mvm_in.argtypes = [p, i64, i64, f32, f32, p, p]
+    lib.hil_mvm_in.restype = None
+    lib.hil_mvm_out.argtypes = [p, p, f32, i64, i64, f32, f32, p]
+    lib.hil_mvm_out.restype = None
     lib.hil_fire_bits.argtypes = [p, p, i64, i64, i64, ctypes.c_int32, p]
     lib.hil_fire_bits.restype = None
     lib.hil_pulse_normal.argtypes = [ctypes.c_int32, ctypes.c_int32]
@@ -165,10 +174,7 @@ def pulse_trains(w: torch.Tensor, fp: FusedParams, key: torch.Tensor, noisy: boo
     """
     lib = _require()
     numel = w.numel()
-    assert w.dtype == torch.float32 and w.is_contiguous() and w.device.type == "cpu"
-    family, gamma = _family(fp)
-    kp, km, tmin, tmax, _, c2c = fp.tensors()
-    g = fp.g
+    _check_weights(w)
     if bits is not None:
         fd, fx = (t.contiguous() for t in bits)
         rows, cols = shape if shape is not None else (fd.shape[2], fx.shape[2])
@@ -181,10 +187,67 @@ def pulse_trains(w: torch.Tensor, fp: FusedParams, key: torch.Tensor, noisy: boo
         rows, cols = shape if shape is not None else (1, numel)
         batch, words, source, fd, fx = cnt.shape[0], 0, SOURCE_CODE[cnt.dtype], None, None
     nthreads = torch.get_num_threads() if numel * batch >= MIN_THREADED else 1
-    rc = lib.hil_pulse_trains(
+    _check(lib.hil_pulse_trains(
         w.data_ptr(), numel, rows, cols, batch, words, source, _ptr(cnt), _ptr(fd), _ptr(fx),
-        family, int(noisy), kp.data_ptr(), km.data_ptr(), tmin.data_ptr(), tmax.data_ptr(),
-        _ptr(g), c2c.data_ptr(), 1 if c2c.dim() else 0, gamma, int(key), nthreads)
+        *_device_args(fp, noisy), int(key), nthreads))
+
+
+def outer_update(w: torch.Tensor, fp: FusedParams, x: torch.Tensor, d: torch.Tensor,
+                 lr: float, dw_min: float, train_length: int, keys: list[int], noisy: bool,
+                 key: int) -> None:
+    """The whole outer update of the rows x cols tile ``w`` (float32 CPU, in place) in one
+    call: the pulse trains of emulator.pulse_train_bits (column draws under keys[0], row
+    draws under keys[1], the same masks) applied as :func:`pulse_trains` applies bits."""
+    lib = _require()
+    _check_weights(w)
+    rows, cols = w.shape
+    x, d = _floats(x), _floats(d)
+    batch = x.shape[0]
+    nthreads = torch.get_num_threads() if w.numel() * batch >= MIN_THREADED else 1
+    k = abs(lr) / (dw_min * train_length)
+    _check(lib.hil_outer_update(
+        w.data_ptr(), rows, cols, x.data_ptr(), d.data_ptr(), batch, k, int(lr < 0),
+        train_length, keys[0], keys[1], *_device_args(fp, noisy), key, nthreads))
+
+
+def mvm_in(x: torch.Tensor, bound: float, res: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise-managed DAC input of an MVM: (x / scale quantized, scale [B, 1]) with scale the
+    abs-max of each row over ``bound`` (emulator.SimTile.mvm's ops, same rounding)."""
+    x = _floats(x)
+    xq, scale = torch.empty_like(x), torch.empty((x.shape[0], 1))
+    _require().hil_mvm_in(x.data_ptr(), x.shape[0], x.shape[1], bound, res, xq.data_ptr(),
+                          scale.data_ptr())
+    return xq, scale
+
+
+def mvm_out(y: torch.Tensor, noise: torch.Tensor | None, sigma: float, bound: float,
+            res: float, scale: torch.Tensor) -> torch.Tensor:
+    """ADC side of an MVM in place: (y + sigma noise) quantized, times the input scale."""
+    assert y.dtype == torch.float32 and y.is_contiguous()
+    noise = None if noise is None else _floats(noise)
+    _require().hil_mvm_out(y.data_ptr(), _ptr(noise), sigma, y.shape[0], y.shape[1], bound,
+                           res, scale.data_ptr())
+    return y
+
+
+def _floats(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def _check_weights(w: torch.Tensor) -> None:
+    if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
+        raise ValueError("native kernel: weights must be contiguous float32 on the CPU")
+
+
+def _device_args(fp: FusedParams, noisy: bool) -> tuple:
+    """The kernel arguments from family to gamma: the devices' coefficients."""
+    family, gamma = _family(fp)
+    kp, km, tmin, tmax, _, c2c = fp.tensors()
+    return (family, int(noisy), kp.data_ptr(), km.data_ptr(), tmin.data_ptr(),
+            tmax.data_ptr(), _ptr(fp.g), c2c.data_ptr(), 1 if c2c.dim() else 0, gamma)
+
+
+def _check(rc: int) -> None:
     if rc != 0:
         raise RuntimeError(f"native pulse kernel failed (code {rc})")
 

@@ -77,6 +77,24 @@ def test_native_outer_update_matches_eager(model, extra, c2c):
     assert float((out["native"] - out["eager"]).abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_native_mvm_periphery_equals_the_torch_ops(transpose):
+    """mvm: DAC quantization, output noise, ADC quantization fused in the native kernel give
+    bit for bit the torch ops' outputs (same generator draws, same float rounding)."""
+    x = torch.randn(9, 40 if transpose else 56, generator=gen(6)) * 3
+    x[2] = 0.0  # an all-zero input row: scale clamps at 1e-12
+    x[3, 5] = 50.0  # one large entry: the others quantize to few levels
+    out = {}
+    for engine in ("native", "eager"):
+        with hil.open_backend(url("linear", "", 0.0, engine) + "&out_noise=0.2") as be:
+            tile = be.allocate("t", 40, 56)
+            tile.w.uniform_(-0.6, 0.6, generator=gen(7))
+            out[engine] = torch.stack([tile.mvm(x, transpose=transpose) for _ in range(3)])
+    assert torch.equal(out["native"], out["eager"])
+    assert float(out["native"].std()) > 0.1 and not torch.equal(out["native"][0],
+                                                                out["native"][1])
+
+
 @pytest.mark.parametrize("train_length", [31, 40, 93])
 @pytest.mark.parametrize("use_native", [False, True])
 def test_packed_fire_masks_count_like_the_counts(train_length, use_native):

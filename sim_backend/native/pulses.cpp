@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -377,14 +378,33 @@ inline bool step(const Args& A, Group& G) {
 template <int F, bool NOISY, int S>
 void run_groups(const Args& A, int64_t g0, int64_t g1) {
   constexpr int SLOTS = 2;
+  constexpr int AHEAD = 8;  // candidate groups whose device data is being prefetched
   Group G[SLOTS];
   bool live[SLOTS];
   int64_t next = g0;
+  int64_t pf = g0;  // prefetch cursor: the candidates in [next, pf) are prefetched
+  int ahead = 0;    // how many candidates that is
+  // Sparse updates touch scattered groups: without this every load waits on memory.
+  auto prefetch = [&]() {
+    while (ahead < AHEAD && pf < g1) {
+      const int64_t grp = pf++;
+      if (A.live && !A.live[grp]) continue;
+      const int64_t base = grp * L;
+      for (const float* a : {static_cast<const float*>(A.w), A.kp, A.km, A.tmin, A.tmax})
+        __builtin_prefetch(a + base);
+      if (A.g) __builtin_prefetch(A.g + base);
+      if (NOISY && A.c2c_stride) __builtin_prefetch(A.c2c + base);
+      ++ahead;
+    }
+  };
   auto refill = [&](int s) {  // the next group with pulses into slot s, if any
     live[s] = false;
     while (!live[s] && next < g1) {
       const int64_t grp = next++;
-      if (!A.live || A.live[grp]) live[s] = load<NOISY, S>(A, G[s], grp);
+      if (A.live && !A.live[grp]) continue;
+      if (grp < pf) --ahead;
+      prefetch();
+      live[s] = load<NOISY, S>(A, G[s], grp);
     }
   };
   for (int s = 0; s < SLOTS; ++s) refill(s);
@@ -442,6 +462,108 @@ int by_noise(const Args& A, int noisy, int source, int nthreads) {
   return noisy ? by_source<F, true>(A, source, nthreads) : by_source<F, false>(A, source, nthreads);
 }
 
+// The OR of fx over each L columns and, per group (row r, columns L cg ..), whether a
+// slot has the row and one of those columns firing: lets groups skip samples and
+// whole groups without coincidences. Only where cols % L == 0 (else the arrays stay empty).
+void coincidences(Args& A, std::vector<uint32_t>& colany, std::vector<uint8_t>& live) {
+  if (A.cols % L != 0) return;
+  const int64_t ncg = A.cols / L;
+  colany.assign(static_cast<size_t>(A.batch * A.words * ncg), 0u);
+  for (int64_t bw = 0; bw < A.batch * A.words; ++bw)
+    for (int64_t c = 0; c < A.cols; ++c)
+      colany[bw * ncg + c / L] |= static_cast<uint32_t>(A.fx[bw * A.cols + c]);
+  A.colany = colany.data();
+  live.assign(static_cast<size_t>(A.rows * ncg), 0);
+  for (int64_t r = 0; r < A.rows; ++r) {
+    uint8_t* lr = live.data() + r * ncg;
+    for (int64_t bw = 0; bw < A.batch * A.words; ++bw) {
+      const uint32_t fr = static_cast<uint32_t>(A.fd[bw * A.rows + r]) & 0x7FFFFFFFu;
+      if (fr == 0) continue;
+      const uint32_t* ca = colany.data() + bw * ncg;
+      for (int64_t cg = 0; cg < ncg; ++cg) lr[cg] |= (ca[cg] & fr) != 0;
+    }
+  }
+  A.live = live.data();
+}
+
+int by_family(Args& A, int family, int noisy, int source, int nthreads) {
+  std::vector<uint32_t> colany;
+  std::vector<uint8_t> live;
+  if (source == BITS) coincidences(A, colany, live);
+  switch (family) {
+    case LINEAR: return by_noise<LINEAR>(A, noisy, source, nthreads);
+    case SQRT: return by_noise<SQRT>(A, noisy, source, nthreads);
+    case SQUARE: return by_noise<SQUARE>(A, noisy, source, nthreads);
+    case POWER: return by_noise<POWER>(A, noisy, source, nthreads);
+    case EXP: return by_noise<EXP>(A, noisy, source, nthreads);
+    default: return 1;
+  }
+}
+
+// Packed fire masks of pulse trains: out[b][k][j] bit t fires slot 31 k + t of line j
+// in sample b when hash_uniform(key, (b * bl + slot) * n + j) < p[b][j] (as
+// kernels.hash_uniform); bit 31 of word 0 is set where neg[b][j].
+void fire_bits(const float* p, const uint8_t* neg, int64_t batch, int64_t n,
+               int64_t train_length, uint32_t key, int32_t* out) {
+  const int64_t words = (train_length + 30) / 31;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j0 = 0; j0 < n; j0 += L) {
+      const int nl = static_cast<int>(std::min<int64_t>(L, n - j0));
+      vf pj{};
+      vu idx0;
+      for (int k = 0; k < L; ++k) {
+        pj[k] = k < nl ? p[b * n + j0 + k] : 0.0f;
+        idx0[k] = static_cast<uint32_t>(b * train_length * n + j0 + k);
+      }
+      const bool fires = any((vi)(pj > 0.0f));  // u >= 0: lines with p = 0 never fire
+      for (int64_t w = 0; w < words; ++w) {
+        vu bits{};
+        const int64_t t1 = fires ? std::min<int64_t>(31, train_length - 31 * w) : 0;
+        for (int64_t t = 0; t < t1; ++t) {
+          const vu idx = idx0 + static_cast<uint32_t>((31 * w + t) * n);
+          const vu a = mix(mix(idx ^ key) + 0x68E31DA4u);
+          const vf u = to_f((a >> 8) & 0xFFFFFFu) * (1.0f / 16777216.0f);
+          bits |= (vu)(u < pj) & (1u << t);
+        }
+        for (int k = 0; k < nl; ++k) {
+          uint32_t v = bits[k];
+          if (w == 0 && neg[b * n + j0 + k]) v |= 0x80000000u;
+          out[(b * words + w) * n + j0 + k] = static_cast<int32_t>(v);
+        }
+      }
+    }
+  }
+}
+
+// Per sample, the firing probabilities of one side, c |v_j| clipped to 1 with
+// c = sqrt(k * other_max / own_max), and where its sign is negative (flip: of -v).
+// The float operations are emulator._fire_probabilities' (same rounding).
+void side_probabilities(const float* v, const float* vmax_own, const float* vmax_other,
+                        int64_t batch, int64_t n, float k, bool flip, float* p, uint8_t* neg) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const float c = std::sqrt(k * vmax_other[b] / vmax_own[b]);
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = v[b * n + j];
+      p[b * n + j] = std::min(c * std::fabs(a), 1.0f);
+      neg[b * n + j] = flip ? a > 0.0f : a < 0.0f;
+    }
+  }
+}
+
+// max |v| of each sample, at least 1e-30
+void abs_max(const float* v, int64_t batch, int64_t n, float* out) {
+  for (int64_t b = 0; b < batch; ++b) {
+    float m = 0.0f;
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, std::fabs(v[b * n + j]));
+    out[b] = std::max(m, 1e-30f);
+  }
+}
+
+// Clip to +-bound, round to the converter's levels res (half to even, as torch.round)
+inline float quantize(float v, float bound, float res) {
+  return std::nearbyint(std::min(std::max(v, -bound), bound) / res) * res;
+}
+
 }  // namespace
 
 extern "C" {
@@ -458,69 +580,69 @@ int hil_pulse_trains(float* w, int64_t numel, int64_t rows, int64_t cols, int64_
   if (numel <= 0 || batch <= 0) return 0;
   Args A{w, numel, rows, cols, batch, words, counts, fd, fx, kp, km, tmin, tmax, g, c2c,
          c2c_stride, gamma, static_cast<uint32_t>(key)};
-  std::vector<uint32_t> colany;
-  std::vector<uint8_t> live;
-  if (source == BITS && cols % L == 0) {  // lets groups skip samples without coincidences
-    const int64_t ncg = cols / L;
-    colany.assign(static_cast<size_t>(batch * words * ncg), 0u);
-    for (int64_t bw = 0; bw < batch * words; ++bw)
-      for (int64_t c = 0; c < cols; ++c)
-        colany[bw * ncg + c / L] |= static_cast<uint32_t>(fx[bw * cols + c]);
-    A.colany = colany.data();
-    // groups (row r, columns L cg ..) with a slot where the row and one column fire
-    live.assign(static_cast<size_t>(rows * ncg), 0);
-    for (int64_t r = 0; r < rows; ++r) {
-      uint8_t* lr = live.data() + r * ncg;
-      for (int64_t bw = 0; bw < batch * words; ++bw) {
-        const uint32_t fr = static_cast<uint32_t>(fd[bw * rows + r]) & 0x7FFFFFFFu;
-        if (fr == 0) continue;
-        const uint32_t* ca = colany.data() + bw * ncg;
-        for (int64_t cg = 0; cg < ncg; ++cg) lr[cg] |= (ca[cg] & fr) != 0;
-      }
-    }
-    A.live = live.data();
-  }
-  switch (family) {
-    case LINEAR: return by_noise<LINEAR>(A, noisy, source, nthreads);
-    case SQRT: return by_noise<SQRT>(A, noisy, source, nthreads);
-    case SQUARE: return by_noise<SQUARE>(A, noisy, source, nthreads);
-    case POWER: return by_noise<POWER>(A, noisy, source, nthreads);
-    case EXP: return by_noise<EXP>(A, noisy, source, nthreads);
-    default: return 1;
+  return by_family(A, family, noisy, source, nthreads);
+}
+
+// The whole outer update of a rows x cols tile from x [batch, cols], d [batch, rows]:
+// the pulse trains' probabilities (update management, emulator._fire_probabilities),
+// their fire masks under the keys kx (columns) and kd (rows), then the pulses. k is
+// |lr| / (dw_min * train_length); flip: lr < 0.
+int hil_outer_update(float* w, int64_t rows, int64_t cols, const float* x, const float* d,
+                     int64_t batch, double k, int flip, int64_t train_length, int32_t kx,
+                     int32_t kd, int family, int noisy, const float* kp, const float* km,
+                     const float* tmin, const float* tmax, const float* g, const float* c2c,
+                     int64_t c2c_stride, float gamma, int32_t key, int nthreads) {
+  if (rows <= 0 || cols <= 0 || batch <= 0) return 0;
+  const int64_t words = (train_length + 30) / 31;
+  std::vector<float> xmax(batch), dmax(batch), px(batch * cols), pd(batch * rows);
+  std::vector<uint8_t> nx(batch * cols), nd(batch * rows);
+  std::vector<int32_t> fx(batch * words * cols), fd(batch * words * rows);
+  abs_max(x, batch, cols, xmax.data());
+  abs_max(d, batch, rows, dmax.data());
+  const float kf = static_cast<float>(k);
+  side_probabilities(x, xmax.data(), dmax.data(), batch, cols, kf, false, px.data(), nx.data());
+  side_probabilities(d, dmax.data(), xmax.data(), batch, rows, kf, flip != 0, pd.data(),
+                     nd.data());
+  fire_bits(px.data(), nx.data(), batch, cols, train_length, static_cast<uint32_t>(kx),
+            fx.data());
+  fire_bits(pd.data(), nd.data(), batch, rows, train_length, static_cast<uint32_t>(kd),
+            fd.data());
+  Args A{w, rows * cols, rows, cols, batch, words, nullptr, fd.data(), fx.data(), kp, km,
+         tmin, tmax, g, c2c, c2c_stride, gamma, static_cast<uint32_t>(key)};
+  return by_family(A, family, noisy, BITS, nthreads);
+}
+
+// Packed fire masks of lines firing with probabilities p [batch, n] (see fire_bits);
+// bit 31 of word 0 where sign[b][j] < 0.
+void hil_fire_bits(const float* p, const float* sign, int64_t batch, int64_t n,
+                   int64_t train_length, int32_t key, int32_t* out) {
+  std::vector<uint8_t> neg(batch * n);
+  for (int64_t i = 0; i < batch * n; ++i) neg[i] = sign[i] < 0.0f;
+  fire_bits(p, neg.data(), batch, n, train_length, static_cast<uint32_t>(key), out);
+}
+
+// The MVM's input side (noise management): scale[b] = max(max_j |x[b][j]|, 1e-12) / bound,
+// xq = x / scale quantized to bits levels of +-bound (res apart); as SimTile.mvm's torch ops.
+void hil_mvm_in(const float* x, int64_t batch, int64_t n, float bound, float res, float* xq,
+                float* scale) {
+  for (int64_t b = 0; b < batch; ++b) {
+    float m = 0.0f;
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, std::fabs(x[b * n + j]));
+    const float s = std::max(m, 1e-12f) / bound;
+    scale[b] = s;
+    for (int64_t j = 0; j < n; ++j) xq[b * n + j] = quantize(x[b * n + j] / s, bound, res);
   }
 }
 
-// Packed fire masks of pulse trains: out[b][k][j] bit t fires slot 31 k + t of line j
-// in sample b when hash_uniform(key, (b * bl + slot) * n + j) < p[b][j] (as
-// kernels.hash_uniform); bit 31 of word 0 is set where sign[b][j] < 0.
-void hil_fire_bits(const float* p, const float* sign, int64_t batch, int64_t n,
-                   int64_t train_length, int32_t key, int32_t* out) {
-  const int64_t words = (train_length + 30) / 31;
-  const uint32_t k0 = static_cast<uint32_t>(key);
+// The MVM's output side, in place: y + sigma * noise (noise may be null), quantized to the
+// ADC's levels of +-bound (res apart), times the input scale of the sample.
+void hil_mvm_out(float* y, const float* noise, float sigma, int64_t batch, int64_t m,
+                 float bound, float res, const float* scale) {
   for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t j0 = 0; j0 < n; j0 += L) {
-      const int nl = static_cast<int>(std::min<int64_t>(L, n - j0));
-      vf pj{};
-      vu idx0;
-      for (int k = 0; k < L; ++k) {
-        pj[k] = k < nl ? p[b * n + j0 + k] : 0.0f;
-        idx0[k] = static_cast<uint32_t>(b * train_length * n + j0 + k);
-      }
-      for (int64_t w = 0; w < words; ++w) {
-        vu bits{};
-        const int64_t t1 = std::min<int64_t>(31, train_length - 31 * w);
-        for (int64_t t = 0; t < t1; ++t) {
-          const vu idx = idx0 + static_cast<uint32_t>((31 * w + t) * n);
-          const vu a = mix(mix(idx ^ k0) + 0x68E31DA4u);
-          const vf u = to_f((a >> 8) & 0xFFFFFFu) * (1.0f / 16777216.0f);
-          bits |= (vu)(u < pj) & (1u << t);
-        }
-        for (int k = 0; k < nl; ++k) {
-          uint32_t v = bits[k];
-          if (w == 0 && sign[b * n + j0 + k] < 0.0f) v |= 0x80000000u;
-          out[(b * words + w) * n + j0 + k] = static_cast<int32_t>(v);
-        }
-      }
+    for (int64_t i = 0; i < m; ++i) {
+      float v = y[b * m + i];
+      if (noise) v = v + sigma * noise[b * m + i];
+      y[b * m + i] = quantize(v, bound, res) * scale[b];
     }
   }
 }
