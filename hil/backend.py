@@ -52,17 +52,48 @@ class Tile(ABC):
         """Apply signed integer pulse counts per device: + potentiates, - depresses, 0 nothing."""
         self._pulse(self.check_pulses(n))
 
-    def check_pulses(self, n: torch.Tensor) -> torch.Tensor:
-        """Validate a pulse-count map and return it as int32 on the backend's device."""
+    def read_columns(self, cols: slice) -> torch.Tensor:
+        """The columns ``cols`` of :meth:`read`, [rows, width] (a column transfer needs one).
+        This default reads the whole tile; a backend that can read fewer devices overrides it."""
+        first, width = self.column_range(cols)
+        return self.read()[:, first:first + width]
+
+    def pulse_columns(self, n: torch.Tensor, cols: slice) -> None:
+        """Pulse counts [rows, width] for the columns ``cols`` only (the others get none).
+        This default pads them to the whole tile for :meth:`pulse`; a backend that can
+        address a column range overrides it (same result)."""
+        first, width = self.column_range(cols)
+        n = self.check_pulses(n, (self.shape[0], width))
+        full = torch.zeros(self.shape, dtype=torch.int32, device=n.device)
+        full[:, first:first + width] = n
+        self.pulse(full)
+
+    def column_range(self, cols: slice) -> tuple[int, int]:
+        """(first, width) of a contiguous, non-empty column slice of this tile."""
+        if not isinstance(cols, slice) or cols.step not in (None, 1):
+            raise BackendError(f"columns must be a contiguous slice, got {cols!r}",
+                               tile=self.name, op="columns")
+        first, stop, _ = cols.indices(self.shape[1])
+        if stop <= first:
+            raise BackendError(f"empty column range {cols!r} of {self.shape[1]} columns",
+                               tile=self.name, op="columns")
+        return first, stop - first
+
+    def check_pulses(self, n: torch.Tensor, shape: tuple[int, int] | None = None
+                     ) -> torch.Tensor:
+        """Validate a pulse-count map (of the tile, or of ``shape``) and return it as int32
+        on the backend's device."""
         if not isinstance(n, torch.Tensor):
             raise BackendError("pulse counts must be a torch.Tensor", tile=self.name, op="pulse")
         if n.dtype.is_floating_point or n.dtype.is_complex or n.dtype == torch.bool:
             raise BackendError(
                 f"pulse counts must be an integer tensor, got {n.dtype}", tile=self.name, op="pulse"
             )
-        if tuple(n.shape) != self.shape:
+        want = self.shape if shape is None else tuple(shape)
+        if tuple(n.shape) != want:
             raise BackendError(
-                f"pulse counts have shape {tuple(n.shape)}, tile is {self.shape}",
+                f"pulse counts have shape {tuple(n.shape)}, "
+                + (f"tile is {self.shape}" if shape is None else f"columns take {want}"),
                 tile=self.name, op="pulse",
             )
         limit = self.backend.capabilities.max_pulses_per_command

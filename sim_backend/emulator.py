@@ -62,6 +62,32 @@ class SimTile(Tile):
         self.backend._check_open("pulse", self.name)
         apply_pulses(self.w, n, self.devices, self.gen, engine=self.cfg.engine, out=self.w)
 
+    def read_columns(self, cols: slice) -> torch.Tensor:
+        self.backend._check_open("read", self.name)
+        first, width = self.column_range(cols)
+        w = self.w[:, first:first + width]
+        if self.cfg.read_noise > 0:
+            noise = torch.randn(w.shape, generator=self.gen, device=w.device)
+            return w + self.cfg.read_noise * noise
+        return w.clone()
+
+    def pulse_columns(self, n: torch.Tensor, cols: slice) -> None:
+        """The native kernel pulses the column range in place (the same draws and noise
+        streams as the zero-padded map through :meth:`pulse`); other engines pad."""
+        self.backend._check_open("pulse", self.name)
+        first, width = self.column_range(cols)
+        n = self.check_pulses(n, (self.shape[0], width))
+        fp = self.devices.fused()
+        if fp is None or not _use_native(self.cfg.engine, self.w):
+            super().pulse_columns(n, cols)
+            return
+        lo, hi = torch.aminmax(n)
+        if int(lo) == 0 and int(hi) == 0:
+            return  # as apply_pulses: no pulse, no draw
+        noisy, key = _noise_key(self.devices, self.gen)
+        native.pulse_trains(self.w.view(-1), fp, key, noisy, counts=n, shape=self.shape,
+                            columns=(first, width))
+
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         self.backend._check_open("mvm", self.name)
         w = self.w.t() if transpose else self.w

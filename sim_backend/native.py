@@ -87,7 +87,7 @@ def _load() -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hil_pulse_trains.argtypes = [p, i64, i64, i64, i64, i64, i32, p, p, p, i32, i32,
                                      p, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int32,
-                                     i32]
+                                     i32, i64, i64]
     lib.hil_pulse_trains.restype = i32
     lib.hil_outer_update.argtypes = [p, i64, i64, p, p, i64, ctypes.c_double, i32, i64,
                                      ctypes.c_int32, ctypes.c_int32, i32, i32, p, p, p, p, p,
@@ -162,19 +162,23 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def pulse_trains(w: torch.Tensor, fp: FusedParams, key: torch.Tensor, noisy: bool, *,
                  counts: torch.Tensor | None = None,
                  bits: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 shape: tuple[int, int] | None = None) -> None:
+                 shape: tuple[int, int] | None = None,
+                 columns: tuple[int, int] | None = None) -> None:
     """Apply pulse trains to the flat float32 CPU weights ``w`` in place, device by device.
 
     Either ``counts`` [B, numel] (int8 or int32, signed pulse counts per sample) or
     ``bits`` = (fd [B, words, rows], fx [B, words, cols]) int32 fire masks of an outer
     update (bit t of word k: slot 31 k + t fires; bit 31 of word 0: negative sign; the
     count of device (r, c) is the popcount of fd & fx) with ``shape`` = (rows, cols).
+    ``columns`` = (first, width) with ``shape``: ``counts`` [B, rows, width] hold only
+    those columns (the others get no pulse; same result as the zero-padded map).
     Sample b's pulses all land before sample b+1's; the noise of a device's p-th pulse
-    in this call is kernels.pulse_normal(mix(i ^ key), p).
+    in this call is kernels.pulse_normal(mix(i ^ key), p), i its index in the tile.
     """
     lib = _require()
     numel = w.numel()
     _check_weights(w)
+    col0, width = columns if columns is not None else (0, 0)
     if bits is not None:
         fd, fx = (t.contiguous() for t in bits)
         rows, cols = shape if shape is not None else (fd.shape[2], fx.shape[2])
@@ -182,14 +186,15 @@ def pulse_trains(w: torch.Tensor, fp: FusedParams, key: torch.Tensor, noisy: boo
     else:
         if counts is None:
             raise ValueError("pulse_trains needs counts or bits")
-        cnt = counts if counts.dtype in SOURCE_CODE else counts.to(torch.int32)
-        cnt = cnt.reshape(-1, numel).contiguous()
         rows, cols = shape if shape is not None else (1, numel)
+        cnt = counts if counts.dtype in SOURCE_CODE else counts.to(torch.int32)
+        cnt = cnt.reshape(-1, rows * width if width else numel).contiguous()
         batch, words, source, fd, fx = cnt.shape[0], 0, SOURCE_CODE[cnt.dtype], None, None
-    nthreads = torch.get_num_threads() if numel * batch >= MIN_THREADED else 1
+    work = numel * batch if cnt is None else cnt.numel()  # device-samples
+    nthreads = torch.get_num_threads() if work >= MIN_THREADED else 1
     _check(lib.hil_pulse_trains(
         w.data_ptr(), numel, rows, cols, batch, words, source, _ptr(cnt), _ptr(fd), _ptr(fx),
-        *_device_args(fp, noisy), int(key), nthreads))
+        *_device_args(fp, noisy), int(key), nthreads, col0, width))
 
 
 def outer_update(w: torch.Tensor, fp: FusedParams, x: torch.Tensor, d: torch.Tensor,

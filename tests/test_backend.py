@@ -136,6 +136,24 @@ def test_registry_with_a_custom_backend_and_optional_operations():
         hil.open_backend("minimal://?x=1")  # nobody consumed x
 
 
+def test_column_reads_and_pulses_default_to_the_whole_tile():
+    """A backend without column addressing: read_columns slices read(), pulse_columns pads
+    the counts with zeros for pulse(); bad column selections are one clear error."""
+    with _MinimalBackend("minimal://") as be:
+        tile = be.allocate("t", 2, 4)
+        assert tile.read_columns(slice(1, 3)).shape == (2, 2)
+        tile.pulse_columns(torch.tensor([[1, -2], [3, 0]]), slice(1, 3))
+        assert torch.equal(tile.last, torch.tensor([[0, 1, -2, 0], [0, 3, 0, 0]],
+                                                   dtype=torch.int32))
+        with pytest.raises(BackendError, match="columns take \\(2, 2\\)"):
+            tile.pulse_columns(torch.zeros(2, 3, dtype=torch.int32), slice(1, 3))
+        with pytest.raises(BackendError, match="exceeds 5 per command"):
+            tile.pulse_columns(torch.full((2, 1), 6), slice(0, 1))
+        for bad in (slice(0, 4, 2), slice(3, 3), 1):
+            with pytest.raises(BackendError, match="contiguous slice|empty column range"):
+                tile.read_columns(bad)
+
+
 def test_lazy_registration_by_module_path():
     hil.register_backend("sim2", "sim_backend:open_sim")
     with hil.open_backend("sim2://?seed=4") as be:

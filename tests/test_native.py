@@ -77,6 +77,30 @@ def test_native_outer_update_matches_eager(model, extra, c2c):
     assert float((out["native"] - out["eager"]).abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("first,width", [(0, 56), (5, 13), (55, 1), (16, 8)])
+def test_native_column_pulses_equal_the_padded_map(first, width):
+    """pulse_columns on the native kernel walks only the column range, with the devices'
+    tile indices for their noise streams: bit for bit pulse() of the zero-padded map."""
+    n = torch.randint(-40, 41, (40, width), generator=gen(8), dtype=torch.int32)
+    full = torch.zeros(40, 56, dtype=torch.int32)
+    full[:, first:first + width] = n
+    out = {}
+    for how in ("columns", "padded"):
+        with hil.open_backend(url("power", "&gamma=0.5", 0.3)) as be:
+            tile = be.allocate("t", 40, 56)
+            w0 = tile.read()
+            if how == "columns":
+                tile.pulse_columns(n, slice(first, first + width))
+            else:
+                tile.pulse(full)
+            out[how] = tile.read()
+            assert torch.equal(tile.read_columns(slice(first, first + width)),
+                               out[how][:, first:first + width])
+    assert torch.equal(out["columns"], out["padded"])
+    moved = (out["columns"] - w0).abs() > 0
+    assert bool(moved[:, first:first + width].any()) and not bool(moved[:, :first].any())
+
+
 @pytest.mark.parametrize("transpose", [False, True])
 def test_native_mvm_periphery_equals_the_torch_ops(transpose):
     """mvm: DAC quantization, output noise, ADC quantization fused in the native kernel give

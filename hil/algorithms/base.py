@@ -27,6 +27,11 @@ def stochastic_round(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (lo + (u < (x - lo)).to(torch.float64)).to(torch.int32)
 
 
+def _whole(cols: slice | None) -> bool:
+    """Whether a column selection means the whole tile (None or ``slice(None)``)."""
+    return cols is None or cols == slice(None)
+
+
 class AnalogAlgorithm(ABC):
     """Base class: tiles named ``{prefix}.{role}``, pulse helpers, an update path, state.
 
@@ -69,9 +74,11 @@ class AnalogAlgorithm(ABC):
         }
 
     # -- reading ---------------------------------------------------------------------
-    def read(self, role: str) -> torch.Tensor:
-        """The weights of one tile (role) as float32 on the CPU."""
-        return self.tiles[role].read().detach().to("cpu", torch.float32)
+    def read(self, role: str, cols: slice | None = None) -> torch.Tensor:
+        """The weights of one tile (role), or of its columns ``cols``, as float32 on the CPU."""
+        tile = self.tiles[role]
+        w = tile.read() if _whole(cols) else tile.read_columns(cols)
+        return w.detach().to("cpu", torch.float32)
 
     @abstractmethod
     def weight(self) -> torch.Tensor:
@@ -89,27 +96,29 @@ class AnalogAlgorithm(ABC):
         n = stochastic_round(delta / tile.dw_min, self.gen)
         if self.max_pulses is not None:
             n = n.clamp(-self.max_pulses, self.max_pulses)
-        if cols is None:
-            self.pulse_counts(tile, n)
-        else:
-            full = torch.zeros(tile.shape, dtype=torch.int32)
-            full[:, cols] = n
-            self.pulse_counts(tile, full)
+        self.pulse_counts(tile, n, cols)
         return n
 
-    def pulse_counts(self, tile: Tile, n: torch.Tensor) -> None:
-        """Apply signed pulse counts, split into commands within the backend's limit."""
+    def pulse_counts(self, tile: Tile, n: torch.Tensor, cols: slice | None = None) -> None:
+        """Apply signed pulse counts (of the columns ``cols`` only, if given), split into
+        commands within the backend's limit."""
+        def send(part: torch.Tensor) -> None:
+            if _whole(cols):
+                tile.pulse(part)
+            else:
+                tile.pulse_columns(part, cols)
+
         limit = self.backend.capabilities.max_pulses_per_command
         lo, hi = (int(v) for v in torch.aminmax(n))
         if lo == 0 and hi == 0:
             return
         if -lo <= limit and hi <= limit:  # the usual case: one command, no copy
-            tile.pulse(n if n.dtype == torch.int32 else n.to(torch.int32))
+            send(n if n.dtype == torch.int32 else n.to(torch.int32))
             return
         rest = n.to(torch.int64)
         while bool(rest.any()):
             part = rest.clamp(-limit, limit)
-            tile.pulse(part.to(torch.int32))
+            send(part.to(torch.int32))
             rest = rest - part
 
     def use_outer(self, x: torch.Tensor | None, d: torch.Tensor | None) -> bool:

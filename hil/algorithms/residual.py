@@ -72,10 +72,11 @@ class _TwoTile(AnalogAlgorithm):
             p.pulse(-up)
         program(ref, p.read().detach().to("cpu", torch.float32))
 
-    def read_p(self) -> torch.Tensor:
-        """P as the algorithm sees it (minus the reference tile when zero-shifting)."""
-        p = self.read("P")
-        return p - self.read("P_ref") if self.zero_shift else p
+    def read_p(self, cols: slice | None = None) -> torch.Tensor:
+        """P (or its columns ``cols``) as the algorithm sees it (minus the reference tile
+        when zero-shifting)."""
+        p = self.read("P", cols)
+        return p - self.read("P_ref", cols) if self.zero_shift else p
 
     def weight(self) -> torch.Tensor:
         w = self.read("W")
@@ -122,7 +123,7 @@ class ResidualLearning(_TwoTile):
     """
 
     def _transfer(self, cols: slice) -> None:
-        self.pulse_delta(self.tiles["W"], self.transfer_lr * self.read_p()[:, cols], cols=cols)
+        self.pulse_delta(self.tiles["W"], self.transfer_lr * self.read_p(cols), cols=cols)
 
 
 class TikiTaka(ResidualLearning):
@@ -145,17 +146,14 @@ class _Buffered(_TwoTile):
         self.H = torch.zeros(self.shape, dtype=torch.float32)
 
     def _transfer(self, cols: slice) -> None:
-        p = self.read_p()[:, cols]
+        p = self.read_p(cols)
         b = self.transfer_lr
         h = self.H[:, cols]
         h = (1 - b) * h + b * p if self.decay else h + b * p
         dw = self.tiles["W"].dw_min
         n = torch.where(h.abs() >= dw, torch.sign(h), torch.zeros_like(h))
         self.H[:, cols] = h - n * dw
-        if bool(n.any()):
-            counts = torch.zeros(self.shape, dtype=torch.int32)
-            counts[:, cols] = n.to(torch.int32)
-            self.pulse_counts(self.tiles["W"], counts)
+        self.pulse_counts(self.tiles["W"], n.to(torch.int32), cols)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "H": self.H.clone()}

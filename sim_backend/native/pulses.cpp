@@ -147,6 +147,8 @@ struct Args {
   uint32_t key;
   const uint32_t* colany = nullptr;  // BITS, cols % L == 0: OR of fx over each L columns
   const uint8_t* live = nullptr;     // with colany: per group, 0 if it has no coincidence
+  int64_t cstride = 0;  // COUNTS*: counts per sample (numel, or rows * width in a window)
+  int64_t col0 = 0, width = 0;  // COUNTS*: only columns col0 .. col0 + width - 1 (width > 0)
 };
 
 inline vu popcount(vu x) {  // per-lane bit count (SWAR: AVX2 has no vector popcount)
@@ -156,21 +158,20 @@ inline vu popcount(vu x) {  // per-lane bit count (SWAR: AVX2 has no vector popc
   return (x * 0x01010101u) >> 24;
 }
 
-// The signed counts of sample b for the L devices from base on, which lie in one row
-// r from column c0 on (BITS) or are all real (COUNTS*): one vector pass, no per-device
-// work.
+// The signed counts of sample b for L devices: those of row r from column c0 on (BITS),
+// or counts base .. base + L - 1 of the sample (COUNTS*); one vector pass.
 template <int S>
 inline vi count_lanes(const Args& A, int64_t b, int64_t base, int64_t r, int64_t c0) {
   if constexpr (S == COUNTS8) {
     int8_t c[L];
-    std::memcpy(c, static_cast<const int8_t*>(A.counts) + b * A.numel + base, L);
+    std::memcpy(c, static_cast<const int8_t*>(A.counts) + b * A.cstride + base, L);
     vi n;
     for (int k = 0; k < L; ++k) n[k] = c[k];
     return n;
   }
   if constexpr (S == COUNTS32) {
     vi n;
-    std::memcpy(&n, static_cast<const int32_t*>(A.counts) + b * A.numel + base, sizeof(n));
+    std::memcpy(&n, static_cast<const int32_t*>(A.counts) + b * A.cstride + base, sizeof(n));
     return n;
   }
   const int32_t* fd = A.fd + b * A.words * A.rows + r;
@@ -198,8 +199,8 @@ inline vi count_lanes(const Args& A, int64_t b, int64_t base, int64_t r, int64_t
 
 template <int S>
 inline int32_t count(const Args& A, int64_t b, int64_t idx, int64_t r, int64_t c) {
-  if constexpr (S == COUNTS8) return static_cast<const int8_t*>(A.counts)[b * A.numel + idx];
-  if constexpr (S == COUNTS32) return static_cast<const int32_t*>(A.counts)[b * A.numel + idx];
+  if constexpr (S == COUNTS8) return static_cast<const int8_t*>(A.counts)[b * A.cstride + idx];
+  if constexpr (S == COUNTS32) return static_cast<const int32_t*>(A.counts)[b * A.cstride + idx];
   const int32_t* fd = A.fd + b * A.words * A.rows + r;
   const int32_t* fx = A.fx + b * A.words * A.cols + c;
   int32_t n = 0;
@@ -216,7 +217,8 @@ struct Group {
   vf x, kp, km, lo, hi, gg, cc;
   vi total;
   vu h;
-  int64_t base;
+  int64_t base;   // tile index of lane 0 (lanes are consecutive devices of one row)
+  int64_t cbase;  // COUNTS*: index of lane 0's count within a sample
   int nl, it, tmax;
   std::vector<uint32_t> signs;  // sign bits of the lanes' pulse sequences [word][lane]
 };
@@ -225,11 +227,12 @@ struct Group {
 template <int S>
 inline vi group_counts(const Args& A, const Group& G, int64_t b, bool whole, int64_t r,
                        int64_t c0) {
-  if (whole) return count_lanes<S>(A, b, G.base, r, c0);
+  if (whole) return count_lanes<S>(A, b, G.cbase, r, c0);
   vi n{};
   for (int k = 0; k < G.nl; ++k) {
     const int64_t i = G.base + k;
-    n[k] = count<S>(A, b, i, A.cols ? i / A.cols : 0, A.cols ? i % A.cols : 0);
+    n[k] = count<S>(A, b, S == BITS ? i : G.cbase + k, A.cols ? i / A.cols : 0,
+                    A.cols ? i % A.cols : 0);
   }
   return n;
 }
@@ -278,8 +281,16 @@ void load_devices(const Args& A, Group& G) {
 // completed 32-bit word is stored to signs[word][lane].
 template <bool NOISY, int S>
 bool load(const Args& A, Group& G, int64_t grp) {
-  G.base = grp * L;
-  G.nl = static_cast<int>(std::min<int64_t>(L, A.numel - G.base));
+  if (A.width) {  // a column window: groups of L columns within each row
+    const int64_t per_row = (A.width + L - 1) / L;
+    const int64_t r = grp / per_row, j0 = (grp - r * per_row) * L;
+    G.base = r * A.cols + A.col0 + j0;
+    G.cbase = r * A.width + j0;
+    G.nl = static_cast<int>(std::min<int64_t>(L, A.width - j0));
+  } else {
+    G.base = G.cbase = grp * L;
+    G.nl = static_cast<int>(std::min<int64_t>(L, A.numel - G.base));
+  }
   // the group's first row and column (one division per group, none per sample)
   const int64_t r0 = A.cols ? G.base / A.cols : 0, c0 = A.cols ? G.base - r0 * A.cols : 0;
   const bool whole = G.nl == L && (S != BITS || c0 + L <= A.cols);
@@ -384,11 +395,13 @@ void run_groups(const Args& A, int64_t g0, int64_t g1) {
   int64_t next = g0;
   int64_t pf = g0;  // prefetch cursor: the candidates in [next, pf) are prefetched
   int ahead = 0;    // how many candidates that is
-  // Sparse updates touch scattered groups: without this every load waits on memory.
+  // Sparse outer updates touch scattered groups: without this every load waits on
+  // memory. Only with the live map (a count source reads its counts anyway, and most
+  // groups of a sparse count map have none: prefetching them would waste bandwidth).
   auto prefetch = [&]() {
-    while (ahead < AHEAD && pf < g1) {
+    while (A.live && ahead < AHEAD && pf < g1) {
       const int64_t grp = pf++;
-      if (A.live && !A.live[grp]) continue;
+      if (!A.live[grp]) continue;
       const int64_t base = grp * L;
       for (const float* a : {static_cast<const float*>(A.w), A.kp, A.km, A.tmin, A.tmax})
         __builtin_prefetch(a + base);
@@ -425,7 +438,7 @@ void run_groups(const Args& A, int64_t g0, int64_t g1) {
 
 template <int F, bool NOISY, int S>
 void run_parallel(const Args& A, int nthreads) {
-  const int64_t groups = (A.numel + L - 1) / L;
+  const int64_t groups = A.width ? A.rows * ((A.width + L - 1) / L) : (A.numel + L - 1) / L;
   constexpr int64_t grab = 64;  // groups per work item: small enough to balance the load
   if (nthreads <= 1 || groups < 2 * grab) {
     run_groups<F, NOISY, S>(A, 0, groups);
@@ -571,15 +584,21 @@ extern "C" {
 // Apply batch samples of signed pulse counts to w [numel] in place; 0 on success.
 // family: 0 linear, 1 power 0.5, 2 power 2, 3 power (gamma, or per-device g if gamma is
 // NaN), 4 exp; source: 0 int8 counts, 1 int32 counts, 2 fire bit masks (outer update).
+// width > 0: the counts [batch, rows, width] are those of columns col0 .. col0 + width - 1
+// only (the others get no pulse); devices keep their tile index for the noise streams.
 int hil_pulse_trains(float* w, int64_t numel, int64_t rows, int64_t cols, int64_t batch,
                      int64_t words, int source, const void* counts, const int32_t* fd,
                      const int32_t* fx, int family, int noisy, const float* kp,
                      const float* km, const float* tmin, const float* tmax, const float* g,
                      const float* c2c, int64_t c2c_stride, float gamma, int32_t key,
-                     int nthreads) {
+                     int nthreads, int64_t col0, int64_t width) {
   if (numel <= 0 || batch <= 0) return 0;
   Args A{w, numel, rows, cols, batch, words, counts, fd, fx, kp, km, tmin, tmax, g, c2c,
          c2c_stride, gamma, static_cast<uint32_t>(key)};
+  if (width > 0 && source == BITS) return 3;  // windows are for count maps
+  A.cstride = width > 0 ? rows * width : numel;
+  A.col0 = col0;
+  A.width = width;
   return by_family(A, family, noisy, source, nthreads);
 }
 
