@@ -8,7 +8,8 @@ on both sides, with Analog SGD and Tiki-Taka on devices both simulators implemen
 mapping is benchmarks/vs_aihwkit.py's (docs/aihwkit.md). Needs aihwkit; never in make test:
 
     .peers/venv/bin/python benchmarks/aihwkit_accuracy.py [--epochs 30] [--seeds 3] \\
-        [--act sigmoid|tanh] [--transfer-read as-mapped|exact|noisy] [--out FILE.json]
+        [--act sigmoid|tanh] [--transfer-read as-mapped|exact|noisy|mvm] \\
+        [--transfer-write counts|pulse_train] [--out FILE.json]
 
 Prints one markdown row per method and device: test accuracy here and in aihwkit after
 the last epoch and over the last 5 (mean +- sd over seeds), their differences +- standard
@@ -45,10 +46,12 @@ DEVICES = {
     "power gamma=0.5": DeviceSpec("power", gamma=0.5),
 }
 LABELS = {"sgd": "Analog SGD", "tt": "Tiki-Taka"}
-TRANSFER_READS = {  # Tiki-Taka's read of P: (aihwkit transfer_forward, sim:// read_noise)
-    "as-mapped": ("periphery", 0.0),  # vs_aihwkit: one-hot MVM there, exact tile.read() here
-    "exact": ("perfect", 0.0),  # both exact
-    "noisy": ("periphery", 0.06),  # both add the periphery's output noise 0.06
+TRANSFER_READS = {  # Tiki-Taka's read of P: (aihwkit transfer_forward, sim:// read_noise,
+    # hil transfer_read)
+    "as-mapped": ("periphery", 0.0, "exact"),  # one-hot MVM there, exact tile read here
+    "exact": ("perfect", 0.0, "exact"),  # both exact
+    "noisy": ("periphery", 0.06, "exact"),  # both add the periphery's output noise 0.06
+    "mvm": ("periphery", 0.0, "mvm"),  # both: one-hot MVM through the same periphery
 }
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh}
@@ -66,6 +69,7 @@ class Setting:
     c2c: float = 0.0
     train_limit: int = 0  # 0: all 1438 training images
     transfer_read: str = "as-mapped"  # how Tiki-Taka reads P; see TRANSFER_READS
+    transfer_write: str = "counts"  # how Tiki-Taka writes W here: counts or pulse_train
 
 
 def initial_weights(seed: int, tau: float) -> list[torch.Tensor]:
@@ -83,7 +87,10 @@ def build_here(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting
     """The FCN over hil.layers.AnalogLinear on sim://, updated by outer_update."""
     noise = TRANSFER_READS[s.transfer_read][1]
     backend = hil.open_backend(spec.sim_url(seed=seed) + (f"&read_noise={noise}" if noise else ""))
-    layers = [our_layer(backend, spec, METHODS[key], o, i, s.lr, f"fc{k}", seed=seed, init=w)
+    method = replace(METHODS[key], transfer_write=s.transfer_write,
+                     transfer_read=TRANSFER_READS[s.transfer_read][2]) if key == "tt" \
+        else METHODS[key]
+    layers = [our_layer(backend, spec, method, o, i, s.lr, f"fc{k}", seed=seed, init=w)
               for k, ((i, o), w) in enumerate(zip(SIZES, inits, strict=True))]
 
     def step(scale: float) -> None:
@@ -220,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--c2c", type=float, default=0.0, help="c2c here = dw_min_std there")
     ap.add_argument("--transfer-read", default="as-mapped", choices=list(TRANSFER_READS),
                     help="Tiki-Taka's read of P: as-mapped (aihwkit through its periphery, "
-                    "sim exact), exact (both), noisy (both with output noise 0.06)")
+                    "sim exact), exact (both), noisy (both with output noise 0.06), mvm "
+                    "(both through the periphery: a one-hot MVM here too)")
+    ap.add_argument("--transfer-write", default="counts", choices=["counts", "pulse_train"],
+                    help="Tiki-Taka's write of W here: stochastically rounded counts (the "
+                    "paper's form) or a pulse train through outer_update (aihwkit's form)")
     ap.add_argument("--train-limit", type=int, default=0, help="first N training images only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None,
@@ -240,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     s = Setting(epochs=args.epochs, lr=args.lr, act=args.act, c2c=args.c2c,
-                train_limit=args.train_limit, transfer_read=args.transfer_read)
+                train_limit=args.train_limit, transfer_read=args.transfer_read,
+                transfer_write=args.transfer_write)
     data = load_digits(test_fraction=0.2, seed=0)
     seeds = list(range(args.seeds))
     runs: dict[str, dict] = {}

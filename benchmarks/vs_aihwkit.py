@@ -129,6 +129,8 @@ class Method:
     peer: str  # 'single', 'transfer', 'buffered' or 'chopped'
     transfer_lr: float = 0.1
     gamma: float = 0.0
+    transfer_write: str = "counts"  # Tiki-Taka here: 'counts' or 'pulse_train'
+    transfer_read: str = "exact"  # here: 'exact' tile reads or 'mvm' through the periphery
 
 
 def peer_rpu_config(spec: DeviceSpec, method: Method):
@@ -169,6 +171,10 @@ def our_layer(backend: hil.Backend, spec: DeviceSpec, method: Method, rows: int,
     """hil.layers.AnalogLinear (no bias) over the method's algorithm; ``analog_step`` updates."""
     kw = {} if method.name == "analog_sgd" else dict(
         transfer_lr=method.transfer_lr, gamma=method.gamma, transfer="column")
+    if method.transfer_write != "counts":
+        kw["transfer_write"] = method.transfer_write
+    if method.transfer_read != "exact":
+        kw["transfer_read"] = method.transfer_read
     alg = make_algorithm(method.name, backend, (rows, cols), lr=lr, prefix=prefix, seed=seed,
                          update="outer", **kw)
     if init is not None:

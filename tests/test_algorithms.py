@@ -125,6 +125,47 @@ def test_column_schedule_cycles_columns_every_k_steps():
     assert alg.column == 0
 
 
+def test_pulse_train_transfer_writes_transfer_lr_p_into_its_column_only():
+    """transfer_write='pulse_train': W[:, j] += transfer_lr * P[:, j] through outer_update
+    (one one-hot sample), near-linear devices: the mean over 400 transfers matches, the
+    other columns stay put; 'counts' is the default and a bad value one clear error."""
+    url = "sim://?model=linear&tau=100&dw_min=1e-3&io=ideal&seed=4"
+    with open_backend(url) as sim:
+        alg = TikiTaka(sim, (4, 3), lr=0.1, transfer_lr=0.5, transfer="column",
+                       transfer_write="pulse_train")
+        p = torch.tensor([[0.02], [-0.01], [0.004], [0.0]])
+        alg.tiles["P"].w[:, 1:2] = p
+        alg.column = 1
+        for _ in range(400):
+            alg._transfer(alg._columns())
+            alg.column = 1
+        w = alg.read("W")
+        assert torch.allclose(w[:, 1:2] / 400, 0.5 * p, atol=6e-4)  # ~4 SE
+        assert float(w[:, 1].abs().max()) > 3.0 and float(w[:, [0, 2]].abs().max()) == 0.0
+    assert TikiTaka(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1).transfer_write == "counts"
+    with pytest.raises(ValueError, match="transfer_write must be"):
+        TikiTaka(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, transfer_write="train")
+    with pytest.raises(ValueError, match="declares no outer_update"):
+        TikiTaka(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, transfer_write="pulse_train")
+
+
+def test_transfer_read_through_the_periphery():
+    """transfer_read='mvm' reads P's columns with one-hot MVMs: exactly read_p's columns
+    with ideal I/O, within the ADC's resolution (24 / 510) and noise through the paper's."""
+    for io, tol in (("ideal", 0.0), ("paper", 24 / 510 + 4 * 0.06)):
+        with open_backend(f"sim://?model=linear&tau=0.6&io={io}&seed=2") as sim:
+            alg = ResidualLearningV2(sim, (5, 4), lr=0.1, transfer_lr=0.1, gamma=0.1,
+                                     transfer_read="mvm")
+            alg.tiles["P"].w.uniform_(-0.3, 0.3)
+            got, want = alg.transfer_p(slice(1, 3)), alg.read_p(slice(1, 3))
+            assert got.shape == (5, 2)
+            assert float((got - want).abs().max()) <= tol + 1e-7
+    with pytest.raises(ValueError, match="declares no mvm"):
+        TikiTaka(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, transfer_read="mvm")
+    with pytest.raises(ValueError, match="transfer_read must be"):
+        TikiTaka(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, transfer_read="adc")
+
+
 def test_outer_update_path_and_dense_fallback_agree_in_expectation():
     x = torch.tensor([[1.0, 0.5, -0.25]])
     d = torch.tensor([[0.2, -0.4]])

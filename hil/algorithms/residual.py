@@ -16,6 +16,14 @@ from hil.backend import Backend, Tile
 from hil.program import program
 
 
+def _one_hot(cols: slice, n: int) -> torch.Tensor:
+    """One input vector per selected column (of n): row k is 1 at column first + k."""
+    first, stop, _ = cols.indices(n)
+    x = torch.zeros(stop - first, n)
+    x[:, first:stop] = torch.eye(stop - first)
+    return x
+
+
 class _TwoTile(AnalogAlgorithm):
     """W and P tiles, the transfer schedule and optional zero-shifting of P.
 
@@ -27,6 +35,11 @@ class _TwoTile(AnalogAlgorithm):
     alternating up/down pulses, a reference tile ``{prefix}.P_ref`` is write-verified
     to the P values read there, and P is read as P - P_ref from then on, so the
     symmetric point of the P that the algorithm sees is 0 (G(0) = 0, PAPER.md).
+
+    ``transfer_read``: how a transfer reads P. 'exact' (default, the paper's form): the
+    tile's read (its read noise only); 'mvm': one analog MVM per column with a one-hot
+    input, through the backend's periphery (DAC, ADC, output noise), as aihwkit's
+    transfer_forward does.
     """
 
     roles = ("W", "P")
@@ -47,7 +60,12 @@ class _TwoTile(AnalogAlgorithm):
         transfer: TransferSchedule = "full",
         zero_shift: bool = False,
         zero_shift_cycles: int = 1000,
+        transfer_read: str = "exact",
     ):
+        if transfer_read not in ("exact", "mvm"):
+            raise ValueError(f"transfer_read must be 'exact' or 'mvm', got {transfer_read!r}")
+        if transfer_read == "mvm" and not backend.capabilities.mvm:
+            raise ValueError("transfer_read='mvm' but the backend declares no mvm")
         if transfer not in ("full", "column"):
             raise ValueError(f"transfer must be 'full' or 'column', got {transfer!r}")
         if int(transfer_every) < 1:
@@ -58,6 +76,7 @@ class _TwoTile(AnalogAlgorithm):
         self.gamma = float(gamma)
         self.transfer_every = int(transfer_every)
         self.transfer = transfer
+        self.transfer_read = transfer_read
         self.column = 0  # next column of the 'column' schedule
         self.zero_shift = bool(zero_shift)
         if self.zero_shift:
@@ -77,6 +96,16 @@ class _TwoTile(AnalogAlgorithm):
         when zero-shifting)."""
         p = self.read("P", cols)
         return p - self.read("P_ref", cols) if self.zero_shift else p
+
+    def transfer_p(self, cols: slice) -> torch.Tensor:
+        """The columns ``cols`` of P as a transfer reads them (see ``transfer_read``)."""
+        if self.transfer_read == "exact":
+            return self.read_p(cols)
+        x = _one_hot(cols, self.shape[1])
+        terms = [(self.tiles["P"], 1.0)] + ([(self.tiles["P_ref"], -1.0)]
+                                            if self.zero_shift else [])
+        out = sum(c * t.mvm(x).detach().to("cpu", torch.float32) for t, c in terms)
+        return out.t().contiguous()
 
     def weight(self) -> torch.Tensor:
         w = self.read("W")
@@ -120,10 +149,30 @@ class ResidualLearning(_TwoTile):
 
     gamma = 0 is Tiki-Taka. Both updates go through the device responses, as in
     PAPER.md: P' = P - a g F(P) - a|g| G(P), W' = W + b P' F(W) - b|P'| G(W).
+
+    ``transfer_write``: 'counts' (default) writes transfer_lr * P / dw_min as
+    stochastically rounded pulse counts; 'pulse_train' writes it with the backend's
+    outer_update, one one-hot column input per transferred column (aihwkit's
+    TransferCompound: coincidence counts of two pulse trains, at most train_length each).
     """
 
+    def __init__(self, *args: Any, transfer_write: str = "counts", **kw: Any):
+        if transfer_write not in ("counts", "pulse_train"):
+            raise ValueError(f"transfer_write must be 'counts' or 'pulse_train', "
+                             f"got {transfer_write!r}")
+        super().__init__(*args, **kw)
+        if transfer_write == "pulse_train" and not self.backend.capabilities.outer_update:
+            raise ValueError("transfer_write='pulse_train' but the backend declares no "
+                             "outer_update")
+        self.transfer_write = transfer_write
+
     def _transfer(self, cols: slice) -> None:
-        self.pulse_delta(self.tiles["W"], self.transfer_lr * self.read_p(cols), cols=cols)
+        p = self.transfer_p(cols)
+        if self.transfer_write == "counts":
+            self.pulse_delta(self.tiles["W"], self.transfer_lr * p, cols=cols)
+            return
+        self.tiles["W"].outer_update(_one_hot(cols, self.shape[1]), p.t().contiguous(),
+                                     self.transfer_lr)
 
 
 class TikiTaka(ResidualLearning):
@@ -146,7 +195,7 @@ class _Buffered(_TwoTile):
         self.H = torch.zeros(self.shape, dtype=torch.float32)
 
     def _transfer(self, cols: slice) -> None:
-        p = self.read_p(cols)
+        p = self.transfer_p(cols)
         b = self.transfer_lr
         h = self.H[:, cols]
         h = (1 - b) * h + b * p if self.decay else h + b * p
