@@ -57,6 +57,8 @@ class AlgorithmConfig(_Strict):
     gamma: float = Field(0.1, ge=0)
     transfer_every: int = Field(1, ge=1)
     transfer: Literal["full", "column"] = "full"
+    transfer_read: Literal["exact", "mvm"] = "exact"  # 'mvm': one-hot MVMs (aihwkit's form)
+    transfer_write: Literal["counts", "pulse_train"] = "counts"  # tiki_taka / residual
     update: Literal["auto", "outer", "pulse"] = "auto"
     io: Literal["auto", "analog", "digital"] = "auto"
     zero_shift: bool = False

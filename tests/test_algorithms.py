@@ -160,6 +160,15 @@ def test_transfer_read_through_the_periphery():
             got, want = alg.transfer_p(slice(1, 3)), alg.read_p(slice(1, 3))
             assert got.shape == (5, 2)
             assert float((got - want).abs().max()) <= tol + 1e-7
+    with open_backend("sim://?seed=1") as sim:  # by config name, as hil train builds them
+        tt = make_algorithm("tiki_taka", sim, (3, 2), lr=0.1, transfer_lr=0.1,
+                            transfer_read="mvm", transfer_write="pulse_train", prefix="a")
+        assert (tt.transfer_read, tt.transfer_write) == ("mvm", "pulse_train")
+        assert make_algorithm("analog_sgd", sim, (3, 2), lr=0.1, transfer_read="mvm",
+                              prefix="b").lr == 0.1
+        with pytest.raises(ValueError, match="transfer_write applies to tiki_taka"):
+            make_algorithm("rlv2", sim, (3, 2), lr=0.1, transfer_lr=0.1, prefix="c",
+                           transfer_write="pulse_train")
     with pytest.raises(ValueError, match="declares no mvm"):
         TikiTaka(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, transfer_read="mvm")
     with pytest.raises(ValueError, match="transfer_read must be"):
