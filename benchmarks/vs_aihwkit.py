@@ -28,7 +28,7 @@ from hil.layers import AnalogLinear
 from hil.optim import AnalogOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_time  # noqa: E402
+from timing import median_times  # noqa: E402
 
 PEER_HINT = ("benchmarks/vs_aihwkit.py needs IBM aihwkit: pip install -e .[peers] "
              "(aihwkit 1.2.0 is an sdist only: docs/aihwkit.md says how to build it)")
@@ -228,18 +228,17 @@ def bench_rank1(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch
     gen = torch.Generator().manual_seed(1)
     xs = [uniform(gen, batch, n) for _ in range(reps + 1)]
     ds = [uniform(gen, batch, n) for _ in range(reps + 1)]
-    with hil.open_backend(spec.sim_url()) as be:
-        layer = our_layer(be, spec, method, n, n, lr, "r1")
-        it = iter(zip(xs, ds, strict=True))
-        ours = median_time(lambda: layer.algorithm.step(x=(p := next(it))[0], d=p[1]), reps)
     peer_layer = PeerLinear(n, n, bias=False, rpu_config=peer_rpu_config(spec, method))
     tile = next(peer_layer.analog_tiles())
     tile.set_learning_rate(lr * spec.peer_lr_scale)
-    it = iter(zip(xs, ds, strict=True))
-    peer = median_time(lambda: tile.update(*next(it)), reps)
     w = torch.zeros(n, n)
-    it = iter(zip(xs, ds, strict=True))
-    floor = median_time(lambda: w.sub_(lr * (p := next(it))[1].t() @ p[0]), reps)
+    with hil.open_backend(spec.sim_url()) as be:
+        layer = our_layer(be, spec, method, n, n, lr, "r1")
+        its = [iter(zip(xs, ds, strict=True)) for _ in range(3)]
+        ours, peer, floor = median_times([
+            lambda: layer.algorithm.step(x=(p := next(its[0]))[0], d=p[1]),
+            lambda: tile.update(*next(its[1])),
+            lambda: w.sub_(lr * (p := next(its[2]))[1].t() @ p[0])], reps)
     return ours, peer, floor
 
 
@@ -270,16 +269,17 @@ def bench_layer(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch
     def loss(y, g):  # dL/dy = g
         return (y * g).sum()
 
-    with hil.open_backend(spec.sim_url()) as be:
-        ours_layer = our_layer(be, spec, method, n, n, lr, "fc")
-        ours = median_time(_train_steps(ours_layer, ours_layer.analog_step, xs, gs, loss), reps)
     peer_layer = PeerLinear(n, n, bias=False, rpu_config=peer_rpu_config(spec, method))
     opt = AnalogSGD(peer_layer.parameters(), lr=lr * spec.peer_lr_scale)
     opt.regroup_param_groups(peer_layer)
-    peer = median_time(_train_steps(peer_layer, opt.step, xs, gs, loss), reps)
     digital = torch.nn.Linear(n, n, bias=False)
     dopt = torch.optim.SGD(digital.parameters(), lr=lr)
-    floor = median_time(_train_steps(digital, dopt.step, xs, gs, loss), reps)
+    with hil.open_backend(spec.sim_url()) as be:
+        ours_layer = our_layer(be, spec, method, n, n, lr, "fc")
+        ours, peer, floor = median_times([
+            _train_steps(ours_layer, ours_layer.analog_step, xs, gs, loss),
+            _train_steps(peer_layer, opt.step, xs, gs, loss),
+            _train_steps(digital, dopt.step, xs, gs, loss)], reps)
     return ours, peer, floor
 
 
@@ -321,21 +321,22 @@ def bench_fcn(spec: DeviceSpec, method: Method, reps: int, lr: float = 0.05, bat
     x, y = digits_28(batch * (reps + 1))
     xs, ys = list(x.split(batch)), list(y.split(batch))
     nll = torch.nn.functional.nll_loss
+    cfg = peer_rpu_config(spec, method)
+    peer_net = FCN([PeerLinear(i, o, bias=False, rpu_config=cfg) for i, o in sizes])
+    opt = AnalogSGD(peer_net.parameters(), lr=lr * spec.peer_lr_scale)
+    opt.regroup_param_groups(peer_net)
+    digital = FCN([torch.nn.Linear(i, o, bias=False) for i, o in sizes])
+    dopt = torch.optim.SGD(digital.parameters(), lr=lr)
     with hil.open_backend(spec.sim_url()) as be:
         layers = [our_layer(be, spec, method, o, i, lr, f"fc{k}",
                             init=torch.empty(o, i).uniform_(-1 / math.sqrt(i), 1 / math.sqrt(i)))
                   for k, (i, o) in enumerate(sizes)]
         ours_net = FCN(layers)
         opt_here = AnalogOptimizer(ours_net, digital_lr=lr)  # no digital parameters here
-        ours = median_time(_train_steps(ours_net, opt_here.step, xs, ys, nll), reps)
-    cfg = peer_rpu_config(spec, method)
-    peer_net = FCN([PeerLinear(i, o, bias=False, rpu_config=cfg) for i, o in sizes])
-    opt = AnalogSGD(peer_net.parameters(), lr=lr * spec.peer_lr_scale)
-    opt.regroup_param_groups(peer_net)
-    peer = median_time(_train_steps(peer_net, opt.step, xs, ys, nll), reps)
-    digital = FCN([torch.nn.Linear(i, o, bias=False) for i, o in sizes])
-    dopt = torch.optim.SGD(digital.parameters(), lr=lr)
-    floor = median_time(_train_steps(digital, dopt.step, xs, ys, nll), reps)
+        ours, peer, floor = median_times([
+            _train_steps(ours_net, opt_here.step, xs, ys, nll),
+            _train_steps(peer_net, opt.step, xs, ys, nll),
+            _train_steps(digital, dopt.step, xs, ys, nll)], reps)
     return ours, peer, floor
 
 
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         task = bar.add_task("vs aihwkit", total=len(jobs))
         for name, spec, method, fn in jobs:
             bar.update(task, description=name)
-            reps = max(args.reps, 10) if fn is bench_fcn else args.reps
+            reps = max(args.reps, 30) if fn is bench_fcn else args.reps
             rows.append(Row(name, *fn(replace(spec), method, reps)))
             bar.console.print(" | ".join(rows[-1].cells()))
             bar.advance(task)

@@ -128,9 +128,9 @@ class SimTile(Tile):
         fp = self.devices.fused()
         if fp is not None and _use_native(self.cfg.engine, self.w):
             # one call: probabilities, packed fire masks (no counts tensor), pulses
-            keys = _call_keys(self.gen, 2).tolist()  # the draws of pulse_train_bits
+            keys = _call_keys(self.gen, 2)  # the draws of pulse_train_bits
             noisy, key = _noise_key(self.devices, self.gen)
-            native.outer_update(self.w, fp, x, d, lr, self.dw_min, bl, keys, noisy, int(key))
+            native.outer_update(self.w, fp, x, d, lr, self.dw_min, bl, keys, noisy, key)
             return
         counts = pulse_train_counts(x, d, lr, self.dw_min, bl, self.gen,
                                     dtype=torch.int8 if bl <= 127 else torch.int32)
@@ -158,7 +158,7 @@ def _fire_probabilities(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: flo
     k = abs(lr) / (dw_min * bl)
     px = (torch.sqrt(k * dmax / xmax) * xa).clamp(max=1.0)
     pd = (torch.sqrt(k * xmax / dmax) * da).clamp(max=1.0)
-    kx, kd = _call_keys(gen, 2)
+    kx, kd = (_key_tensor(k, x.device) for k in _call_keys(gen, 2))
     return (px, torch.sign(x), kx), (pd, torch.sign(d) * (1.0 if lr >= 0 else -1.0), kd)
 
 
@@ -219,20 +219,23 @@ def _is_noisy(dev: DeviceArray) -> bool:
     return bool((c2c > 0).any()) if isinstance(c2c, torch.Tensor) else float(c2c) > 0
 
 
-def _noise_key(dev: DeviceArray, gen: torch.Generator) -> tuple[bool, torch.Tensor]:
+def _noise_key(dev: DeviceArray, gen: torch.Generator) -> tuple[bool, int]:
     """Whether the devices have c2c noise and the call key of its counters (0 if not)."""
     fp = dev.fused()
     noisy = fp.noisy if fp is not None else _is_noisy(dev)
-    key = (_call_keys(gen, 1)[0] if noisy
-           else torch.zeros((), dtype=torch.int32, device=gen.device))
-    return noisy, key
+    return noisy, (_call_keys(gen, 1)[0] if noisy else 0)
 
 
-def _call_keys(gen: torch.Generator, n: int) -> torch.Tensor:
-    """n int32 keys [n] for one call, drawn from the tile generator (they seed the counter
-    hashes of the pulse trains and of the pulse noise)."""
+def _call_keys(gen: torch.Generator, n: int) -> list[int]:
+    """n keys (int32 range) for one call, drawn from the tile generator (they seed the
+    counter hashes of the pulse trains and of the pulse noise); one draw, no tensor ops."""
     return torch.randint(-(2**31), 2**31 - 1, (n,), generator=gen, device=gen.device,
-                         dtype=torch.int64).to(torch.int32)
+                         dtype=torch.int64).tolist()
+
+
+def _key_tensor(key: int, device: torch.device | str) -> torch.Tensor:
+    """A key as the 0-d int32 tensor the torch kernels take (a traced input, not a constant)."""
+    return torch.tensor(key, dtype=torch.int32, device=device)
 
 
 def _use_native(engine: str, w: torch.Tensor, kmax: int | None = None) -> bool:
@@ -296,10 +299,11 @@ def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.
     noisy, key = _noise_key(dev, gen)
     fp = dev.fused()
     if fp is None:
-        _generic_pulses(res, n, n.abs(), kmax, dev, noisy, key)
+        _generic_pulses(res, n, n.abs(), kmax, dev, noisy, _key_tensor(key, w.device))
     elif _use_native(engine, res, kmax):
         native.pulse_trains(res.view(-1), fp, key, noisy, counts=n.reshape(1, -1))
     else:
+        key = _key_tensor(key, w.device)
         compiled = _use_compiled(engine, res.numel())
         unroll = (1 if kmax == 1 else PULSE_UNROLL) if compiled else kmax
         wf, nf = res.view(-1), n.reshape(-1).to(torch.int32).contiguous()
@@ -365,7 +369,7 @@ def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
     if method == "auto":
         method = "device" if noisy else "sample"
     run = _trains_by_sample if method == "sample" else _trains_by_device
-    run(w.view(-1), flat, fp, noisy, key, compiled)
+    run(w.view(-1), flat, fp, noisy, _key_tensor(key, w.device), compiled)
 
 
 def _sample_unroll(k: int, noisy: bool) -> int:

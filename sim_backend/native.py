@@ -159,7 +159,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def pulse_trains(w: torch.Tensor, fp: FusedParams, key: torch.Tensor, noisy: bool, *,
+def pulse_trains(w: torch.Tensor, fp: FusedParams, key: int | torch.Tensor, noisy: bool, *,
                  counts: torch.Tensor | None = None,
                  bits: tuple[torch.Tensor, torch.Tensor] | None = None,
                  shape: tuple[int, int] | None = None,
@@ -245,11 +245,16 @@ def _check_weights(w: torch.Tensor) -> None:
 
 
 def _device_args(fp: FusedParams, noisy: bool) -> tuple:
-    """The kernel arguments from family to gamma: the devices' coefficients."""
-    family, gamma = _family(fp)
-    kp, km, tmin, tmax, _, c2c = fp.tensors()
-    return (family, int(noisy), kp.data_ptr(), km.data_ptr(), tmin.data_ptr(),
-            tmax.data_ptr(), _ptr(fp.g), c2c.data_ptr(), 1 if c2c.dim() else 0, gamma)
+    """The kernel arguments from family to gamma: the devices' coefficients (kept on ``fp``,
+    whose tensors never move: DeviceArray.fused() makes a new one when its sources change)."""
+    args = fp.cache.get("native")
+    if args is None:
+        family, gamma = _family(fp)
+        kp, km, tmin, tmax, _, c2c = fp.tensors()
+        args = fp.cache["native"] = (family, kp.data_ptr(), km.data_ptr(), tmin.data_ptr(),
+                                     tmax.data_ptr(), _ptr(fp.g), c2c.data_ptr(),
+                                     1 if c2c.dim() else 0, gamma)
+    return (args[0], int(noisy), *args[1:])
 
 
 def _check(rc: int) -> None:
@@ -257,8 +262,8 @@ def _check(rc: int) -> None:
         raise RuntimeError(f"native pulse kernel failed (code {rc})")
 
 
-def fire_bits(p: torch.Tensor, sign: torch.Tensor, train_length: int, key: torch.Tensor
-              ) -> torch.Tensor:
+def fire_bits(p: torch.Tensor, sign: torch.Tensor, train_length: int,
+              key: int | torch.Tensor) -> torch.Tensor:
     """Packed fire masks [B, ceil(bl / 31), n] int32 of lines firing with probabilities
     p [B, n] in each of bl slots (draws: kernels.hash_uniform under ``key``; layout:
     emulator.pulse_train_bits)."""
