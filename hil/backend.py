@@ -1,5 +1,6 @@
-"""The backend contract: named tiles of devices with read and pulse, optional MVM and
-rank-1 update, and a URL-scheme registry so the core never imports a backend package."""
+"""The backend contract: named tiles of devices with read and pulse (of the whole tile, or
+of a column range: defaults built on the whole-tile operations), optional MVM and rank-1
+update, and a URL-scheme registry so the core never imports a backend package."""
 
 from __future__ import annotations
 
