@@ -70,7 +70,8 @@ class _AnalogBase(nn.Module):
             out = None
             for tile, coeff in self.algorithm.mvm_terms():
                 y = tile.mvm(v, transpose=transpose).to(v.device, v.dtype)
-                out = coeff * y if out is None else out + coeff * y
+                y = y if coeff == 1.0 else coeff * y
+                out = y if out is None else out + y
             return out
         w = self.algorithm.weight().to(v.device, v.dtype)
         return v @ w if transpose else v @ w.t()
@@ -79,8 +80,11 @@ class _AnalogBase(nn.Module):
         """Hand the cached (x, d) of this step to the algorithm and clear the cache."""
         if not self._cache:
             return
-        x = torch.cat([c[0] for c in self._cache])
-        d = torch.cat([c[1] for c in self._cache])
+        if len(self._cache) == 1:  # one forward/backward per step: no copy
+            x, d = self._cache[0]
+        else:
+            x = torch.cat([c[0] for c in self._cache])
+            d = torch.cat([c[1] for c in self._cache])
         self._cache.clear()
         self.algorithm.step(x=x, d=d, lr_scale=lr_scale)
 
