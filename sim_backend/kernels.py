@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -81,7 +81,6 @@ class FusedParams:
     c2c: Tensor  # 0-d or [numel]
     gamma: float | None = None  # power with one gamma for all devices: a kernel constant
     noisy: bool = False  # any device with c2c > 0 (decided once, not per call)
-    cache: dict = field(default_factory=dict, repr=False, compare=False)  # per-engine data
 
     @property
     def variant(self) -> Variant:

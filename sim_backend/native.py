@@ -245,16 +245,12 @@ def _check_weights(w: torch.Tensor) -> None:
 
 
 def _device_args(fp: FusedParams, noisy: bool) -> tuple:
-    """The kernel arguments from family to gamma: the devices' coefficients (kept on ``fp``,
-    whose tensors never move: DeviceArray.fused() makes a new one when its sources change)."""
-    args = fp.cache.get("native")
-    if args is None:
-        family, gamma = _family(fp)
-        kp, km, tmin, tmax, _, c2c = fp.tensors()
-        args = fp.cache["native"] = (family, kp.data_ptr(), km.data_ptr(), tmin.data_ptr(),
-                                     tmax.data_ptr(), _ptr(fp.g), c2c.data_ptr(),
-                                     1 if c2c.dim() else 0, gamma)
-    return (args[0], int(noisy), *args[1:])
+    """The kernel arguments from family to gamma: the devices' coefficients (pointers taken
+    at each call: a cached pointer would dangle in a copied or unpickled FusedParams)."""
+    family, gamma = _family(fp)
+    kp, km, tmin, tmax, _, c2c = fp.tensors()
+    return (family, int(noisy), kp.data_ptr(), km.data_ptr(), tmin.data_ptr(),
+            tmax.data_ptr(), _ptr(fp.g), c2c.data_ptr(), 1 if c2c.dim() else 0, gamma)
 
 
 def _check(rc: int) -> None:

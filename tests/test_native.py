@@ -150,6 +150,23 @@ def test_native_pulse_trains_equal_device_major_torch_kernel_with_noise():
     assert float((out["native"] - out["eager"]).abs().max()) < 1e-6
 
 
+def test_a_copied_device_array_drives_the_kernel_like_the_original():
+    """The kernel takes the coefficients' addresses at each call, so a pickled (or
+    deep-copied) FusedParams works and gives the same pulses (no stale pointers)."""
+    import pickle
+
+    with hil.open_backend(url("power", "&gamma=0.5", 0.3)) as be:
+        tile = be.allocate("t", 16, 24)
+        fp = tile.devices.fused()
+        n = torch.randint(-5, 6, (1, 16 * 24), generator=gen(10), dtype=torch.int32)
+        out = []
+        for params in (fp, pickle.loads(pickle.dumps(fp))):
+            w = tile.w.clone().view(-1)
+            native.pulse_trains(w, params, 7, True, counts=n)
+            out.append(w)
+        assert torch.equal(out[0], out[1]) and not torch.equal(out[0], tile.w.view(-1))
+
+
 def test_engine_native_without_the_kernel_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_failed", "no C++ compiler (test)")
