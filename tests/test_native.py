@@ -60,11 +60,13 @@ def test_native_pulses_match_eager(model, extra, c2c):
 
 @pytest.mark.parametrize("model,extra", MODELS)
 @pytest.mark.parametrize("c2c", [0.0, 0.3])
-def test_native_outer_update_matches_eager(model, extra, c2c):
+@pytest.mark.parametrize("batch", [7, 40])
+def test_native_outer_update_matches_eager(model, extra, c2c, batch):
     """outer_update: packed fire masks on the native path, counts and the device-major torch
-    kernel on the eager one; same draws and noise counters, so the same weights."""
+    kernel on the eager one; same draws and noise counters, so the same weights (also past
+    31 samples, where the groups' sample masks stop being one bit per sample)."""
     g = gen(3)
-    x, d = torch.rand(7, 56, generator=g) * 2 - 1, torch.rand(7, 40, generator=g) * 2 - 1
+    x, d = torch.rand(batch, 56, generator=g) * 2 - 1, torch.rand(batch, 40, generator=g) * 2 - 1
     out = {}
     for engine in ("native", "eager"):
         with hil.open_backend(url(model, extra, c2c, engine)) as be:

@@ -146,7 +146,8 @@ struct Args {
   float gamma;         // POWER with one exponent for all devices, else NaN (use g)
   uint32_t key;
   const uint32_t* colany = nullptr;  // BITS, cols % L == 0: OR of fx over each L columns
-  const uint8_t* live = nullptr;     // with colany: per group, 0 if it has no coincidence
+  const uint32_t* live = nullptr;  // with colany: per group, the samples that may have a
+  // coincidence (bit b for sample b < 31, bit 31 for all samples from 31 on; 0: none)
   int64_t cstride = 0;  // COUNTS*: counts per sample (numel, or rows * width in a window)
   int64_t col0 = 0, width = 0;  // COUNTS*: only columns col0 .. col0 + width - 1 (width > 0)
 };
@@ -311,7 +312,16 @@ bool load(const Args& A, Group& G, int64_t grp) {
   vu acc{};
   vi fill{}, word{}, total{};
   const vi full = vi{} + 32;
-  for (int64_t b = 0; b < A.batch; ++b) {
+  const uint32_t may = A.live ? A.live[grp] : ~0u;  // samples that may have a coincidence
+  auto next_sample = [&](int64_t b) -> int64_t {  // the first such sample from b on
+    if (b < 31) {
+      const uint32_t rest = (may & 0x7FFFFFFFu) >> b;
+      if (rest) return b + __builtin_ctz(rest);
+      b = 31;
+    }
+    return (may >> 31) ? b : A.batch;
+  };
+  for (int64_t b = next_sample(0); b < A.batch; b = next_sample(b + 1)) {
     const vi n = group_counts<S>(A, G, b, whole, r0, c0);
     if (!any(n)) continue;
     const vi m = n < 0 ? -n : n;
@@ -475,10 +485,11 @@ int by_noise(const Args& A, int noisy, int source, int nthreads) {
   return noisy ? by_source<F, true>(A, source, nthreads) : by_source<F, false>(A, source, nthreads);
 }
 
-// The OR of fx over each L columns and, per group (row r, columns L cg ..), whether a
-// slot has the row and one of those columns firing: lets groups skip samples and
-// whole groups without coincidences. Only where cols % L == 0 (else the arrays stay empty).
-void coincidences(Args& A, std::vector<uint32_t>& colany, std::vector<uint8_t>& live) {
+// The OR of fx over each L columns and, per group (row r, columns L cg ..), the samples
+// in which a slot has the row and one of those columns firing (see Args::live): lets
+// groups skip samples and whole groups without coincidences. Only where cols % L == 0
+// (else the arrays stay empty).
+void coincidences(Args& A, std::vector<uint32_t>& colany, std::vector<uint32_t>& live) {
   if (A.cols % L != 0) return;
   const int64_t ncg = A.cols / L;
   colany.assign(static_cast<size_t>(A.batch * A.words * ncg), 0u);
@@ -486,14 +497,15 @@ void coincidences(Args& A, std::vector<uint32_t>& colany, std::vector<uint8_t>& 
     for (int64_t c = 0; c < A.cols; ++c)
       colany[bw * ncg + c / L] |= static_cast<uint32_t>(A.fx[bw * A.cols + c]);
   A.colany = colany.data();
-  live.assign(static_cast<size_t>(A.rows * ncg), 0);
+  live.assign(static_cast<size_t>(A.rows * ncg), 0u);
   for (int64_t r = 0; r < A.rows; ++r) {
-    uint8_t* lr = live.data() + r * ncg;
+    uint32_t* lr = live.data() + r * ncg;
     for (int64_t bw = 0; bw < A.batch * A.words; ++bw) {
       const uint32_t fr = static_cast<uint32_t>(A.fd[bw * A.rows + r]) & 0x7FFFFFFFu;
       if (fr == 0) continue;
+      const uint32_t bit = 1u << std::min<int64_t>(bw / A.words, 31);
       const uint32_t* ca = colany.data() + bw * ncg;
-      for (int64_t cg = 0; cg < ncg; ++cg) lr[cg] |= (ca[cg] & fr) != 0;
+      for (int64_t cg = 0; cg < ncg; ++cg) lr[cg] |= (ca[cg] & fr) != 0 ? bit : 0u;
     }
   }
   A.live = live.data();
@@ -501,7 +513,7 @@ void coincidences(Args& A, std::vector<uint32_t>& colany, std::vector<uint8_t>& 
 
 int by_family(Args& A, int family, int noisy, int source, int nthreads) {
   std::vector<uint32_t> colany;
-  std::vector<uint8_t> live;
+  std::vector<uint32_t> live;
   if (source == BITS) coincidences(A, colany, live);
   switch (family) {
     case LINEAR: return by_noise<LINEAR>(A, noisy, source, nthreads);
