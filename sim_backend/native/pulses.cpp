@@ -365,8 +365,12 @@ bool load(const Args& A, Group& G, int64_t grp) {
   if (tmax == 0) return false;
   const int64_t need = (static_cast<int64_t>(tmax) + 31) / 32 * L;
   if (static_cast<int64_t>(G.signs.size()) < need) G.signs.resize(need);
-  for (int k = 0; k < L; ++k)  // the lanes' last, partial words
-    if (fill[k] > 0) G.signs[word[k] * L + k] = acc[k];
+  if (!any(word)) {  // one sign word per lane (the usual case): store them at once
+    std::memcpy(G.signs.data(), &acc, sizeof(acc));
+  } else {
+    for (int k = 0; k < L; ++k)  // the lanes' last, partial words
+      if (fill[k] > 0) G.signs[word[k] * L + k] = acc[k];
+  }
   G.total = total;
   G.tmax = tmax;
   load_devices<NOISY>(A, G);
@@ -399,34 +403,41 @@ inline bool step(const Args& A, Group& G) {
 template <int F, bool NOISY, int S>
 void run_groups(const Args& A, int64_t g0, int64_t g1) {
   constexpr int SLOTS = 2;
-  constexpr int AHEAD = 8;  // candidate groups whose device data is being prefetched
+  constexpr int AHEAD = 8;  // groups ahead whose device data is being prefetched
   Group G[SLOTS];
   bool live[SLOTS];
-  int64_t next = g0;
-  int64_t pf = g0;  // prefetch cursor: the candidates in [next, pf) are prefetched
-  int ahead = 0;    // how many candidates that is
-  // Sparse outer updates touch scattered groups: without this every load waits on
-  // memory. Only with the live map (a count source reads its counts anyway, and most
-  // groups of a sparse count map have none: prefetching them would waste bandwidth).
-  auto prefetch = [&]() {
-    while (A.live && ahead < AHEAD && pf < g1) {
-      const int64_t grp = pf++;
-      if (!A.live[grp]) continue;
-      const int64_t base = grp * L;
-      for (const float* a : {static_cast<const float*>(A.w), A.kp, A.km, A.tmin, A.tmax})
-        __builtin_prefetch(a + base);
-      if (A.g) __builtin_prefetch(A.g + base);
-      if (NOISY && A.c2c_stride) __builtin_prefetch(A.c2c + base);
-      ++ahead;
+  // With the live map (outer updates) only its groups are candidates, listed first
+  // (branch-free) and prefetched AHEAD in advance: sparse updates touch scattered groups
+  // and would otherwise wait on memory at every load. Count maps are walked in order
+  // (most groups of a sparse count map have no pulse: prefetching them would waste
+  // bandwidth, and their counts are read anyway).
+  std::vector<int64_t> ids;
+  if (A.live) {
+    ids.resize(static_cast<size_t>(g1 - g0));
+    size_t n = 0;
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      ids[n] = grp;
+      n += A.live[grp] != 0;
     }
+    ids.resize(n);
+  }
+  const int64_t candidates = A.live ? static_cast<int64_t>(ids.size()) : g1 - g0;
+  auto prefetch = [&](int64_t i) {
+    if (!A.live || i >= candidates) return;
+    const int64_t base = ids[i] * L;
+    for (const float* a : {static_cast<const float*>(A.w), A.kp, A.km, A.tmin, A.tmax})
+      __builtin_prefetch(a + base);
+    if (A.g) __builtin_prefetch(A.g + base);
+    if (NOISY && A.c2c_stride) __builtin_prefetch(A.c2c + base);
   };
+  for (int64_t i = 0; i < AHEAD; ++i) prefetch(i);
+  int64_t next = 0;  // the next candidate
   auto refill = [&](int s) {  // the next group with pulses into slot s, if any
     live[s] = false;
-    while (!live[s] && next < g1) {
-      const int64_t grp = next++;
-      if (A.live && !A.live[grp]) continue;
-      if (grp < pf) --ahead;
-      prefetch();
+    while (!live[s] && next < candidates) {
+      const int64_t grp = A.live ? ids[next] : g0 + next;
+      prefetch(next + AHEAD);
+      ++next;
       live[s] = load<NOISY, S>(A, G[s], grp);
     }
   };
