@@ -53,10 +53,7 @@ class SimTile(Tile):
     # -- the contract ---------------------------------------------------------------
     def read(self) -> torch.Tensor:
         self.backend._check_open("read", self.name)
-        if self.cfg.read_noise > 0:
-            noise = torch.randn(self.shape, generator=self.gen, device=self.w.device)
-            return self.w + self.cfg.read_noise * noise
-        return self.w.clone()
+        return self._with_read_noise(self.w)
 
     def _pulse(self, n: torch.Tensor) -> None:
         self.backend._check_open("pulse", self.name)
@@ -65,7 +62,10 @@ class SimTile(Tile):
     def read_columns(self, cols: slice) -> torch.Tensor:
         self.backend._check_open("read", self.name)
         first, width = self.column_range(cols)
-        w = self.w[:, first:first + width]
+        return self._with_read_noise(self.w[:, first:first + width])
+
+    def _with_read_noise(self, w: torch.Tensor) -> torch.Tensor:
+        """A copy of (a view of) the weights as a read returns it: plus the read noise."""
         if self.cfg.read_noise > 0:
             noise = torch.randn(w.shape, generator=self.gen, device=w.device)
             return w + self.cfg.read_noise * noise

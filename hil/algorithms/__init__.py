@@ -29,10 +29,8 @@ def make_algorithm(name: str, backend: Backend, shape: tuple[int, int], **kw: An
         for key in ("transfer_lr", "gamma", "transfer_every", "transfer", "zero_shift",
                     "transfer_read", "transfer_write"):
             kw.pop(key, None)
-    elif not issubclass(cls, ResidualLearning) and kw.get("transfer_write", "counts") \
-            == "counts":
-        kw.pop("transfer_write", None)  # the buffered variants' transfer is one pulse
-    elif not issubclass(cls, ResidualLearning):
+    elif not issubclass(cls, ResidualLearning) and kw.pop("transfer_write", "counts") \
+            != "counts":  # the buffered variants' threshold transfer is one pulse
         raise ValueError(f"transfer_write applies to tiki_taka and residual, not {name!r} "
                          "(its threshold transfer writes single pulses)")
     return cls(backend, shape, **kw)
