@@ -128,7 +128,7 @@ class SimTile(Tile):
         fp = self.devices.fused()
         if fp is not None and _use_native(self.cfg.engine, self.w):
             # one call: probabilities, packed fire masks (no counts tensor), pulses
-            keys = _call_keys(self.gen, 2)  # the draws of pulse_train_bits
+            keys = _call_keys(self.gen, 2)  # the draws of pulse_train_counts
             noisy, key = _noise_key(self.devices, self.gen)
             native.outer_update(self.w, fp, x, d, lr, self.dw_min, bl, keys, noisy, key)
             return
@@ -182,36 +182,6 @@ def pulse_train_counts(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: floa
     sd = torch.where(_fire_masks(pd, kd, train_length), sd.unsqueeze(1), 0.0)
     # sums of at most bl products of 0/+-1: exact integers in float32
     return torch.bmm(sd.transpose(1, 2), sx).to(dtype)
-
-
-def _pack_bits(fire: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Pack fire masks [B, bl, n] into int32 words [B, ceil(bl / 31), n] (slot 31 k + t in
-    bit t of word k) with bit 31 of word 0 set where sign < 0."""
-    b, bl, n = fire.shape
-    per = native.BITS_PER_WORD
-    words = -(-bl // per)
-    f = torch.nn.functional.pad(fire, (0, 0, 0, words * per - bl))
-    weight = torch.tensor([1 << t for t in range(per)], dtype=torch.int32,
-                          device=fire.device).view(1, 1, -1, 1)
-    packed = (f.view(b, words, per, n).to(torch.int32) * weight).sum(2, dtype=torch.int32)
-    minus = torch.tensor(-(2**31), dtype=torch.int32, device=fire.device)
-    packed[:, 0] = torch.where(sign < 0, packed[:, 0] | minus, packed[:, 0])
-    return packed.contiguous()
-
-
-def pulse_train_bits(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,
-                     train_length: int, gen: torch.Generator, use_native: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pulse trains of :func:`pulse_train_counts` (same draws) as packed fire masks:
-    (rows [B, words, rows], columns [B, words, cols]) int32; the count of device (i, j) in
-    sample b is the popcount of rows[b, :, i] & columns[b, :, j] (sign bit excluded),
-    negative where the two sign bits differ. Nothing of size rows x cols is built;
-    ``use_native`` draws and packs in the native kernel (CPU), with the same result."""
-    bl = int(train_length)
-    (px, sx, kx), (pd, sd, kd) = _fire_probabilities(x, d, lr, dw_min, bl, gen)
-    if use_native:
-        return native.fire_bits(pd, sd, bl, kd), native.fire_bits(px, sx, bl, kx)
-    return _pack_bits(_fire_masks(pd, kd, bl), sd), _pack_bits(_fire_masks(px, kx, bl), sx)
 
 
 def _is_noisy(dev: DeviceArray) -> bool:

@@ -31,8 +31,6 @@ FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
 NATIVE_FLAGS = ["-march=native"]  # dropped if the compiler rejects it
 FAMILY_CODE = {"linear": 0, "exp": 4}
 SOURCE_CODE = {torch.int8: 0, torch.int32: 1}
-BITS_SOURCE = 2
-BITS_PER_WORD = 31  # pulse-train slots per int32 fire-mask word; bit 31 of word 0: the sign
 MIN_THREADED = 1 << 22  # device-samples (numel x batch) below which one thread does the
 # work: threads start per call and compete with torch's spinning OpenMP workers (the
 # paper's FCN step, 784x256 at batch 10, ran 5-7 ms single against 8-9 ms threaded)
@@ -85,9 +83,8 @@ def _load() -> ctypes.CDLL:
         _compile(cxx, path)
     lib = ctypes.CDLL(str(path))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.hil_pulse_trains.argtypes = [p, i64, i64, i64, i64, i64, i32, p, p, p, i32, i32,
-                                     p, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int32,
-                                     i32, i64, i64]
+    lib.hil_pulse_trains.argtypes = [p, i64, i64, i64, i64, i32, p, i32, i32, p, p, p, p, p,
+                                     p, i64, ctypes.c_float, ctypes.c_int32, i32, i64, i64]
     lib.hil_pulse_trains.restype = i32
     lib.hil_outer_update.argtypes = [p, i64, i64, p, p, i64, ctypes.c_double, i32, i64,
                                      ctypes.c_int32, ctypes.c_int32, i32, i32, p, p, p, p, p,
@@ -98,8 +95,6 @@ def _load() -> ctypes.CDLL:
     lib.hil_mvm_in.restype = None
     lib.hil_mvm_out.argtypes = [p, p, f32, i64, i64, f32, f32, p]
     lib.hil_mvm_out.restype = None
-    lib.hil_fire_bits.argtypes = [p, p, i64, i64, i64, ctypes.c_int32, p]
-    lib.hil_fire_bits.restype = None
     lib.hil_pulse_normal.argtypes = [ctypes.c_int32, ctypes.c_int32]
     lib.hil_pulse_normal.restype = ctypes.c_float
     return lib
@@ -160,17 +155,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def pulse_trains(w: torch.Tensor, fp: FusedParams, key: int | torch.Tensor, noisy: bool, *,
-                 counts: torch.Tensor | None = None,
-                 bits: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 shape: tuple[int, int] | None = None,
+                 counts: torch.Tensor, shape: tuple[int, int] | None = None,
                  columns: tuple[int, int] | None = None) -> None:
     """Apply pulse trains to the flat float32 CPU weights ``w`` in place, device by device.
 
-    Either ``counts`` [B, numel] (int8 or int32, signed pulse counts per sample) or
-    ``bits`` = (fd [B, words, rows], fx [B, words, cols]) int32 fire masks of an outer
-    update (bit t of word k: slot 31 k + t fires; bit 31 of word 0: negative sign; the
-    count of device (r, c) is the popcount of fd & fx) with ``shape`` = (rows, cols).
-    ``columns`` = (first, width) with ``shape``: ``counts`` [B, rows, width] hold only
+    ``counts`` [B, numel] (int8 or int32): signed pulse counts per sample. ``columns`` =
+    (first, width) with ``shape`` = (rows, cols): ``counts`` [B, rows, width] hold only
     those columns (the others get no pulse; same result as the zero-padded map).
     Sample b's pulses all land before sample b+1's; the noise of a device's p-th pulse
     in this call is kernels.pulse_normal(mix(i ^ key), p), i its index in the tile.
@@ -179,21 +169,12 @@ def pulse_trains(w: torch.Tensor, fp: FusedParams, key: int | torch.Tensor, nois
     numel = w.numel()
     _check_weights(w)
     col0, width = columns if columns is not None else (0, 0)
-    if bits is not None:
-        fd, fx = (t.contiguous() for t in bits)
-        rows, cols = shape if shape is not None else (fd.shape[2], fx.shape[2])
-        batch, words, source, cnt = fd.shape[0], fd.shape[1], BITS_SOURCE, None
-    else:
-        if counts is None:
-            raise ValueError("pulse_trains needs counts or bits")
-        rows, cols = shape if shape is not None else (1, numel)
-        cnt = counts if counts.dtype in SOURCE_CODE else counts.to(torch.int32)
-        cnt = cnt.reshape(-1, rows * width if width else numel).contiguous()
-        batch, words, source, fd, fx = cnt.shape[0], 0, SOURCE_CODE[cnt.dtype], None, None
-    work = numel * batch if cnt is None else cnt.numel()  # device-samples
-    nthreads = torch.get_num_threads() if work >= MIN_THREADED else 1
+    rows, cols = shape if shape is not None else (1, numel)
+    cnt = counts if counts.dtype in SOURCE_CODE else counts.to(torch.int32)
+    cnt = cnt.reshape(-1, rows * width if width else numel).contiguous()
+    nthreads = torch.get_num_threads() if cnt.numel() >= MIN_THREADED else 1
     _check(lib.hil_pulse_trains(
-        w.data_ptr(), numel, rows, cols, batch, words, source, _ptr(cnt), _ptr(fd), _ptr(fx),
+        w.data_ptr(), numel, rows, cols, cnt.shape[0], SOURCE_CODE[cnt.dtype], _ptr(cnt),
         *_device_args(fp, noisy), int(key), nthreads, col0, width))
 
 
@@ -201,8 +182,10 @@ def outer_update(w: torch.Tensor, fp: FusedParams, x: torch.Tensor, d: torch.Ten
                  lr: float, dw_min: float, train_length: int, keys: list[int], noisy: bool,
                  key: int) -> None:
     """The whole outer update of the rows x cols tile ``w`` (float32 CPU, in place) in one
-    call: the pulse trains of emulator.pulse_train_bits (column draws under keys[0], row
-    draws under keys[1], the same masks) applied as :func:`pulse_trains` applies bits."""
+    call: the pulse trains of emulator.pulse_train_counts (the same draws: columns under
+    keys[0], rows under keys[1]) as packed 31-slot fire masks, a device's count being the
+    popcount of its row's and column's masks, applied device by device as
+    :func:`pulse_trains` applies counts (nothing of size batch x rows x cols is built)."""
     lib = _require()
     _check_weights(w)
     rows, cols = w.shape
@@ -256,21 +239,6 @@ def _device_args(fp: FusedParams, noisy: bool) -> tuple:
 def _check(rc: int) -> None:
     if rc != 0:
         raise RuntimeError(f"native pulse kernel failed (code {rc})")
-
-
-def fire_bits(p: torch.Tensor, sign: torch.Tensor, train_length: int,
-              key: int | torch.Tensor) -> torch.Tensor:
-    """Packed fire masks [B, ceil(bl / 31), n] int32 of lines firing with probabilities
-    p [B, n] in each of bl slots (draws: kernels.hash_uniform under ``key``; layout:
-    emulator.pulse_train_bits)."""
-    lib = _require()
-    p = p.to(torch.float32).contiguous()
-    sign = sign.to(torch.float32).contiguous()
-    b, n = p.shape
-    out = torch.empty((b, -(-train_length // BITS_PER_WORD), n), dtype=torch.int32)
-    lib.hil_fire_bits(p.data_ptr(), sign.data_ptr(), b, n, train_length, int(key),
-                      out.data_ptr())
-    return out
 
 
 def pulse_normal(h: int, t: int) -> float:

@@ -121,22 +121,24 @@ def test_native_mvm_periphery_equals_the_torch_ops(transpose):
                                                                 out["native"][1])
 
 
-@pytest.mark.parametrize("train_length", [31, 40, 93])
-@pytest.mark.parametrize("use_native", [False, True])
-def test_packed_fire_masks_count_like_the_counts(train_length, use_native):
-    """popcount(rows & cols) with the sign bits gives pulse_train_counts' counts, also for
-    trains longer than one 31-slot word; the native kernel draws and packs the same."""
+@pytest.mark.parametrize("train_length", [40, 93])
+def test_native_outer_update_with_multiword_trains_matches_eager(train_length):
+    """Trains longer than one 31-slot mask word, lr < 0 (which flips the row signs) and 33
+    columns (groups of 8 devices that cross rows, no per-group coincidence map): the
+    popcounts over several words give pulse_train_counts' counts."""
     g = gen(4)
     x, d = torch.rand(5, 33, generator=g) * 2 - 1, torch.rand(5, 17, generator=g) * 2 - 1
     x[0, :3] = 0.0
-    counts = em.pulse_train_counts(x, d, -0.3, 1e-3, train_length, gen(9))
-    fd, fx = em.pulse_train_bits(x, d, -0.3, 1e-3, train_length, gen(9), use_native=use_native)
-    assert fd.shape == (5, -(-train_length // 31), 17) and fx.dtype == torch.int32
-    both = fd.unsqueeze(3) & fx.unsqueeze(2)  # [B, words, rows, cols]
-    pop = sum(((both >> k) & 1) for k in range(31)).sum(1)
-    sign = torch.where((fd[:, 0].unsqueeze(2) ^ fx[:, 0].unsqueeze(1)) < 0, -1, 1)
-    assert torch.equal((pop * sign).to(torch.int32), counts)
-    assert int(counts.abs().max()) > 3
+    out = {}
+    for engine in ("native", "eager"):
+        with hil.open_backend(url("linear", "", 0.3, engine)
+                              + f"&train_length={train_length}") as be:
+            tile = be.allocate("t", 17, 33)
+            w0 = tile.read()
+            tile.outer_update(x, d, -0.3)
+            out[engine] = tile.read()
+    assert float((out["eager"] - w0).abs().max()) > 0.05
+    assert float((out["native"] - out["eager"]).abs().max()) < 1e-6
 
 
 def test_native_pulse_trains_equal_device_major_torch_kernel_with_noise():

@@ -606,19 +606,18 @@ extern "C" {
 
 // Apply batch samples of signed pulse counts to w [numel] in place; 0 on success.
 // family: 0 linear, 1 power 0.5, 2 power 2, 3 power (gamma, or per-device g if gamma is
-// NaN), 4 exp; source: 0 int8 counts, 1 int32 counts, 2 fire bit masks (outer update).
-// width > 0: the counts [batch, rows, width] are those of columns col0 .. col0 + width - 1
-// only (the others get no pulse); devices keep their tile index for the noise streams.
+// NaN), 4 exp; source: 0 int8 counts, 1 int32 counts. width > 0: the counts
+// [batch, rows, width] are those of columns col0 .. col0 + width - 1 only (the others get
+// no pulse); devices keep their tile index for the noise streams.
 int hil_pulse_trains(float* w, int64_t numel, int64_t rows, int64_t cols, int64_t batch,
-                     int64_t words, int source, const void* counts, const int32_t* fd,
-                     const int32_t* fx, int family, int noisy, const float* kp,
+                     int source, const void* counts, int family, int noisy, const float* kp,
                      const float* km, const float* tmin, const float* tmax, const float* g,
                      const float* c2c, int64_t c2c_stride, float gamma, int32_t key,
                      int nthreads, int64_t col0, int64_t width) {
   if (numel <= 0 || batch <= 0) return 0;
-  Args A{w, numel, rows, cols, batch, words, counts, fd, fx, kp, km, tmin, tmax, g, c2c,
-         c2c_stride, gamma, static_cast<uint32_t>(key)};
-  if (width > 0 && source == BITS) return 3;  // windows are for count maps
+  if (source != COUNTS8 && source != COUNTS32) return 2;
+  Args A{w, numel, rows, cols, batch, 0, counts, nullptr, nullptr, kp, km, tmin, tmax, g,
+         c2c, c2c_stride, gamma, static_cast<uint32_t>(key)};
   A.cstride = width > 0 ? rows * width : numel;
   A.col0 = col0;
   A.width = width;
@@ -652,15 +651,6 @@ int hil_outer_update(float* w, int64_t rows, int64_t cols, const float* x, const
   Args A{w, rows * cols, rows, cols, batch, words, nullptr, fd.data(), fx.data(), kp, km,
          tmin, tmax, g, c2c, c2c_stride, gamma, static_cast<uint32_t>(key)};
   return by_family(A, family, noisy, BITS, nthreads);
-}
-
-// Packed fire masks of lines firing with probabilities p [batch, n] (see fire_bits);
-// bit 31 of word 0 where sign[b][j] < 0.
-void hil_fire_bits(const float* p, const float* sign, int64_t batch, int64_t n,
-                   int64_t train_length, int32_t key, int32_t* out) {
-  std::vector<uint8_t> neg(batch * n);
-  for (int64_t i = 0; i < batch * n; ++i) neg[i] = sign[i] < 0.0f;
-  fire_bits(p, neg.data(), batch, n, train_length, static_cast<uint32_t>(key), out);
 }
 
 // The MVM's input side (noise management): scale[b] = max(max_j |x[b][j]|, 1e-12) / bound,
