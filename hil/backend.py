@@ -84,6 +84,11 @@ class Tile(ABC):
                      ) -> torch.Tensor:
         """Validate a pulse-count map (of the tile, or of ``shape``) and return it as int32
         on the backend's device."""
+        return self._checked_pulses(n, shape)[0]
+
+    def _checked_pulses(self, n: torch.Tensor, shape: tuple[int, int] | None = None
+                        ) -> tuple[torch.Tensor, int]:
+        """:meth:`check_pulses` and the largest |count| it found (0: no pulse at all)."""
         if not isinstance(n, torch.Tensor):
             raise BackendError("pulse counts must be a torch.Tensor", tile=self.name, op="pulse")
         if n.dtype.is_floating_point or n.dtype.is_complex or n.dtype == torch.bool:
@@ -98,6 +103,7 @@ class Tile(ABC):
                 tile=self.name, op="pulse",
             )
         limit = self.backend.capabilities.max_pulses_per_command
+        biggest = 0
         if n.numel():
             lo, hi = torch.aminmax(n)  # one read pass, no temporary |n|
             biggest = max(-int(lo), int(hi))
@@ -106,7 +112,7 @@ class Tile(ABC):
                     f"pulse count {biggest} exceeds {limit} per command",
                     tile=self.name, op="pulse",
                 )
-        return n.to(device=self.backend.capabilities.device, dtype=torch.int32)
+        return n.to(device=self.backend.capabilities.device, dtype=torch.int32), biggest
 
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """Analog MVM: x [B, cols] -> [B, rows]; transpose: [B, rows] -> [B, cols]."""

@@ -12,7 +12,14 @@ from hil.errors import BackendError
 from sim_backend import native
 from sim_backend.config import SimConfig
 from sim_backend.devices import DeviceArray, sample_devices, tile_generator
-from sim_backend.kernels import Variant, device_hash, get_kernel, hash_uniform, pulse_normal
+from sim_backend.kernels import (
+    FusedParams,
+    Variant,
+    device_hash,
+    get_kernel,
+    hash_uniform,
+    pulse_normal,
+)
 
 PopulationFactory = Callable[[str, int, int, torch.Generator], DeviceArray]
 COMPILE_MIN_DEVICES = 262144  # engine=auto compiles kernels of tiles this large (512x512) and up
@@ -76,15 +83,14 @@ class SimTile(Tile):
         streams as the zero-padded map through :meth:`pulse`); other engines pad."""
         self.backend._check_open("pulse", self.name)
         first, width = self.column_range(cols)
-        n = self.check_pulses(n, (self.shape[0], width))
+        n, biggest = self._checked_pulses(n, (self.shape[0], width))
         fp = self.devices.fused()
         if fp is None or not _use_native(self.cfg.engine, self.w):
             super().pulse_columns(n, cols)
             return
-        lo, hi = torch.aminmax(n)
-        if int(lo) == 0 and int(hi) == 0:
+        if biggest == 0:
             return  # as apply_pulses: no pulse, no draw
-        noisy, key = _noise_key(self.devices, self.gen)
+        noisy, key = _noise_key(self.devices, fp, self.gen)
         native.pulse_trains(self.w.view(-1), fp, key, noisy, counts=n, shape=self.shape,
                             columns=(first, width))
 
@@ -129,7 +135,7 @@ class SimTile(Tile):
         if fp is not None and _use_native(self.cfg.engine, self.w):
             # one call: probabilities, packed fire masks (no counts tensor), pulses
             keys = _call_keys(self.gen, 2)  # the draws of pulse_train_counts
-            noisy, key = _noise_key(self.devices, self.gen)
+            noisy, key = _noise_key(self.devices, fp, self.gen)
             native.outer_update(self.w, fp, x, d, lr, self.dw_min, bl, keys, noisy, key)
             return
         counts = pulse_train_counts(x, d, lr, self.dw_min, bl, self.gen,
@@ -189,9 +195,10 @@ def _is_noisy(dev: DeviceArray) -> bool:
     return bool((c2c > 0).any()) if isinstance(c2c, torch.Tensor) else float(c2c) > 0
 
 
-def _noise_key(dev: DeviceArray, gen: torch.Generator) -> tuple[bool, int]:
-    """Whether the devices have c2c noise and the call key of its counters (0 if not)."""
-    fp = dev.fused()
+def _noise_key(dev: DeviceArray, fp: FusedParams | None, gen: torch.Generator
+               ) -> tuple[bool, int]:
+    """Whether the devices have c2c noise and the call key of its counters (0 if not);
+    ``fp``: the devices' fused coefficients, if any (they know whether)."""
     noisy = fp.noisy if fp is not None else _is_noisy(dev)
     return noisy, (_call_keys(gen, 1)[0] if noisy else 0)
 
@@ -266,8 +273,8 @@ def apply_pulses(w: torch.Tensor, n: torch.Tensor, dev: DeviceArray, gen: torch.
     res = (w.clone() if out is None else (out.copy_(w) if out is not w else out)).contiguous()
     if kmax == 0:
         return res
-    noisy, key = _noise_key(dev, gen)
     fp = dev.fused()
+    noisy, key = _noise_key(dev, fp, gen)
     if fp is None:
         _generic_pulses(res, n, n.abs(), kmax, dev, noisy, _key_tensor(key, w.device))
     elif _use_native(engine, res, kmax):
@@ -325,7 +332,7 @@ def apply_pulse_trains(w: torch.Tensor, counts: torch.Tensor, dev: DeviceArray,
         for n in counts:
             apply_pulses(w, n, dev, gen, engine=engine, out=w)
         return
-    noisy, key = _noise_key(dev, gen)
+    noisy, key = _noise_key(dev, fp, gen)
     nb = counts.shape[0]
     if nb == 0:
         return

@@ -172,10 +172,9 @@ def pulse_trains(w: torch.Tensor, fp: FusedParams, key: int | torch.Tensor, nois
     rows, cols = shape if shape is not None else (1, numel)
     cnt = counts if counts.dtype in SOURCE_CODE else counts.to(torch.int32)
     cnt = cnt.reshape(-1, rows * width if width else numel).contiguous()
-    nthreads = torch.get_num_threads() if cnt.numel() >= MIN_THREADED else 1
     _check(lib.hil_pulse_trains(
         w.data_ptr(), numel, rows, cols, cnt.shape[0], SOURCE_CODE[cnt.dtype], _ptr(cnt),
-        *_device_args(fp, noisy), int(key), nthreads, col0, width))
+        *_device_args(fp, noisy), int(key), _threads(cnt.numel()), col0, width))
 
 
 def outer_update(w: torch.Tensor, fp: FusedParams, x: torch.Tensor, d: torch.Tensor,
@@ -191,11 +190,11 @@ def outer_update(w: torch.Tensor, fp: FusedParams, x: torch.Tensor, d: torch.Ten
     rows, cols = w.shape
     x, d = _floats(x), _floats(d)
     batch = x.shape[0]
-    nthreads = torch.get_num_threads() if w.numel() * batch >= MIN_THREADED else 1
     k = abs(lr) / (dw_min * train_length)
     _check(lib.hil_outer_update(
         w.data_ptr(), rows, cols, x.data_ptr(), d.data_ptr(), batch, k, int(lr < 0),
-        train_length, keys[0], keys[1], *_device_args(fp, noisy), key, nthreads))
+        train_length, keys[0], keys[1], *_device_args(fp, noisy), key,
+        _threads(w.numel() * batch)))
 
 
 def mvm_in(x: torch.Tensor, bound: float, res: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +219,11 @@ def mvm_out(y: torch.Tensor, noise: torch.Tensor | None, sigma: float, bound: fl
 
 def _floats(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
+
+
+def _threads(work: int) -> int:
+    """Kernel threads for ``work`` device-samples: torch's thread count from MIN_THREADED."""
+    return torch.get_num_threads() if work >= MIN_THREADED else 1
 
 
 def _check_weights(w: torch.Tensor) -> None:

@@ -586,13 +586,16 @@ void side_probabilities(const float* v, const float* vmax_own, const float* vmax
   }
 }
 
+// max |v_j| of one row of n values
+inline float row_abs_max(const float* v, int64_t n) {
+  float m = 0.0f;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, std::fabs(v[j]));
+  return m;
+}
+
 // max |v| of each sample, at least 1e-30
 void abs_max(const float* v, int64_t batch, int64_t n, float* out) {
-  for (int64_t b = 0; b < batch; ++b) {
-    float m = 0.0f;
-    for (int64_t j = 0; j < n; ++j) m = std::max(m, std::fabs(v[b * n + j]));
-    out[b] = std::max(m, 1e-30f);
-  }
+  for (int64_t b = 0; b < batch; ++b) out[b] = std::max(row_abs_max(v + b * n, n), 1e-30f);
 }
 
 // Clip to +-bound, round to the converter's levels res (half to even, as torch.round)
@@ -658,9 +661,7 @@ int hil_outer_update(float* w, int64_t rows, int64_t cols, const float* x, const
 void hil_mvm_in(const float* x, int64_t batch, int64_t n, float bound, float res, float* xq,
                 float* scale) {
   for (int64_t b = 0; b < batch; ++b) {
-    float m = 0.0f;
-    for (int64_t j = 0; j < n; ++j) m = std::max(m, std::fabs(x[b * n + j]));
-    const float s = std::max(m, 1e-12f) / bound;
+    const float s = std::max(row_abs_max(x + b * n, n), 1e-12f) / bound;
     scale[b] = s;
     for (int64_t j = 0; j < n; ++j) xq[b * n + j] = quantize(x[b * n + j] / s, bound, res);
   }
