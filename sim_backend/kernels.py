@@ -81,6 +81,7 @@ class FusedParams:
     c2c: Tensor  # 0-d or [numel]
     gamma: float | None = None  # power with one gamma for all devices: a kernel constant
     noisy: bool = False  # any device with c2c > 0 (decided once, not per call)
+    uniform: bool = False  # kp, km, tmin, tmax (and g) the same for every device (no d2d)
 
     @property
     def variant(self) -> Variant:
@@ -94,7 +95,8 @@ class FusedParams:
     @property
     def bytes_per_device(self) -> int:
         """Bytes one noiseless pass streams per device: w read+write, n, the coefficients."""
-        per = [t for t in (self.kp, self.km, self.tmin, self.tmax, self.g) if t is not None]
+        per = [] if self.uniform else [
+            t for t in (self.kp, self.km, self.tmin, self.tmax, self.g) if t is not None]
         if self.c2c.dim():
             per.append(self.c2c)
         return 4 + 4 + 4 + sum(t.element_size() for t in per)
@@ -140,8 +142,10 @@ def fused_params(dev) -> FusedParams | None:
     c2c = dev.c2c
     c2c_t = (flat(torch.as_tensor(c2c).expand(shape)) if isinstance(c2c, Tensor) and c2c.dim()
              else torch.tensor(float(c2c), dtype=f32, device=dev.w0.device))
-    return FusedParams(family, flat(cp), flat(cm), flat(tmin), flat(tmax),
-                       None if gg is None else flat(gg), c2c_t, gamma, bool((c2c_t > 0).any()))
+    coeffs = [flat(t) for t in (cp, cm, tmin, tmax)] + ([] if gg is None else [flat(gg)])
+    uniform = all(bool((t == t[0]).all()) for t in coeffs if t.numel())
+    return FusedParams(family, *coeffs[:4], coeffs[4] if gg is not None else None, c2c_t,
+                       gamma, bool((c2c_t > 0).any()), uniform)
 
 
 def _power(v: Tensor, g: Tensor, gamma: float | None) -> Tensor:

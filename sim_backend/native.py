@@ -27,13 +27,15 @@ from sim_backend.kernels import FusedParams
 
 SOURCE = Path(__file__).with_name("native") / "pulses.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
-         "-ffp-contract=off", "-fopenmp-simd"]
-NATIVE_FLAGS = ["-march=native"]  # dropped if the compiler rejects it
+         "-ffp-contract=off"]
+OPTIONAL_FLAGS = [["-march=native", "-fopenmp"], ["-fopenmp"], []]  # tried in order
+# -fopenmp links libgomp.so.1, the runtime torch's Linux wheels load: the kernel's threads
+# are torch's own OpenMP workers (no second pool spinning against them); where the
+# compiler has no OpenMP the kernel builds single-threaded
 FAMILY_CODE = {"linear": 0, "exp": 4}
 SOURCE_CODE = {torch.int8: 0, torch.int32: 1}
-MIN_THREADED = 1 << 22  # device-samples (numel x batch) below which one thread does the
-# work: threads start per call and compete with torch's spinning OpenMP workers (the
-# paper's FCN step, 784x256 at batch 10, ran 5-7 ms single against 8-9 ms threaded)
+MIN_THREADED = 1 << 13  # device-samples (numel x batch) below which one thread does the
+# work (a parallel region costs a few microseconds)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -57,7 +59,7 @@ def _compile(cxx: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        for extra in (NATIVE_FLAGS, []):
+        for extra in OPTIONAL_FLAGS:
             cmd = [cxx, *FLAGS, *extra, str(SOURCE), "-o", tmp]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode == 0:
@@ -76,7 +78,8 @@ def _load() -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler (c++, g++ or clang++) on PATH")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256("\0".join(
-        [SOURCE.read_text(), *FLAGS, *NATIVE_FLAGS, cxx, version, platform.machine(),
+        [SOURCE.read_text(), *FLAGS, *map(" ".join, OPTIONAL_FLAGS), cxx, version,
+         platform.machine(),
          platform.processor()]).encode()).hexdigest()[:16]
     path = cache_dir() / f"pulses-{digest}.so"
     if not path.exists():
@@ -84,11 +87,12 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.hil_pulse_trains.argtypes = [p, i64, i64, i64, i64, i32, p, i32, i32, p, p, p, p, p,
-                                     p, i64, ctypes.c_float, ctypes.c_int32, i32, i64, i64]
+                                     i64, p, i64, ctypes.c_float, ctypes.c_int32, i32, i64,
+                                     i64]
     lib.hil_pulse_trains.restype = i32
     lib.hil_outer_update.argtypes = [p, i64, i64, p, p, i64, ctypes.c_double, i32, i64,
                                      ctypes.c_int32, ctypes.c_int32, i32, i32, p, p, p, p, p,
-                                     p, i64, ctypes.c_float, ctypes.c_int32, i32]
+                                     i64, p, i64, ctypes.c_float, ctypes.c_int32, i32]
     lib.hil_outer_update.restype = i32
     f32 = ctypes.c_float
     lib.hil_mvm_in.argtypes = [p, i64, i64, f32, f32, p, p]
@@ -97,6 +101,8 @@ def _load() -> ctypes.CDLL:
     lib.hil_mvm_out.restype = None
     lib.hil_pulse_normal.argtypes = [ctypes.c_int32, ctypes.c_int32]
     lib.hil_pulse_normal.restype = ctypes.c_float
+    lib.hil_openmp.argtypes = []
+    lib.hil_openmp.restype = i32
     return lib
 
 
@@ -128,6 +134,12 @@ def unavailable_reason() -> str | None:
 def available() -> bool:
     """True when the native kernel is built and loaded (CPU tensors only)."""
     return library() is not None
+
+
+def threaded() -> bool:
+    """Whether the loaded kernel was built with OpenMP (else it runs on one thread)."""
+    lib = library()
+    return lib is not None and bool(lib.hil_openmp())
 
 
 def _require() -> ctypes.CDLL:
@@ -233,11 +245,13 @@ def _check_weights(w: torch.Tensor) -> None:
 
 def _device_args(fp: FusedParams, noisy: bool) -> tuple:
     """The kernel arguments from family to gamma: the devices' coefficients (pointers taken
-    at each call: a cached pointer would dangle in a copied or unpickled FusedParams)."""
+    at each call: a cached pointer would dangle in a copied or unpickled FusedParams) and
+    their strides (0: one value for all devices, read once)."""
     family, gamma = _family(fp)
     kp, km, tmin, tmax, _, c2c = fp.tensors()
     return (family, int(noisy), kp.data_ptr(), km.data_ptr(), tmin.data_ptr(),
-            tmax.data_ptr(), _ptr(fp.g), c2c.data_ptr(), 1 if c2c.dim() else 0, gamma)
+            tmax.data_ptr(), _ptr(fp.g), 0 if fp.uniform else 1, c2c.data_ptr(),
+            1 if c2c.dim() else 0, gamma)
 
 
 def _check(rc: int) -> None:

@@ -194,3 +194,28 @@ def test_the_library_is_built_into_the_cache_once(tmp_path, monkeypatch):
     mtime = built[0].stat().st_mtime_ns
     native._load()
     assert built[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("d2d", [0.0, 0.2])
+def test_native_threads_and_uniform_populations_change_no_bit(monkeypatch, d2d):
+    """The kernel splits fire masks, coincidences and groups over threads, and reads the
+    coefficients of a population without d2d spread once: the same weights bit for bit
+    as one thread, and (to rounding) as the eager torch kernels."""
+    g = gen(9)
+    x, d = torch.rand(12, 64, generator=g) * 2 - 1, torch.rand(12, 48, generator=g) * 2 - 1
+    n = torch.randint(-3, 4, (48, 64), generator=g, dtype=torch.int32)
+    out = {}
+    for how, threaded, engine in (("one", False, "native"), ("threads", True, "native"),
+                                  ("eager", False, "eager")):
+        monkeypatch.setattr(native, "MIN_THREADED", 1 if threaded else 1 << 40)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        url = (f"sim://?model=power&gamma=0.5&tau=0.6&dw_min=2e-3&d2d={d2d}&c2c=0.2"
+               f"&engine={engine}&seed=5")
+        with hil.open_backend(url) as be:
+            tile = be.allocate("t", 48, 64)
+            assert tile.devices.fused().uniform == (d2d == 0)
+            tile.outer_update(x, d, 0.05)
+            tile.pulse(n)
+            out[how] = tile.read()
+    assert torch.equal(out["one"], out["threads"])
+    assert float((out["one"] - out["eager"]).abs().max()) < 1e-6

@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -141,7 +140,9 @@ struct Args {
   const void* counts;  // [batch, numel] int8 / int32 (COUNTS8 / COUNTS32)
   const int32_t* fd;   // BITS: row fire masks [batch, words, rows]; bit 31 of word 0 = minus
   const int32_t* fx;   // BITS: column fire masks [batch, words, cols]
-  const float *kp, *km, *tmin, *tmax, *g, *c2c;
+  const float *kp, *km, *tmin, *tmax, *g;
+  int64_t coef_stride;  // 0: one kp, km, tmin, tmax (and g) for all devices
+  const float* c2c;
   int64_t c2c_stride;  // 0: one c2c for all devices
   float gamma;         // POWER with one exponent for all devices, else NaN (use g)
   uint32_t key;
@@ -244,14 +245,16 @@ void load_devices(const Args& A, Group& G) {
   G.it = 0;
   G.gg = G.cc = vf{};
   G.h = vu{};
+  if (!A.coef_stride) {  // one population: the coefficients are constants
+    G.kp = splat(A.kp[0]);
+    G.km = splat(A.km[0]);
+    G.lo = splat(A.tmin[0]);
+    G.hi = splat(A.tmax[0]);
+    if (A.g) G.gg = splat(A.g[0]);
+  }
   if (G.nl == L) {  // vector loads
     const size_t bytes = sizeof(vf);
     std::memcpy(&G.x, A.w + G.base, bytes);
-    std::memcpy(&G.kp, A.kp + G.base, bytes);
-    std::memcpy(&G.km, A.km + G.base, bytes);
-    std::memcpy(&G.lo, A.tmin + G.base, bytes);
-    std::memcpy(&G.hi, A.tmax + G.base, bytes);
-    if (A.g) std::memcpy(&G.gg, A.g + G.base, bytes);
     if (NOISY) {
       if (A.c2c_stride) std::memcpy(&G.cc, A.c2c + G.base, bytes);
       else G.cc = splat(A.c2c[0]);
@@ -259,16 +262,23 @@ void load_devices(const Args& A, Group& G) {
       for (int k = 0; k < L; ++k) idx[k] = static_cast<uint32_t>(G.base + k);
       G.h = mix(idx ^ A.key);
     }
+    if (!A.coef_stride) return;
+    std::memcpy(&G.kp, A.kp + G.base, bytes);
+    std::memcpy(&G.km, A.km + G.base, bytes);
+    std::memcpy(&G.lo, A.tmin + G.base, bytes);
+    std::memcpy(&G.hi, A.tmax + G.base, bytes);
+    if (A.g) std::memcpy(&G.gg, A.g + G.base, bytes);
     return;
   }
   for (int k = 0; k < L; ++k) {
     const int64_t i = G.base + std::min(k, G.nl - 1);  // tail lanes mirror the last device
+    const int64_t ic = i * A.coef_stride;
     G.x[k] = A.w[i];
-    G.kp[k] = A.kp[i];
-    G.km[k] = A.km[i];
-    G.lo[k] = A.tmin[i];
-    G.hi[k] = A.tmax[i];
-    if (A.g) G.gg[k] = A.g[i];
+    G.kp[k] = A.kp[ic];
+    G.km[k] = A.km[ic];
+    G.lo[k] = A.tmin[ic];
+    G.hi[k] = A.tmax[ic];
+    if (A.g) G.gg[k] = A.g[ic];
     if (NOISY) {
       G.cc[k] = A.c2c[A.c2c_stride * i];
       G.h[k] = mix(static_cast<uint32_t>(i) ^ A.key);
@@ -425,9 +435,11 @@ void run_groups(const Args& A, int64_t g0, int64_t g1) {
   auto prefetch = [&](int64_t i) {
     if (!A.live || i >= candidates) return;
     const int64_t base = ids[i] * L;
-    for (const float* a : {static_cast<const float*>(A.w), A.kp, A.km, A.tmin, A.tmax})
-      __builtin_prefetch(a + base);
-    if (A.g) __builtin_prefetch(A.g + base);
+    __builtin_prefetch(A.w + base);
+    if (A.coef_stride) {
+      for (const float* a : {A.kp, A.km, A.tmin, A.tmax}) __builtin_prefetch(a + base);
+      if (A.g) __builtin_prefetch(A.g + base);
+    }
     if (NOISY && A.c2c_stride) __builtin_prefetch(A.c2c + base);
   };
   for (int64_t i = 0; i < AHEAD; ++i) prefetch(i);
@@ -466,19 +478,13 @@ void run_parallel(const Args& A, int nthreads) {
     return;
   }
   std::atomic<int64_t> next{0};
-  auto work = [&]() {
-    for (;;) {
-      const int64_t g0 = next.fetch_add(grab);
-      if (g0 >= groups) return;
-      run_groups<F, NOISY, S>(A, g0, std::min(groups, g0 + grab));
-    }
-  };
-  const int extra = static_cast<int>(std::min<int64_t>(nthreads, groups / grab)) - 1;
-  std::vector<std::thread> pool;
-  pool.reserve(extra);
-  for (int k = 0; k < extra; ++k) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
+  const int threads = static_cast<int>(std::min<int64_t>(nthreads, groups / grab));
+#pragma omp parallel num_threads(threads)
+  for (;;) {
+    const int64_t g0 = next.fetch_add(grab);
+    if (g0 >= groups) break;
+    run_groups<F, NOISY, S>(A, g0, std::min(groups, g0 + grab));
+  }
 }
 
 template <int F, bool NOISY>
@@ -500,7 +506,8 @@ int by_noise(const Args& A, int noisy, int source, int nthreads) {
 // in which a slot has the row and one of those columns firing (see Args::live): lets
 // groups skip samples and whole groups without coincidences. Only where cols % L == 0
 // (else the arrays stay empty).
-void coincidences(Args& A, std::vector<uint32_t>& colany, std::vector<uint32_t>& live) {
+void coincidences(Args& A, std::vector<uint32_t>& colany, std::vector<uint32_t>& live,
+                  int nthreads) {
   if (A.cols % L != 0) return;
   const int64_t ncg = A.cols / L;
   colany.assign(static_cast<size_t>(A.batch * A.words * ncg), 0u);
@@ -509,6 +516,7 @@ void coincidences(Args& A, std::vector<uint32_t>& colany, std::vector<uint32_t>&
       colany[bw * ncg + c / L] |= static_cast<uint32_t>(A.fx[bw * A.cols + c]);
   A.colany = colany.data();
   live.assign(static_cast<size_t>(A.rows * ncg), 0u);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < A.rows; ++r) {
     uint32_t* lr = live.data() + r * ncg;
     for (int64_t bw = 0; bw < A.batch * A.words; ++bw) {
@@ -525,7 +533,7 @@ void coincidences(Args& A, std::vector<uint32_t>& colany, std::vector<uint32_t>&
 int by_family(Args& A, int family, int noisy, int source, int nthreads) {
   std::vector<uint32_t> colany;
   std::vector<uint32_t> live;
-  if (source == BITS) coincidences(A, colany, live);
+  if (source == BITS) coincidences(A, colany, live, nthreads);
   switch (family) {
     case LINEAR: return by_noise<LINEAR>(A, noisy, source, nthreads);
     case SQRT: return by_noise<SQRT>(A, noisy, source, nthreads);
@@ -540,10 +548,13 @@ int by_family(Args& A, int family, int noisy, int source, int nthreads) {
 // in sample b when hash_uniform(key, (b * bl + slot) * n + j) < p[b][j] (as
 // kernels.hash_uniform); bit 31 of word 0 is set where neg[b][j].
 void fire_bits(const float* p, const uint8_t* neg, int64_t batch, int64_t n,
-               int64_t train_length, uint32_t key, int32_t* out) {
+               int64_t train_length, uint32_t key, int32_t* out, int nthreads) {
   const int64_t words = (train_length + 30) / 31;
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t j0 = 0; j0 < n; j0 += L) {
+  const int64_t per_sample = (n + L - 1) / L;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t item = 0; item < batch * per_sample; ++item) {
+    const int64_t b = item / per_sample, j0 = (item - b * per_sample) * L;
+    {
       const int nl = static_cast<int>(std::min<int64_t>(L, n - j0));
       vf pj{};
       vu idx0;
@@ -615,12 +626,12 @@ extern "C" {
 int hil_pulse_trains(float* w, int64_t numel, int64_t rows, int64_t cols, int64_t batch,
                      int source, const void* counts, int family, int noisy, const float* kp,
                      const float* km, const float* tmin, const float* tmax, const float* g,
-                     const float* c2c, int64_t c2c_stride, float gamma, int32_t key,
-                     int nthreads, int64_t col0, int64_t width) {
+                     int64_t coef_stride, const float* c2c, int64_t c2c_stride, float gamma,
+                     int32_t key, int nthreads, int64_t col0, int64_t width) {
   if (numel <= 0 || batch <= 0) return 0;
   if (source != COUNTS8 && source != COUNTS32) return 2;
   Args A{w, numel, rows, cols, batch, 0, counts, nullptr, nullptr, kp, km, tmin, tmax, g,
-         c2c, c2c_stride, gamma, static_cast<uint32_t>(key)};
+         coef_stride, c2c, c2c_stride, gamma, static_cast<uint32_t>(key)};
   A.cstride = width > 0 ? rows * width : numel;
   A.col0 = col0;
   A.width = width;
@@ -634,8 +645,9 @@ int hil_pulse_trains(float* w, int64_t numel, int64_t rows, int64_t cols, int64_
 int hil_outer_update(float* w, int64_t rows, int64_t cols, const float* x, const float* d,
                      int64_t batch, double k, int flip, int64_t train_length, int32_t kx,
                      int32_t kd, int family, int noisy, const float* kp, const float* km,
-                     const float* tmin, const float* tmax, const float* g, const float* c2c,
-                     int64_t c2c_stride, float gamma, int32_t key, int nthreads) {
+                     const float* tmin, const float* tmax, const float* g, int64_t coef_stride,
+                     const float* c2c, int64_t c2c_stride, float gamma, int32_t key,
+                     int nthreads) {
   if (rows <= 0 || cols <= 0 || batch <= 0) return 0;
   const int64_t words = (train_length + 30) / 31;
   std::vector<float> xmax(batch), dmax(batch), px(batch * cols), pd(batch * rows);
@@ -648,11 +660,11 @@ int hil_outer_update(float* w, int64_t rows, int64_t cols, const float* x, const
   side_probabilities(d, dmax.data(), xmax.data(), batch, rows, kf, flip != 0, pd.data(),
                      nd.data());
   fire_bits(px.data(), nx.data(), batch, cols, train_length, static_cast<uint32_t>(kx),
-            fx.data());
+            fx.data(), nthreads);
   fire_bits(pd.data(), nd.data(), batch, rows, train_length, static_cast<uint32_t>(kd),
-            fd.data());
+            fd.data(), nthreads);
   Args A{w, rows * cols, rows, cols, batch, words, nullptr, fd.data(), fx.data(), kp, km,
-         tmin, tmax, g, c2c, c2c_stride, gamma, static_cast<uint32_t>(key)};
+         tmin, tmax, g, coef_stride, c2c, c2c_stride, gamma, static_cast<uint32_t>(key)};
   return by_family(A, family, noisy, BITS, nthreads);
 }
 
@@ -678,6 +690,15 @@ void hil_mvm_out(float* y, const float* noise, float sigma, int64_t batch, int64
       y[b * m + i] = quantize(v, bound, res) * scale[b];
     }
   }
+}
+
+// 1 when built with OpenMP (the kernel's loops run on torch's OpenMP threads), else 0.
+int hil_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 // The normal of pulse t of stream h, for tests against kernels.pulse_normal.
