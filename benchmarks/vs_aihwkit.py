@@ -131,6 +131,7 @@ class Method:
     gamma: float = 0.0
     transfer_write: str = "counts"  # Tiki-Taka here: 'counts' or 'pulse_train'
     transfer_read: str = "exact"  # here: 'exact' tile reads or 'mvm' through the periphery
+    mvm_read: str = "tiles"  # here: 'summed' reads W + gamma P as one array (aihwkit's form)
 
 
 def peer_rpu_config(spec: DeviceSpec, method: Method):
@@ -175,6 +176,8 @@ def our_layer(backend: hil.Backend, spec: DeviceSpec, method: Method, rows: int,
         kw["transfer_write"] = method.transfer_write
     if method.transfer_read != "exact":
         kw["transfer_read"] = method.transfer_read
+    if method.mvm_read != "tiles":
+        kw["mvm_read"] = method.mvm_read
     alg = make_algorithm(method.name, backend, (rows, cols), lr=lr, prefix=prefix, seed=seed,
                          update="outer", **kw)
     if init is not None:
@@ -204,8 +207,9 @@ class Row:
 METHODS = {
     "sgd": Method("analog_sgd", "single"),
     "tt": Method("tiki_taka", "transfer", transfer_lr=0.1),
-    "rlv2-buffered": Method("rlv2", "buffered", transfer_lr=0.1, gamma=0.1),
-    "rlv2-chopped": Method("rlv2", "chopped", transfer_lr=0.1, gamma=0.1),
+    # aihwkit's compounds read gamma P + W as one array: mvm_read='summed' matches that
+    "rlv2-buffered": Method("rlv2", "buffered", transfer_lr=0.1, gamma=0.1, mvm_read="summed"),
+    "rlv2-chopped": Method("rlv2", "chopped", transfer_lr=0.1, gamma=0.1, mvm_read="summed"),
 }
 CASES = [  # (label, spec, method key)
     ("Analog SGD, soft bounds", DeviceSpec("linear", c2c=0.3), "sgd"),

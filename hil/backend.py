@@ -1,12 +1,13 @@
 """The backend contract: named tiles of devices with read and pulse (of the whole tile, or
-of a column range: defaults built on the whole-tile operations), optional MVM and rank-1
-update, and a URL-scheme registry so the core never imports a backend package."""
+of a column range: defaults built on the whole-tile operations), optional MVM (of one tile,
+or of a weighted sum of tiles read as one array) and rank-1 update, and a URL-scheme
+registry so the core never imports a backend package."""
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -26,6 +27,7 @@ class Capabilities:
     max_pulses_per_command: int = 2**31 - 1
     device: str = "cpu"
     snapshot: bool = False  # state_dict()/load_state_dict() restore the devices (emulators)
+    mvm_sum: bool = False  # Backend.mvm_sum: a weighted sum of tiles read as one array
 
 
 class Tile(ABC):
@@ -168,6 +170,14 @@ class Backend(ABC):
     def _check_open(self, op: str, name: str | None = None) -> None:
         if self.closed:
             raise BackendError("backend is closed", tile=name, op=op)
+
+    def mvm_sum(self, terms: Sequence[tuple[Tile, float]], x: torch.Tensor,
+                transpose: bool = False) -> torch.Tensor:
+        """Analog MVM of the weighted sum of tiles sum_k c_k W_k (same shape) as one array:
+        the tiles' outputs are combined before one ADC (one output noise, one quantization),
+        where ``tile.mvm`` per term would convert each tile's output on its own."""
+        raise UnsupportedOperation("backend cannot read a weighted sum of tiles in one MVM",
+                                   op="mvm_sum")
 
     def state_dict(self) -> dict[str, object]:
         """Device state for checkpoints (emulators only: a real chip keeps its own state)."""

@@ -59,6 +59,7 @@ class AlgorithmConfig(_Strict):
     transfer: Literal["full", "column"] = "full"
     transfer_read: Literal["exact", "mvm"] = "exact"  # 'mvm': one-hot MVMs (aihwkit's form)
     transfer_write: Literal["counts", "pulse_train"] = "counts"  # tiki_taka / residual
+    mvm_read: Literal["tiles", "summed"] = "tiles"  # 'summed': W + gamma P read as one array
     update: Literal["auto", "outer", "pulse"] = "auto"
     io: Literal["auto", "analog", "digital"] = "auto"
     zero_shift: bool = False

@@ -67,12 +67,7 @@ class _AnalogBase(nn.Module):
 
     def _matmul(self, v: torch.Tensor, transpose: bool) -> torch.Tensor:
         if self.analog_io:
-            out = None
-            for tile, coeff in self.algorithm.mvm_terms():
-                y = tile.mvm(v, transpose=transpose).to(v.device, v.dtype)
-                y = y if coeff == 1.0 else coeff * y
-                out = y if out is None else out + y
-            return out
+            return self.algorithm.mvm(v, transpose=transpose).to(v.device, v.dtype)
         w = self.algorithm.weight().to(v.device, v.dtype)
         return v @ w if transpose else v @ w.t()
 

@@ -88,7 +88,8 @@ def make_analog(model: nn.Module, cfg: RunConfig, backend: Backend, program_init
         return make_algorithm(
             a.name, be, shape, lr=a.lr, transfer_lr=a.transfer_lr, gamma=a.gamma,
             transfer_every=a.transfer_every, transfer=a.transfer, zero_shift=a.zero_shift,
-            transfer_read=a.transfer_read, transfer_write=a.transfer_write, update=a.update,
+            transfer_read=a.transfer_read, transfer_write=a.transfer_write,
+            mvm_read=a.mvm_read, update=a.update,
             max_pulses=a.max_pulses, prefix=prefix,
             seed=cfg.seed * 1000 + next(counter))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -96,7 +96,12 @@ class SimTile(Tile):
 
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         self.backend._check_open("mvm", self.name)
-        w = self.w.t() if transpose else self.w
+        return self._periphery_mvm(self.w, x, transpose)
+
+    def _periphery_mvm(self, w: torch.Tensor, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """x through the periphery (DAC, the array ``w`` of this tile's shape, output noise
+        from this tile's generator, ADC)."""
+        w = w.t() if transpose else w
         x = x.to(self.w.device, torch.float32)
         squeeze = x.dim() == 1
         x = x.reshape(1, -1) if squeeze else x
@@ -133,10 +138,12 @@ class SimTile(Tile):
         bl = self.cfg.train_length
         fp = self.devices.fused()
         if fp is not None and _use_native(self.cfg.engine, self.w):
-            # one call: probabilities, packed fire masks (no counts tensor), pulses
-            keys = _call_keys(self.gen, 2)  # the draws of pulse_train_counts
-            noisy, key = _noise_key(self.devices, fp, self.gen)
-            native.outer_update(self.w, fp, x, d, lr, self.dw_min, bl, keys, noisy, key)
+            # one call: probabilities, packed fire masks (no counts tensor), pulses; the
+            # keys of pulse_train_counts and then the noise key, in one draw (the same
+            # numbers as drawn one after the other)
+            keys = _call_keys(self.gen, 3 if fp.noisy else 2)
+            native.outer_update(self.w, fp, x, d, lr, self.dw_min, bl, keys[:2], fp.noisy,
+                                keys[2] if fp.noisy else 0)
             return
         counts = pulse_train_counts(x, d, lr, self.dw_min, bl, self.gen,
                                     dtype=torch.int8 if bl <= 127 else torch.int32)
@@ -413,13 +420,33 @@ class SimBackend(Backend):
         super().__init__(url)
         self.config = config
         self.capabilities = Capabilities(mvm=True, outer_update=True, device=config.device,
-                                         snapshot=True)
+                                         snapshot=True, mvm_sum=True)
         self._population = population or (
             lambda name, rows, cols, gen: sample_devices(config, rows, cols, gen))
 
     def _allocate(self, name: str, rows: int, cols: int) -> SimTile:
         gen = tile_generator(self.config.seed, name, self.config.device)
         return SimTile(self, name, self._population(name, rows, cols, gen), gen)
+
+    def mvm_sum(self, terms: Sequence[tuple[Tile, float]], x: torch.Tensor,
+                transpose: bool = False) -> torch.Tensor:
+        """The weighted sum of the tiles' weights through one periphery pass (the first
+        tile's output noise stream), as aihwkit reads a compound's unit cell."""
+        if not terms:
+            raise BackendError("mvm_sum needs at least one (tile, coefficient) term", op="mvm_sum")
+        first = terms[0][0]
+        for tile, _ in terms:
+            if tile.backend is not self or not isinstance(tile, SimTile):
+                raise BackendError("mvm_sum: tile of another backend", tile=tile.name,
+                                   op="mvm_sum")
+            if tile.shape != first.shape:
+                raise BackendError(f"mvm_sum: tile is {tile.shape}, the first term's "
+                                   f"{first.shape}", tile=tile.name, op="mvm_sum")
+        self._check_open("mvm_sum", first.name)
+        w = first.w if terms[0][1] == 1.0 else terms[0][1] * first.w
+        for tile, coeff in terms[1:]:
+            w = torch.add(w, tile.w, alpha=coeff)
+        return first._periphery_mvm(w, x, transpose)
 
     def state_dict(self) -> dict[str, object]:
         """Weights and generator state of every tile (device parameters follow from the seed)."""

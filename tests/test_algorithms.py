@@ -16,6 +16,7 @@ from hil.algorithms import (
     make_algorithm,
     stochastic_round,
 )
+from hil.errors import BackendError
 
 
 class ExactTile(Tile):
@@ -173,6 +174,46 @@ def test_transfer_read_through_the_periphery():
         TikiTaka(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, transfer_read="mvm")
     with pytest.raises(ValueError, match="transfer_read must be"):
         TikiTaka(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, transfer_read="adc")
+
+
+def test_mvm_read_summed_reads_the_weighted_sum_as_one_array():
+    """mvm_read='summed' reads W + gamma P through one periphery pass (backend.mvm_sum):
+    with ideal I/O it is weight() x; through the paper's periphery it is one noise draw and
+    one ADC, bit for bit a single tile.mvm of the summed weights; the default reads each tile."""
+    x = torch.rand(4, 5, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with open_backend("sim://?model=linear&tau=0.6&io=ideal&seed=3") as sim:
+        alg = ResidualLearningV2(sim, (3, 5), lr=0.1, transfer_lr=0.1, gamma=0.25,
+                                 mvm_read="summed")
+        alg.tiles["P"].w.uniform_(-0.3, 0.3)
+        assert torch.allclose(alg.mvm(x), x @ alg.weight().t(), atol=1e-6)
+        assert torch.allclose(alg.mvm(alg.mvm(x), transpose=True),
+                              alg.mvm(x) @ alg.weight(), atol=1e-6)
+    outs = {}
+    for how in ("summed", "copy"):
+        with open_backend("sim://?model=linear&tau=0.6&io=paper&seed=3") as sim:
+            alg = ResidualLearningV2(sim, (3, 5), lr=0.1, transfer_lr=0.1, gamma=0.25,
+                                     mvm_read="summed", prefix="L")
+            alg.tiles["P"].w.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(1))
+            if how == "summed":
+                outs[how] = alg.mvm(x)
+            else:  # the summed weights on W itself, read by W's own mvm (same noise stream)
+                w = alg.tiles["W"]
+                w.w = (w.w + 0.25 * alg.tiles["P"].w).contiguous()
+                outs[how] = w.mvm(x)
+    assert torch.equal(outs["summed"], outs["copy"])
+    with open_backend("sim://?seed=1") as sim:  # by config name; AnalogSGD ignores it
+        alg = make_algorithm("rlv2", sim, (3, 2), lr=0.1, transfer_lr=0.1, gamma=0.1,
+                             mvm_read="summed", prefix="a")
+        assert alg.mvm_read == "summed"
+        assert make_algorithm("analog_sgd", sim, (3, 2), lr=0.1, mvm_read="summed",
+                              prefix="b").mvm_read == "tiles"
+        other = ResidualLearning(sim, (2, 2), lr=0.1, transfer_lr=0.1, gamma=0.1, prefix="c")
+        with pytest.raises(BackendError, match="the first term's"):
+            sim.mvm_sum([(alg.tiles["W"], 1.0), (other.tiles["P"], 0.1)], x[:, :2])
+    with pytest.raises(ValueError, match="declares no mvm_sum"):
+        ResidualLearning(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, mvm_read="summed")
+    with pytest.raises(ValueError, match="mvm_read must be"):
+        ResidualLearning(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, mvm_read="sum")
 
 
 def test_outer_update_path_and_dense_fallback_agree_in_expectation():

@@ -18,6 +18,7 @@ from hil.program import program
 
 UpdateMode = Literal["auto", "outer", "pulse"]
 TransferSchedule = Literal["full", "column"]
+MvmRead = Literal["tiles", "summed"]
 
 
 def stochastic_round(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -49,6 +50,7 @@ class AnalogAlgorithm(ABC):
 
     roles: ClassVar[tuple[str, ...]] = ("W",)
     gamma: float = 0.0
+    mvm_read: MvmRead = "tiles"  # how mvm() reads several terms (see _TwoTile)
 
     def __init__(
         self,
@@ -92,6 +94,20 @@ class AnalogAlgorithm(ABC):
     def mvm_terms(self) -> list[tuple[Tile, float]]:
         """(tile, coefficient) pairs whose weighted sum is ``weight()`` (for analog MVM)."""
         return [(self.tiles["W"], 1.0)]
+
+    def mvm(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Analog MVM with ``weight()``: each term's tile through its own periphery, the
+        outputs added digitally ('tiles'), or the weighted sum read as one array
+        (``mvm_read='summed'``, ``backend.mvm_sum``)."""
+        terms = self.mvm_terms()
+        if len(terms) > 1 and self.mvm_read == "summed":
+            return self.backend.mvm_sum(terms, v, transpose)
+        out = None
+        for tile, coeff in terms:
+            y = tile.mvm(v, transpose=transpose)
+            y = y if coeff == 1.0 else coeff * y
+            out = y if out is None else out + y
+        return out
 
     # -- writing ---------------------------------------------------------------------
     def pulse_delta(self, tile: Tile, delta: torch.Tensor, cols: slice | None = None

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil.algorithms.base import AnalogAlgorithm, TransferSchedule, UpdateMode
+from hil.algorithms.base import AnalogAlgorithm, TransferSchedule, UpdateMode, _whole
 from hil.backend import Backend, Tile
 from hil.program import program
 
@@ -41,6 +41,11 @@ class _TwoTile(AnalogAlgorithm):
     tile's read (its read noise only); 'mvm': one analog MVM per column with a one-hot
     input, through the backend's periphery (DAC, ADC, output noise), as aihwkit's
     transfer_forward does.
+
+    ``mvm_read``: how the forward and backward MVMs read W_bar = W + gamma P. 'tiles'
+    (default): each tile through its own periphery, the outputs added digitally;
+    'summed': the weighted sum read as one array (``backend.mvm_sum``: one output noise,
+    one ADC), as aihwkit's compound devices read their unit cell.
     """
 
     roles = ("W", "P")
@@ -62,7 +67,12 @@ class _TwoTile(AnalogAlgorithm):
         zero_shift: bool = False,
         zero_shift_cycles: int = 1000,
         transfer_read: str = "exact",
+        mvm_read: str = "tiles",
     ):
+        if mvm_read not in ("tiles", "summed"):
+            raise ValueError(f"mvm_read must be 'tiles' or 'summed', got {mvm_read!r}")
+        if mvm_read == "summed" and not backend.capabilities.mvm_sum:
+            raise ValueError("mvm_read='summed' but the backend declares no mvm_sum")
         if transfer_read not in ("exact", "mvm"):
             raise ValueError(f"transfer_read must be 'exact' or 'mvm', got {transfer_read!r}")
         if transfer_read == "mvm" and not backend.capabilities.mvm:
@@ -78,6 +88,7 @@ class _TwoTile(AnalogAlgorithm):
         self.transfer_every = int(transfer_every)
         self.transfer = transfer
         self.transfer_read = transfer_read
+        self.mvm_read = mvm_read
         self.column = 0  # next column of the 'column' schedule
         self.zero_shift = bool(zero_shift)
         if self.zero_shift:
@@ -193,26 +204,37 @@ class _Buffered(_TwoTile):
 
     def __init__(self, *args: Any, **kw: Any):
         super().__init__(*args, **kw)
-        self.H = torch.zeros(self.shape, dtype=torch.float32)
+        # H^T [cols, rows]: a column transfer reads and writes one contiguous row of it
+        self._h_t = torch.zeros(self.shape[::-1], dtype=torch.float32)
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The buffer H [rows, cols] (a view of the stored transpose)."""
+        return self._h_t.t()
 
     def _transfer(self, cols: slice) -> None:
         # numpy views of the float32 CPU tensors: the same float32 arithmetic as torch's
         # at a fraction of the per-op cost on one column
-        p = self.transfer_p(cols).numpy()
+        p = self.transfer_p(cols).numpy().T
         b = self.transfer_lr
-        h = self.H.numpy()[:, cols]  # a view: updated in place below
+        h = self._h_t.numpy()[cols]  # a view: updated in place below
         h_new = (1 - b) * h + b * p if self.decay else h + b * p
         dw = self.tiles["W"].dw_min
         n = np.where(np.abs(h_new) >= dw, np.sign(h_new), np.float32(0.0))
         h[...] = h_new - n * dw
-        self.pulse_counts(self.tiles["W"], torch.from_numpy(n.astype(np.int32)), cols)
+        if n.any():  # single pulses: within any backend's per-command limit
+            counts = torch.from_numpy(np.ascontiguousarray(n.T, dtype=np.int32))
+            if _whole(cols):
+                self.tiles["W"].pulse(counts)
+            else:
+                self.tiles["W"].pulse_columns(counts, cols)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "H": self.H.clone()}
+        return {**super().state_dict(), "H": self.H.clone(memory_format=torch.contiguous_format)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.H = state["H"].to(torch.float32).clone()
+        self._h_t = state["H"].to(torch.float32).t().clone(memory_format=torch.contiguous_format)
 
 
 class ResidualLearningV2(_Buffered):
