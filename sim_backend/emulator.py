@@ -96,36 +96,44 @@ class SimTile(Tile):
 
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         self.backend._check_open("mvm", self.name)
-        return self._periphery_mvm(self.w, x, transpose)
+        return self._periphery_mvm([(self.w, 1.0)], x, transpose)
 
-    def _periphery_mvm(self, w: torch.Tensor, x: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """x through the periphery (DAC, the array ``w`` of this tile's shape, output noise
-        from this tile's generator, ADC)."""
-        w = w.t() if transpose else w
+    def _periphery_mvm(self, terms: list[tuple[torch.Tensor, float]], x: torch.Tensor,
+                       transpose: bool) -> torch.Tensor:
+        """x through the periphery: DAC, the array sum_k c_k w_k (``terms``, arrays of this
+        tile's shape), output noise from this tile's generator, ADC."""
         x = x.to(self.w.device, torch.float32)
         squeeze = x.dim() == 1
         x = x.reshape(1, -1) if squeeze else x
-        if x.shape[-1] != w.shape[1]:
-            raise BackendError(f"mvm input has {x.shape[-1]} features, tile takes {w.shape[1]}",
+        n_in, n_out = self.shape[::-1] if not transpose else self.shape
+        if x.shape[-1] != n_in:
+            raise BackendError(f"mvm input has {x.shape[-1]} features, tile takes {n_in}",
                                tile=self.name, op="mvm")
-        if self.cfg.io == "ideal":
+        c = self.cfg
+        if c.io != "ideal" and _use_native(c.engine, self.w):  # the whole MVM in one call
+            noise = (torch.randn((x.shape[0], n_out), generator=self.gen, device=x.device)
+                     if c.out_noise > 0 else None)
+            y = native.mvm(x, terms, transpose, noise, c.out_noise, c.inp_bound,
+                           _resolution(c.inp_bound, c.inp_bits), c.out_bound,
+                           _resolution(c.out_bound, c.out_bits))
+            return y.reshape(-1) if squeeze else y
+        w = terms[0][0] if terms[0][1] == 1.0 else terms[0][1] * terms[0][0]
+        for wk, ck in terms[1:]:
+            w = torch.add(w, wk, alpha=ck)
+        w = w.t() if transpose else w
+        if c.io == "ideal":
             y = x @ w.t()
         else:
-            c = self.cfg
             in_res = _resolution(c.inp_bound, c.inp_bits)
             out_res = _resolution(c.out_bound, c.out_bits)
-            noise = (torch.randn((x.shape[0], w.shape[0]), generator=self.gen, device=x.device)
+            noise = (torch.randn((x.shape[0], n_out), generator=self.gen, device=x.device)
                      if c.out_noise > 0 else None)
-            if _use_native(c.engine, self.w):  # the same ops fused, two passes
-                xq, scale = native.mvm_in(x, c.inp_bound, in_res)
-                y = native.mvm_out(xq @ w.t(), noise, c.out_noise, c.out_bound, out_res, scale)
-            else:
-                # noise management: scale each input vector to the DAC range, undo after the ADC
-                scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / c.inp_bound
-                y = _quantize(x / scale, c.inp_bound, in_res) @ w.t()
-                if noise is not None:
-                    y = y + c.out_noise * noise
-                y = _quantize(y, c.out_bound, out_res) * scale
+            # noise management: scale each input vector to the DAC range, undo after the ADC
+            scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / c.inp_bound
+            y = _quantize(x / scale, c.inp_bound, in_res) @ w.t()
+            if noise is not None:
+                y = y + c.out_noise * noise
+            y = _quantize(y, c.out_bound, out_res) * scale
         return y.reshape(-1) if squeeze else y
 
     def outer_update(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> None:
@@ -443,10 +451,7 @@ class SimBackend(Backend):
                 raise BackendError(f"mvm_sum: tile is {tile.shape}, the first term's "
                                    f"{first.shape}", tile=tile.name, op="mvm_sum")
         self._check_open("mvm_sum", first.name)
-        w = first.w if terms[0][1] == 1.0 else terms[0][1] * first.w
-        for tile, coeff in terms[1:]:
-            w = torch.add(w, tile.w, alpha=coeff)
-        return first._periphery_mvm(w, x, transpose)
+        return first._periphery_mvm([(t.w, float(c)) for t, c in terms], x, transpose)
 
     def state_dict(self) -> dict[str, object]:
         """Weights and generator state of every tile (device parameters follow from the seed)."""

@@ -36,6 +36,7 @@ FAMILY_CODE = {"linear": 0, "exp": 4}
 SOURCE_CODE = {torch.int8: 0, torch.int32: 1}
 MIN_THREADED = 1 << 13  # device-samples (numel x batch) below which one thread does the
 # work (a parallel region costs a few microseconds)
+MIN_THREADED_MVM = 1 << 17  # multiply-adds below which an MVM runs on one thread
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -95,10 +96,9 @@ def _load() -> ctypes.CDLL:
                                      i64, p, i64, ctypes.c_float, ctypes.c_int32, i32]
     lib.hil_outer_update.restype = i32
     f32 = ctypes.c_float
-    lib.hil_mvm_in.argtypes = [p, i64, i64, f32, f32, p, p]
-    lib.hil_mvm_in.restype = None
-    lib.hil_mvm_out.argtypes = [p, p, f32, i64, i64, f32, f32, p]
-    lib.hil_mvm_out.restype = None
+    lib.hil_mvm.argtypes = [p, i64, i64, i64, i32, i32, p, p, p, f32, f32, f32, f32, f32, p,
+                            i32]
+    lib.hil_mvm.restype = None
     lib.hil_pulse_normal.argtypes = [ctypes.c_int32, ctypes.c_int32]
     lib.hil_pulse_normal.restype = ctypes.c_float
     lib.hil_openmp.argtypes = []
@@ -209,27 +209,31 @@ def outer_update(w: torch.Tensor, fp: FusedParams, x: torch.Tensor, d: torch.Ten
         _threads(w.numel() * batch)))
 
 
-def mvm_in(x: torch.Tensor, bound: float, res: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise-managed DAC input of an MVM: (x / scale quantized, scale [B, 1]) with scale the
-    abs-max of each row over ``bound`` (emulator.SimTile.mvm's ops, same rounding)."""
+def mvm(x: torch.Tensor, terms: list[tuple[torch.Tensor, float]], transpose: bool,
+        noise: torch.Tensor | None, sigma: float, inp_bound: float, inp_res: float,
+        out_bound: float, out_res: float) -> torch.Tensor:
+    """A whole MVM through the periphery in one call (emulator.SimTile.mvm's ops: DAC with
+    noise management, the weighted sum of the terms' float32 [rows, cols] arrays, output
+    noise, ADC); x [B, n_in] -> [B, n_out]."""
     x = _floats(x)
-    xq, scale = torch.empty_like(x), torch.empty((x.shape[0], 1))
-    _require().hil_mvm_in(x.data_ptr(), x.shape[0], x.shape[1], bound, res, xq.data_ptr(),
-                          scale.data_ptr())
-    return xq, scale
-
-
-def mvm_out(y: torch.Tensor, noise: torch.Tensor | None, sigma: float, bound: float,
-            res: float, scale: torch.Tensor) -> torch.Tensor:
-    """ADC side of an MVM in place: (y + sigma noise) quantized, times the input scale."""
-    assert y.dtype == torch.float32 and y.is_contiguous()
+    rows, cols = terms[0][0].shape
+    for w, _ in terms:
+        _check_weights(w)
+    y = torch.empty((x.shape[0], rows if not transpose else cols))
+    k = len(terms)
+    ptrs = (ctypes.c_void_p * k)(*[w.data_ptr() for w, _ in terms])
+    coeffs = (ctypes.c_float * k)(*[c for _, c in terms])
     noise = None if noise is None else _floats(noise)
-    _require().hil_mvm_out(y.data_ptr(), _ptr(noise), sigma, y.shape[0], y.shape[1], bound,
-                           res, scale.data_ptr())
+    _require().hil_mvm(x.data_ptr(), x.shape[0], rows, cols, int(transpose), k, ptrs, coeffs,
+                       _ptr(noise), sigma, inp_bound, inp_res, out_bound, out_res, y.data_ptr(),
+                       torch.get_num_threads() if y.numel() * x.shape[1] >= MIN_THREADED_MVM
+                       else 1)
     return y
 
 
 def _floats(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
     return t.to(torch.float32).contiguous()
 
 

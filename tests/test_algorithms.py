@@ -179,7 +179,8 @@ def test_transfer_read_through_the_periphery():
 def test_mvm_read_summed_reads_the_weighted_sum_as_one_array():
     """mvm_read='summed' reads W + gamma P through one periphery pass (backend.mvm_sum):
     with ideal I/O it is weight() x; through the paper's periphery it is one noise draw and
-    one ADC, bit for bit a single tile.mvm of the summed weights; the default reads each tile."""
+    one ADC, a single tile.mvm of the summed weights (float rounding of the sum apart: at
+    most one ADC level, rarely)."""
     x = torch.rand(4, 5, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with open_backend("sim://?model=linear&tau=0.6&io=ideal&seed=3") as sim:
         alg = ResidualLearningV2(sim, (3, 5), lr=0.1, transfer_lr=0.1, gamma=0.25,
@@ -200,7 +201,9 @@ def test_mvm_read_summed_reads_the_weighted_sum_as_one_array():
                 w = alg.tiles["W"]
                 w.w = (w.w + 0.25 * alg.tiles["P"].w).contiguous()
                 outs[how] = w.mvm(x)
-    assert torch.equal(outs["summed"], outs["copy"])
+    level = 2 * 12.0 / (2**9 - 2) * x.abs().amax(dim=1, keepdim=True)
+    diff = (outs["summed"] - outs["copy"]).abs()
+    assert bool((diff <= level * 1.0001).all()) and float((diff > 0).float().mean()) < 0.1
     with open_backend("sim://?seed=1") as sim:  # by config name; AnalogSGD ignores it
         alg = make_algorithm("rlv2", sim, (3, 2), lr=0.1, transfer_lr=0.1, gamma=0.1,
                              mvm_read="summed", prefix="a")

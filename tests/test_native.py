@@ -79,7 +79,7 @@ def test_native_outer_update_matches_eager(model, extra, c2c, batch):
     assert float((out["native"] - out["eager"]).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("first,width", [(0, 56), (5, 13), (55, 1), (16, 8)])
+@pytest.mark.parametrize("first,width", [(0, 56), (5, 13), (55, 1), (16, 8), (3, 5)])
 def test_native_column_pulses_equal_the_padded_map(first, width):
     """pulse_columns on the native kernel walks only the column range, with the devices'
     tile indices for their noise streams: bit for bit pulse() of the zero-padded map."""
@@ -105,8 +105,10 @@ def test_native_column_pulses_equal_the_padded_map(first, width):
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_native_mvm_periphery_equals_the_torch_ops(transpose):
-    """mvm: DAC quantization, output noise, ADC quantization fused in the native kernel give
-    bit for bit the torch ops' outputs (same generator draws, same float rounding)."""
+    """mvm: the whole MVM in one native call (DAC quantization, products, output noise, ADC
+    quantization) gives the torch ops' outputs: the same generator draws and levels; the
+    products summed in another order can move an output across an ADC level boundary,
+    which happens at most to a few outputs and by one level."""
     x = torch.randn(9, 40 if transpose else 56, generator=gen(6)) * 3
     x[2] = 0.0  # an all-zero input row: scale clamps at 1e-12
     x[3, 5] = 50.0  # one large entry: the others quantize to few levels
@@ -116,7 +118,10 @@ def test_native_mvm_periphery_equals_the_torch_ops(transpose):
             tile = be.allocate("t", 40, 56)
             tile.w.uniform_(-0.6, 0.6, generator=gen(7))
             out[engine] = torch.stack([tile.mvm(x, transpose=transpose) for _ in range(3)])
-    assert torch.equal(out["native"], out["eager"])
+    level = 2 * 12.0 / (2**9 - 2) * x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    diff = (out["native"] - out["eager"]).abs()
+    assert bool((diff <= level * 1.0001).all())
+    assert float((diff > 0).float().mean()) < 0.01
     assert float(out["native"].std()) > 0.1 and not torch.equal(out["native"][0],
                                                                 out["native"][1])
 
@@ -219,3 +224,38 @@ def test_native_threads_and_uniform_populations_change_no_bit(monkeypatch, d2d):
             out[how] = tile.read()
     assert torch.equal(out["one"], out["threads"])
     assert float((out["one"] - out["eager"]).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("coeffs", [(1.0, 0.3), (1.0, 0.3, -0.3), (0.5,), (2.0, -1.0)])
+def test_native_mvm_of_weighted_sums_equals_the_torch_ops(transpose, coeffs):
+    """mvm_sum on the native kernel (W_0 + c W_1 summed on the fly, other sums row by row,
+    both directions, batches not a multiple of the sample block) against the torch ops on
+    the summed weights: within one ADC level, at a few outputs."""
+    x = torch.randn(7, 37 if transpose else 53, generator=gen(10))
+    out = {}
+    for engine in ("native", "eager"):
+        with hil.open_backend(url("linear", "", 0.0, engine) + "&out_noise=0.1") as be:
+            tiles = [be.allocate(f"t{k}", 37, 53) for k in range(len(coeffs))]
+            for k, t in enumerate(tiles):
+                t.w.uniform_(-0.6, 0.6, generator=gen(20 + k))
+            out[engine] = be.mvm_sum(list(zip(tiles, coeffs, strict=True)), x, transpose)
+    level = 2 * 12.0 / (2**9 - 2) * x.abs().amax(dim=1, keepdim=True)
+    diff = (out["native"] - out["eager"]).abs()
+    assert bool((diff <= level * 1.0001).all()) and float((diff > 0).float().mean()) < 0.02
+    assert float(out["native"].std()) > 0.1
+
+
+def test_native_mvm_threads_change_no_bit(monkeypatch):
+    """The MVM splits rows (columns when transposed) over threads: each output is summed
+    by one thread in the same order, so the outputs equal the one-thread ones bit for bit."""
+    x, d = torch.randn(6, 53, generator=gen(11)), torch.randn(6, 37, generator=gen(12))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    out = {}
+    for threaded in (False, True):
+        monkeypatch.setattr(native, "MIN_THREADED_MVM", 1 if threaded else 1 << 40)
+        with hil.open_backend(url("linear", "", 0.0) + "&out_noise=0.1") as be:
+            w, p = be.allocate("w", 37, 53), be.allocate("p", 37, 53)
+            p.w.uniform_(-0.3, 0.3, generator=gen(13))
+            out[threaded] = [be.mvm_sum([(w, 1.0), (p, 0.2)], x), w.mvm(d, transpose=True)]
+    assert all(torch.equal(a, b) for a, b in zip(out[False], out[True], strict=True))

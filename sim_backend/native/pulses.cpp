@@ -13,6 +13,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <vector>
 
 namespace {
@@ -219,8 +222,10 @@ struct Group {
   vf x, kp, km, lo, hi, gg, cc;
   vi total;
   vu h;
-  int64_t base;   // tile index of lane 0 (lanes are consecutive devices of one row)
+  int64_t base;   // tile index of lane 0
   int64_t cbase;  // COUNTS*: index of lane 0's count within a sample
+  int64_t step = 1, cstep = 1;  // tile / count index from one lane to the next: 1 (devices
+  // of one row) or, in a window narrower than L, cols / width (devices of one column)
   int nl, it, tmax;
   std::vector<uint32_t> signs;  // sign bits of the lanes' pulse sequences [word][lane]
 };
@@ -232,8 +237,8 @@ inline vi group_counts(const Args& A, const Group& G, int64_t b, bool whole, int
   if (whole) return count_lanes<S>(A, b, G.cbase, r, c0);
   vi n{};
   for (int k = 0; k < G.nl; ++k) {
-    const int64_t i = G.base + k;
-    n[k] = count<S>(A, b, S == BITS ? i : G.cbase + k, A.cols ? i / A.cols : 0,
+    const int64_t i = G.base + k * G.step;
+    n[k] = count<S>(A, b, S == BITS ? i : G.cbase + k * G.cstep, A.cols ? i / A.cols : 0,
                     A.cols ? i % A.cols : 0);
   }
   return n;
@@ -252,7 +257,7 @@ void load_devices(const Args& A, Group& G) {
     G.hi = splat(A.tmax[0]);
     if (A.g) G.gg = splat(A.g[0]);
   }
-  if (G.nl == L) {  // vector loads
+  if (G.nl == L && G.step == 1) {  // vector loads
     const size_t bytes = sizeof(vf);
     std::memcpy(&G.x, A.w + G.base, bytes);
     if (NOISY) {
@@ -271,7 +276,7 @@ void load_devices(const Args& A, Group& G) {
     return;
   }
   for (int k = 0; k < L; ++k) {
-    const int64_t i = G.base + std::min(k, G.nl - 1);  // tail lanes mirror the last device
+    const int64_t i = G.base + std::min(k, G.nl - 1) * G.step;  // tails mirror the last
     const int64_t ic = i * A.coef_stride;
     G.x[k] = A.w[i];
     G.kp[k] = A.kp[ic];
@@ -292,19 +297,29 @@ void load_devices(const Args& A, Group& G) {
 // completed 32-bit word is stored to signs[word][lane].
 template <bool NOISY, int S>
 bool load(const Args& A, Group& G, int64_t grp) {
-  if (A.width) {  // a column window: groups of L columns within each row
+  if (A.width && A.width < L) {  // a narrow column window: L rows of one column
+    const int64_t blocks = (A.rows + L - 1) / L;
+    const int64_t j = grp / blocks, r = (grp - j * blocks) * L;
+    G.base = r * A.cols + A.col0 + j;
+    G.cbase = r * A.width + j;
+    G.step = A.cols;
+    G.cstep = A.width;
+    G.nl = static_cast<int>(std::min<int64_t>(L, A.rows - r));
+  } else if (A.width) {  // a column window: groups of L columns within each row
     const int64_t per_row = (A.width + L - 1) / L;
     const int64_t r = grp / per_row, j0 = (grp - r * per_row) * L;
     G.base = r * A.cols + A.col0 + j0;
     G.cbase = r * A.width + j0;
+    G.step = G.cstep = 1;
     G.nl = static_cast<int>(std::min<int64_t>(L, A.width - j0));
   } else {
+    G.step = G.cstep = 1;
     G.base = G.cbase = grp * L;
     G.nl = static_cast<int>(std::min<int64_t>(L, A.numel - G.base));
   }
   // the group's first row and column (one division per group, none per sample)
   const int64_t r0 = A.cols ? G.base / A.cols : 0, c0 = A.cols ? G.base - r0 * A.cols : 0;
-  const bool whole = G.nl == L && (S != BITS || c0 + L <= A.cols);
+  const bool whole = G.nl == L && G.step == 1 && (S != BITS || c0 + L <= A.cols);
   if (A.batch == 1) {  // pulse(): one sample, every pulse of a lane has one sign
     const vi n = group_counts<S>(A, G, 0, whole, r0, c0);
     if (!any(n)) return false;
@@ -459,8 +474,8 @@ void run_groups(const Args& A, int64_t g0, int64_t g1) {
     for (int s = 0; s < SLOTS; ++s) {
       if (!live[s]) continue;
       if (!step<F, NOISY>(A, G[s])) {
-        if (G[s].nl == L) std::memcpy(A.w + G[s].base, &G[s].x, sizeof(vf));
-        else for (int k = 0; k < G[s].nl; ++k) A.w[G[s].base + k] = G[s].x[k];
+        if (G[s].nl == L && G[s].step == 1) std::memcpy(A.w + G[s].base, &G[s].x, sizeof(vf));
+        else for (int k = 0; k < G[s].nl; ++k) A.w[G[s].base + k * G[s].step] = G[s].x[k];
         refill(s);
       }
       busy |= live[s];
@@ -471,7 +486,9 @@ void run_groups(const Args& A, int64_t g0, int64_t g1) {
 
 template <int F, bool NOISY, int S>
 void run_parallel(const Args& A, int nthreads) {
-  const int64_t groups = A.width ? A.rows * ((A.width + L - 1) / L) : (A.numel + L - 1) / L;
+  const int64_t groups = !A.width ? (A.numel + L - 1) / L
+                         : A.width < L ? A.width * ((A.rows + L - 1) / L)
+                                       : A.rows * ((A.width + L - 1) / L);
   constexpr int64_t grab = 64;  // groups per work item: small enough to balance the load
   if (nthreads <= 1 || groups < 2 * grab) {
     run_groups<F, NOISY, S>(A, 0, groups);
@@ -614,6 +631,79 @@ inline float quantize(float v, float bound, float res) {
   return std::nearbyint(std::min(std::max(v, -bound), bound) / res) * res;
 }
 
+// Row r of sum_k cs[k] W_k (arrays of `cols` columns), columns c0 .. c1-1, into out.
+void summed_row(const float* const* ws, const float* cs, int nterms, int64_t cols, int64_t r,
+                int64_t c0, int64_t c1, float* __restrict out) {
+  const float* __restrict w0 = ws[0] + r * cols;
+  if (cs[0] == 1.0f) std::memcpy(out, w0 + c0, sizeof(float) * (c1 - c0));
+  else for (int64_t c = c0; c < c1; ++c) out[c - c0] = cs[0] * w0[c];
+  for (int k = 1; k < nterms; ++k) {
+    const float* __restrict wk = ws[k] + r * cols;
+    const float ck = cs[k];
+    for (int64_t c = c0; c < c1; ++c) out[c - c0] += ck * wk[c];
+  }
+}
+
+// w[j .. j + L) + c2 w2[j .. j + L) (w2 null: w alone)
+inline vf load_sum(const float* __restrict w, const float* __restrict w2, float c2, int64_t j) {
+  vf v;
+  std::memcpy(&v, w + j, sizeof(vf));
+  if (w2) {
+    vf v2;
+    std::memcpy(&v2, w2 + j, sizeof(vf));
+    v += c2 * v2;
+  }
+  return v;
+}
+
+// y[k * ystride] = <w + c2 w2, x_k> for the NB rows x_k = x + k * n of n values (w2 may
+// be null): L-wide partial sums, two accumulators per row (even and odd vectors: short
+// dependency chains), all sharing each load of the weights.
+template <int NB>
+inline void row_dots(const float* __restrict w, const float* __restrict w2, float c2,
+                     const float* __restrict x, int64_t n, float* __restrict y,
+                     int64_t ystride) {
+  vf acc[2][NB];
+  for (int k = 0; k < NB; ++k) acc[0][k] = acc[1][k] = vf{};
+  const int64_t vend = n / L * L;
+  int64_t j = 0;
+  for (; j + 2 * L <= vend; j += 2 * L) {
+    for (int h = 0; h < 2; ++h) {
+      const vf wv = load_sum(w, w2, c2, j + h * L);
+      for (int k = 0; k < NB; ++k) {
+        vf xv;
+        std::memcpy(&xv, x + k * n + j + h * L, sizeof(vf));
+        acc[h][k] += wv * xv;
+      }
+    }
+  }
+  if (j < vend) {
+    const vf wv = load_sum(w, w2, c2, j);
+    for (int k = 0; k < NB; ++k) {
+      vf xv;
+      std::memcpy(&xv, x + k * n + j, sizeof(vf));
+      acc[0][k] += wv * xv;
+    }
+  }
+  for (int k = 0; k < NB; ++k) {
+    const vf a = acc[0][k] + acc[1][k];
+    float sum = 0.0f;
+    for (int q = 0; q < L; ++q) sum += a[q];
+    for (int64_t jj = vend; jj < n; ++jj)
+      sum += (w2 ? w[jj] + c2 * w2[jj] : w[jj]) * x[k * n + jj];
+    y[k * ystride] = sum;
+  }
+}
+
+// y[0 .. n-1] += sum_r a[r] * w[r * stride + 0 .. n-1] over 4 rows (in that order)
+inline void axpy4(const float* a, const float* __restrict w, int64_t stride,
+                  float* __restrict y, int64_t n) {
+  if (a[0] == 0.0f && a[1] == 0.0f && a[2] == 0.0f && a[3] == 0.0f) return;
+  for (int64_t c = 0; c < n; ++c)
+    y[c] += ((a[0] * w[c] + a[1] * w[stride + c]) + (a[2] * w[2 * stride + c] +
+             a[3] * w[3 * stride + c]));
+}
+
 }  // namespace
 
 extern "C" {
@@ -668,26 +758,85 @@ int hil_outer_update(float* w, int64_t rows, int64_t cols, const float* x, const
   return by_family(A, family, noisy, BITS, nthreads);
 }
 
-// The MVM's input side (noise management): scale[b] = max(max_j |x[b][j]|, 1e-12) / bound,
-// xq = x / scale quantized to bits levels of +-bound (res apart); as SimTile.mvm's torch ops.
-void hil_mvm_in(const float* x, int64_t batch, int64_t n, float bound, float res, float* xq,
-                float* scale) {
+// A whole MVM through the periphery: y [batch, n_out] from x [batch, n_in] and the weighted
+// sum of nterms arrays ws[k] [rows, cols] with coefficients cs[k] (transpose: x [batch,
+// rows], y = x sum_k cs[k] W_k, n_out = cols; else y = x (sum_k cs[k] W_k)^T, n_out = rows).
+// The DAC side: scale[b] = max(max_j |x[b][j]|, 1e-12) / inp_bound, x / scale quantized to
+// levels inp_res apart; the ADC side: (y + sigma * noise) quantized to out_res levels of
+// +-out_bound, times scale[b] (noise may be null). SimTile.mvm's torch ops, with the
+// products summed in another order (float rounding apart, the same outputs).
+void hil_mvm(const float* x, int64_t batch, int64_t rows, int64_t cols, int transpose,
+             int nterms, const float* const* ws, const float* cs, const float* noise,
+             float sigma, float inp_bound, float inp_res, float out_bound, float out_res,
+             float* y, int nthreads) {
+  const int64_t n_in = transpose ? rows : cols, n_out = transpose ? cols : rows;
+  std::vector<float> xq(static_cast<size_t>(batch * n_in)), scale(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    const float s = std::max(row_abs_max(x + b * n, n), 1e-12f) / bound;
+    const float s = std::max(row_abs_max(x + b * n_in, n_in), 1e-12f) / inp_bound;
     scale[b] = s;
-    for (int64_t j = 0; j < n; ++j) xq[b * n + j] = quantize(x[b * n + j] / s, bound, res);
+    for (int64_t j = 0; j < n_in; ++j)
+      xq[b * n_in + j] = quantize(x[b * n_in + j] / s, inp_bound, inp_res);
   }
-}
-
-// The MVM's output side, in place: y + sigma * noise (noise may be null), quantized to the
-// ADC's levels of +-bound (res apart), times the input scale of the sample.
-void hil_mvm_out(float* y, const float* noise, float sigma, int64_t batch, int64_t m,
-                 float bound, float res, const float* scale) {
+  // W_0 + c_1 W_1 is summed on the fly; other sums are built row by row
+  const bool fused = cs[0] == 1.0f && nterms <= 2;
+  if (!transpose) {  // y[b][i] = <xq[b], w_i>, samples in blocks sharing the row's loads
+#pragma omp parallel num_threads(nthreads)
+    {
+      std::vector<float> wrow(fused ? 0 : static_cast<size_t>(cols));
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* wi = ws[0] + i * cols;
+        const float* w2 = nterms == 2 && fused ? ws[1] + i * cols : nullptr;
+        const float c2 = nterms == 2 ? cs[1] : 0.0f;
+        if (!fused) {
+          summed_row(ws, cs, nterms, cols, i, 0, cols, wrow.data());
+          wi = wrow.data();
+        }
+        const float* xb = xq.data();
+        float* yi = y + i;
+        int64_t b = 0;
+        for (; b + 4 <= batch; b += 4)
+          row_dots<4>(wi, w2, c2, xb + b * n_in, n_in, yi + b * n_out, n_out);
+        switch (batch - b) {
+          case 3: row_dots<3>(wi, w2, c2, xb + b * n_in, n_in, yi + b * n_out, n_out); break;
+          case 2: row_dots<2>(wi, w2, c2, xb + b * n_in, n_in, yi + b * n_out, n_out); break;
+          case 1: row_dots<1>(wi, w2, c2, xb + b * n_in, n_in, yi + b * n_out, n_out); break;
+          default: break;
+        }
+      }
+    }
+  } else {
+    std::fill(y, y + batch * n_out, 0.0f);  // y[b][:] += xq[b][i] w_i: each thread owns a range of output columns
+    const int64_t chunks = (n_out + L - 1) / L;
+#pragma omp parallel num_threads(nthreads)
+    {
+#ifdef _OPENMP
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+      const int t = 0, nt = 1;
+#endif
+      const int64_t c0 = chunks * t / nt * L, c1 = std::min(n_out, chunks * (t + 1) / nt * L);
+      const int64_t width = std::max<int64_t>(c1 - c0, 0);
+      std::vector<float> wrows(static_cast<size_t>(4 * width));
+      for (int64_t i0 = 0; width > 0 && i0 < rows; i0 += 4) {  // 4 rows per pass over y
+        const int nr = static_cast<int>(std::min<int64_t>(4, rows - i0));
+        for (int r = 0; r < nr; ++r)
+          summed_row(ws, cs, nterms, cols, i0 + r, c0, c1, wrows.data() + r * width);
+        for (int r = nr; r < 4; ++r) std::fill(wrows.data() + r * width, wrows.data() + (r + 1) * width, 0.0f);
+        for (int64_t b = 0; b < batch; ++b) {
+          const float* xb = xq.data() + b * n_in + i0;
+          float a[4];
+          for (int r = 0; r < 4; ++r) a[r] = r < nr ? xb[r] : 0.0f;
+          axpy4(a, wrows.data(), width, y + b * n_out + c0, width);
+        }
+      }
+    }
+  }
   for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t i = 0; i < m; ++i) {
-      float v = y[b * m + i];
-      if (noise) v = v + sigma * noise[b * m + i];
-      y[b * m + i] = quantize(v, bound, res) * scale[b];
+    for (int64_t i = 0; i < n_out; ++i) {
+      float v = y[b * n_out + i];
+      if (noise) v = v + sigma * noise[b * n_out + i];
+      y[b * n_out + i] = quantize(v, out_bound, out_res) * scale[b];
     }
   }
 }
