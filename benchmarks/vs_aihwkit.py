@@ -224,6 +224,12 @@ def uniform(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.rand(*shape, generator=gen) * 2 - 1
 
 
+def initial_weights(gen: torch.Generator, rows: int, cols: int) -> torch.Tensor:
+    """torch's default Linear init range, U(-1/sqrt(cols), 1/sqrt(cols)), seeded: every
+    simulator in a row starts from these weights (P at 0 in the two-tile methods)."""
+    return uniform(gen, rows, cols) / math.sqrt(cols)
+
+
 def bench_rank1(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch: int = 32,
                 lr: float = 0.01) -> tuple[float, float, float]:
     """The dense rank-1 reference: x, d ~ U(-1, 1) [32, 512], lr 0.01 (~21 M pulses a call)."""
@@ -273,13 +279,16 @@ def bench_layer(spec: DeviceSpec, method: Method, reps: int, n: int = 512, batch
     def loss(y, g):  # dL/dy = g
         return (y * g).sum()
 
+    init = initial_weights(gen, n, n)
     peer_layer = PeerLinear(n, n, bias=False, rpu_config=peer_rpu_config(spec, method))
+    peer_layer.set_weights(init)
     opt = AnalogSGD(peer_layer.parameters(), lr=lr * spec.peer_lr_scale)
     opt.regroup_param_groups(peer_layer)
     digital = torch.nn.Linear(n, n, bias=False)
+    digital.weight.data.copy_(init)
     dopt = torch.optim.SGD(digital.parameters(), lr=lr)
     with hil.open_backend(spec.sim_url()) as be:
-        ours_layer = our_layer(be, spec, method, n, n, lr, "fc")
+        ours_layer = our_layer(be, spec, method, n, n, lr, "fc", init=init)
         ours, peer, floor = median_times([
             _train_steps(ours_layer, ours_layer.analog_step, xs, gs, loss),
             _train_steps(peer_layer, opt.step, xs, gs, loss),
@@ -325,16 +334,20 @@ def bench_fcn(spec: DeviceSpec, method: Method, reps: int, lr: float = 0.05, bat
     x, y = digits_28(batch * (reps + 1))
     xs, ys = list(x.split(batch)), list(y.split(batch))
     nll = torch.nn.functional.nll_loss
+    gen = torch.Generator().manual_seed(3)
+    inits = [initial_weights(gen, o, i) for i, o in sizes]  # the same start in all three
     cfg = peer_rpu_config(spec, method)
     peer_net = FCN([PeerLinear(i, o, bias=False, rpu_config=cfg) for i, o in sizes])
+    digital = FCN([torch.nn.Linear(i, o, bias=False) for i, o in sizes])
+    for peer, dig, init in zip(peer_net.layers, digital.layers, inits, strict=True):
+        peer.set_weights(init)
+        dig.weight.data.copy_(init)
     opt = AnalogSGD(peer_net.parameters(), lr=lr * spec.peer_lr_scale)
     opt.regroup_param_groups(peer_net)
-    digital = FCN([torch.nn.Linear(i, o, bias=False) for i, o in sizes])
     dopt = torch.optim.SGD(digital.parameters(), lr=lr)
     with hil.open_backend(spec.sim_url()) as be:
-        layers = [our_layer(be, spec, method, o, i, lr, f"fc{k}",
-                            init=torch.empty(o, i).uniform_(-1 / math.sqrt(i), 1 / math.sqrt(i)))
-                  for k, (i, o) in enumerate(sizes)]
+        layers = [our_layer(be, spec, method, o, i, lr, f"fc{k}", init=init)
+                  for k, ((i, o), init) in enumerate(zip(sizes, inits, strict=True))]
         ours_net = FCN(layers)
         opt_here = AnalogOptimizer(ours_net, digital_lr=lr)  # no digital parameters here
         ours, peer, floor = median_times([
