@@ -1,7 +1,8 @@
 """Analog layers whose weights live on backend tiles, and a converter for existing models.
 
-Forward and backward go through ``tile.mvm`` (with the backend's I/O non-idealities)
-when the backend declares it, else digitally from ``algorithm.weight()``. The layer
+Forward and backward go through ``algorithm.mvm`` (the tiles' ``mvm``, or the backend's
+``mvm_sum``, with the I/O non-idealities) when the backend declares an MVM, else
+digitally from ``algorithm.weight()``. The layer
 input x and the output gradient d of every call are kept for the optimizer step,
 which hands them to the algorithm (rank-1 pulse-train update, or a dense gradient).
 The bias stays digital: it is an ordinary torch parameter trained by the digital

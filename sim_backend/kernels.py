@@ -45,12 +45,17 @@ def device_hash(key: Tensor, numel: int, device: torch.device) -> Tensor:
 
 
 def pulse_normal(h: Tensor, t: Tensor | int) -> Tensor:
-    """The standard normal of pulse t of the devices with stream ids h (Box-Muller, 24-bit)."""
-    a = _mix(h + t * _GOLDEN)
+    """The standard normal of pulse t of the devices with stream ids h: Box-Muller on the
+    24-bit uniforms of pulse pair t // 2, its cosine for even t and its sine for odd t (one
+    pair of draws serves two pulses)."""
+    a = _mix(h + (t >> 1) * _GOLDEN)
     b = _mix(a ^ 0x5BD1E995)
     u1 = (((a >> 8) & 0xFFFFFF).to(torch.float32) + 1.0) * (1.0 / 16777216.0)
     u2 = ((b >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 16777216.0)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
+    r, angle = torch.sqrt(-2.0 * torch.log(u1)), _TWO_PI * u2
+    if isinstance(t, int):
+        return r * (torch.sin(angle) if t & 1 else torch.cos(angle))
+    return r * torch.where((t & 1) == 1, torch.sin(angle), torch.cos(angle))
 
 
 def hash_uniform(key: Tensor, numel: int, device: torch.device) -> Tensor:

@@ -35,6 +35,13 @@ def test_native_normals_match_the_torch_counter_normals():
     ref = pulse_normal(h, t)
     assert float((ours - ref).abs().max()) < 5e-6
     assert abs(float(ours.mean())) < 0.1 and float(ours.std()) == pytest.approx(1.0, abs=0.05)
+    # the two pulses of a pair (cosine and sine of one Box-Muller draw) are independent
+    h = torch.randint(-(2**31), 2**31 - 1, (20000,), generator=g).to(torch.int32)
+    p = torch.randint(0, 5000, (20000,), generator=g, dtype=torch.int32)
+    even, odd = pulse_normal(h, 2 * p), pulse_normal(h, 2 * p + 1)
+    assert abs(float(torch.corrcoef(torch.stack([even, odd]))[0, 1])) < 0.03
+    assert float(odd.std()) == pytest.approx(1.0, abs=0.03)
+    assert abs(float(odd.mean())) < 0.03 and abs(float((odd**3).mean())) < 0.1
 
 
 @pytest.mark.parametrize("model,extra", MODELS)

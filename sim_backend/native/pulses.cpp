@@ -104,24 +104,40 @@ inline vf expm1_any(vf z) {
   return (z > -0.5f) & (z < 0.5f) ? t : big;
 }
 
-// cos(2 pi u) for u in [0, 1): r = u - round(u), cos(2 pi r) = 1 - 2 sin^2(pi r)
-inline vf cos_2pi(vf u) {
+// cos and sin of 2 pi u for u in [0, 1): with r = u - round(u) and x = pi r (|x| <= pi/2),
+// cos(2 pi u) = 1 - 2 sin^2 x and sin(2 pi u) = 2 sin x cos x (Taylor polynomials of sin x
+// and cos x, Estrin's scheme)
+inline void sincos_2pi(vf u, vf& c, vf& sn) {
   vf r = u >= 0.5f ? u - 1.0f : u;
-  vf x = PI * r;  // |x| <= pi / 2
+  vf x = PI * r;
   vf x2 = x * x;
   const vf x4 = x2 * x2, x8 = x4 * x4;
   vf s = x * (((1.0f + x2 * (-1.0f / 6)) + x4 * (1.0f / 120 + x2 * (-1.0f / 5040))) +
               x8 * ((1.0f / 362880 + x2 * (-1.0f / 39916800)) + x4 * (1.0f / 6227020800.0f)));
-  return 1.0f - 2.0f * s * s;
+  vf cx = ((1.0f + x2 * (-1.0f / 2)) + x4 * (1.0f / 24 + x2 * (-1.0f / 720))) +
+          x8 * ((1.0f / 40320 + x2 * (-1.0f / 3628800)) + x4 * (1.0f / 479001600.0f));
+  c = 1.0f - 2.0f * s * s;
+  sn = 2.0f * s * cx;
+}
+
+// The normals of pulses 2p and 2p + 1 of the devices with stream ids h (as
+// kernels.pulse_normal): Box-Muller on the 24-bit uniforms of pair p, cosine then sine.
+inline void pair_normals(vu h, vu p, vf& z0, vf& z1) {
+  vu a = mix(h + p * 0x9E3779B9u);
+  vu b = mix(a ^ 0x5BD1E995u);
+  vf u1 = (to_f((a >> 8) & 0xFFFFFFu) + 1.0f) * (1.0f / 16777216.0f);
+  vf u2 = to_f((b >> 8) & 0xFFFFFFu) * (1.0f / 16777216.0f);
+  vf r = vsqrt(-2.0f * log_pos(u1)), c, sn;
+  sincos_2pi(u2, c, sn);
+  z0 = r * c;
+  z1 = r * sn;
 }
 
 // the standard normal of pulse t of the devices with stream ids h (as kernels.pulse_normal)
 inline vf pulse_normal(vu h, vu t) {
-  vu a = mix(h + t * 0x9E3779B9u);
-  vu b = mix(a ^ 0x5BD1E995u);
-  vf u1 = (to_f((a >> 8) & 0xFFFFFFu) + 1.0f) * (1.0f / 16777216.0f);
-  vf u2 = to_f((b >> 8) & 0xFFFFFFu) * (1.0f / 16777216.0f);
-  return vsqrt(-2.0f * log_pos(u1)) * cos_2pi(u2);
+  vf z0, z1;
+  pair_normals(h, t >> 1, z0, z1);
+  return (t & 1u) != 0u ? z1 : z0;
 }
 
 template <int F>
@@ -220,6 +236,7 @@ inline int32_t count(const Args& A, int64_t b, int64_t idx, int64_t r, int64_t c
 // (set: negative). The group is through after tmax = max(total) steps.
 struct Group {
   vf x, kp, km, lo, hi, gg, cc;
+  vf zn;  // the odd pulse's normal of the pair drawn at the last even step
   vi total;
   vu h;
   int64_t base;   // tile index of lane 0
@@ -414,7 +431,12 @@ inline bool step(const Args& A, Group& G) {
   const vi pos = ((word >> (it & 31)) & 1u) == 0u;
   vf v = vmax(pos ? G.hi - G.x : G.x - G.lo, splat(0.0f));
   vf dw = (pos ? G.kp : -G.km) * response<F>(v, G.gg, A.gamma);
-  if constexpr (NOISY) dw = dw * (1.0f + G.cc * pulse_normal(G.h, vu{} + it));
+  if constexpr (NOISY) {  // one pair of draws serves two steps (pulse_normal's pairs)
+    vf z;
+    if ((it & 1u) == 0u) pair_normals(G.h, vu{} + (it >> 1), z, G.zn);
+    else z = G.zn;
+    dw = dw * (1.0f + G.cc * z);
+  }
   vf nx = vmin(vmax(G.x + dw, G.lo), G.hi);
   G.x = act ? nx : G.x;
   return true;
