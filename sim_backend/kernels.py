@@ -27,6 +27,7 @@ Variant = tuple[str, float | None]  # (family, uniform power gamma or None)
 FUSED_TYPES = {LinearResponse: "linear", PowerResponse: "power", ExpResponse: "exp"}
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
 _TWO_PI = 2.0 * math.pi
+_HALF_PI = 0.5 * math.pi
 
 
 def _mix(x: Tensor) -> Tensor:
@@ -52,10 +53,8 @@ def pulse_normal(h: Tensor, t: Tensor | int) -> Tensor:
     b = _mix(a ^ 0x5BD1E995)
     u1 = (((a >> 8) & 0xFFFFFF).to(torch.float32) + 1.0) * (1.0 / 16777216.0)
     u2 = ((b >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 16777216.0)
-    r, angle = torch.sqrt(-2.0 * torch.log(u1)), _TWO_PI * u2
-    if isinstance(t, int):
-        return r * (torch.sin(angle) if t & 1 else torch.cos(angle))
-    return r * torch.where((t & 1) == 1, torch.sin(angle), torch.cos(angle))
+    # sin(a) = cos(a - pi/2): one transcendental per element for either half
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2 - (t & 1) * _HALF_PI)
 
 
 def hash_uniform(key: Tensor, numel: int, device: torch.device) -> Tensor:
