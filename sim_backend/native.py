@@ -226,8 +226,7 @@ def mvm(x: torch.Tensor, terms: list[tuple[torch.Tensor, float]], transpose: boo
     noise = None if noise is None else _floats(noise)
     _require().hil_mvm(x.data_ptr(), x.shape[0], rows, cols, int(transpose), k, ptrs, coeffs,
                        _ptr(noise), sigma, inp_bound, inp_res, out_bound, out_res, y.data_ptr(),
-                       torch.get_num_threads() if y.numel() * x.shape[1] >= MIN_THREADED_MVM
-                       else 1)
+                       _threads(y.numel() * x.shape[1], MIN_THREADED_MVM))
     return y
 
 
@@ -237,9 +236,10 @@ def _floats(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def _threads(work: int) -> int:
-    """Kernel threads for ``work`` device-samples: torch's thread count from MIN_THREADED."""
-    return torch.get_num_threads() if work >= MIN_THREADED else 1
+def _threads(work: int, least: int | None = None) -> int:
+    """Kernel threads for ``work`` (device-samples; multiply-adds with ``least`` =
+    MIN_THREADED_MVM): torch's thread count from ``least`` (MIN_THREADED) on, else one."""
+    return torch.get_num_threads() if work >= (least or MIN_THREADED) else 1
 
 
 def _check_weights(w: torch.Tensor) -> None:

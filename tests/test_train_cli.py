@@ -37,6 +37,7 @@ def write(tmp_path, cfg, name="run.yaml"):
     ({"model": {"hidden": [8], "widht": 3}}, "model.widht"),
     ({"backend": "nonsense"}, "backend"),
     ({"backend": "sim://?model=power&bogus=1"}, "backend"),
+    ({"algorithm": {"name": "rlv2", "mvm_read": "sum"}}, "algorithm.mvm_read"),
 ])
 def test_bad_config_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, patch, field):
     cfg = {**CONFIG, **patch}
@@ -86,7 +87,10 @@ def test_train_writes_run_file_curves_and_checkpoint(tmp_path, capsys):
 
 
 def test_killed_run_resumes_to_bit_identical_final_weights(tmp_path):
-    cfg = load_config(write(tmp_path, CONFIG))
+    # W + gamma P read as one array (mvm_read: summed), H kept transposed: both resume
+    summed = {**CONFIG, "algorithm": {**CONFIG["algorithm"], "mvm_read": "summed"}}
+    cfg = load_config(write(tmp_path, summed))
+    assert cfg.algorithm.mvm_read == "summed"
     full = train_run(cfg, tmp_path / "full", progress=False)
     assert full.completed and full.global_step == 12
     # killed after step 10 (checkpoints at 4, 6 = end of epoch 1, and 8): resume from 8

@@ -827,8 +827,8 @@ void hil_mvm(const float* x, int64_t batch, int64_t rows, int64_t cols, int tran
         }
       }
     }
-  } else {
-    std::fill(y, y + batch * n_out, 0.0f);  // y[b][:] += xq[b][i] w_i: each thread owns a range of output columns
+  } else {  // y[b][:] += xq[b][i] w_i: each thread owns a range of output columns
+    std::fill(y, y + batch * n_out, 0.0f);
     const int64_t chunks = (n_out + L - 1) / L;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -844,7 +844,8 @@ void hil_mvm(const float* x, int64_t batch, int64_t rows, int64_t cols, int tran
         const int nr = static_cast<int>(std::min<int64_t>(4, rows - i0));
         for (int r = 0; r < nr; ++r)
           summed_row(ws, cs, nterms, cols, i0 + r, c0, c1, wrows.data() + r * width);
-        for (int r = nr; r < 4; ++r) std::fill(wrows.data() + r * width, wrows.data() + (r + 1) * width, 0.0f);
+        for (int r = nr; r < 4; ++r)
+          std::fill(wrows.data() + r * width, wrows.data() + (r + 1) * width, 0.0f);
         for (int64_t b = 0; b < batch; ++b) {
           const float* xb = xq.data() + b * n_in + i0;
           float a[4];
