@@ -16,7 +16,7 @@ from hil.algorithms import (
     make_algorithm,
     stochastic_round,
 )
-from hil.errors import BackendError
+from hil.errors import BackendError, UnsupportedOperation
 
 
 class ExactTile(Tile):
@@ -215,6 +215,9 @@ def test_mvm_read_summed_reads_the_weighted_sum_as_one_array():
             sim.mvm_sum([(alg.tiles["W"], 1.0), (other.tiles["P"], 0.1)], x[:, :2])
     with pytest.raises(ValueError, match="declares no mvm_sum"):
         ResidualLearning(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, mvm_read="summed")
+    exact = ExactBackend()
+    with pytest.raises(UnsupportedOperation, match="weighted sum"):  # the contract's default
+        exact.mvm_sum([(exact.allocate("w", 2, 2), 1.0)], torch.ones(1, 2))
     with pytest.raises(ValueError, match="mvm_read must be"):
         ResidualLearning(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, mvm_read="sum")
 
