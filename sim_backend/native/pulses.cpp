@@ -294,13 +294,14 @@ void load_devices(const Args& A, Group& G) {
   }
   for (int k = 0; k < L; ++k) {
     const int64_t i = G.base + std::min(k, G.nl - 1) * G.step;  // tails mirror the last
-    const int64_t ic = i * A.coef_stride;
     G.x[k] = A.w[i];
-    G.kp[k] = A.kp[ic];
-    G.km[k] = A.km[ic];
-    G.lo[k] = A.tmin[ic];
-    G.hi[k] = A.tmax[ic];
-    if (A.g) G.gg[k] = A.g[ic];
+    if (A.coef_stride) {  // else set above, once
+      G.kp[k] = A.kp[i];
+      G.km[k] = A.km[i];
+      G.lo[k] = A.tmin[i];
+      G.hi[k] = A.tmax[i];
+      if (A.g) G.gg[k] = A.g[i];
+    }
     if (NOISY) {
       G.cc[k] = A.c2c[A.c2c_stride * i];
       G.h[k] = mix(static_cast<uint32_t>(i) ^ A.key);
