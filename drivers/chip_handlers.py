@@ -77,8 +77,17 @@ class ScpiHandler:
 
     def __init__(self, fw: ChipFirmware):
         self.fw = fw
+        self.skip = 0  # bytes still to discard of a refused (oversized) block
+
+    def reset(self) -> None:
+        """Forget a partial request (the inter-byte timeout)."""
+        self.skip = 0
 
     def parse(self, buf: bytearray) -> tuple[tuple[str, bytes | None] | None, int]:
+        if self.skip:  # drop a refused block as it arrives, never buffering it
+            used = min(self.skip, len(buf))
+            self.skip -= used
+            return None, used
         nl = buf.find(b"\n")
         hash_ = buf.find(b"#", 0, nl if nl >= 0 else len(buf))
         if hash_ < 0:
@@ -97,7 +106,13 @@ class ScpiHandler:
         if not length_raw.isdigit():
             return ("", None), (nl + 1 if nl >= 0 else len(buf))
         start = hash_ + 2 + d
-        end = start + int(length_raw)
+        length = int(length_raw)
+        if length > self.fw.max_block:  # refused before a byte of it is buffered
+            self.fw.push_error(E_ILLEGAL, f"block of {length} bytes exceeds the largest this "
+                                          f"chip takes ({self.fw.max_block})")
+            self.skip = length + 1  # the block and its terminating newline
+            return None, start
+        end = start + length
         if len(buf) < end + 1:
             return None, 0
         head = buf[:hash_].decode("ascii", "replace").strip()
@@ -287,8 +302,11 @@ class Session:
         UART firmware does), so a host interrupted mid-write can resynchronise.
         """
         now = time.monotonic()
-        if self.buf and now - self.last_input > INTERBYTE_TIMEOUT_S:
+        pending = self.buf or getattr(self.handler, "skip", 0)
+        if pending and now - self.last_input > INTERBYTE_TIMEOUT_S:
             self.buf.clear()
+            if hasattr(self.handler, "reset"):
+                self.handler.reset()
             self.discarded += 1
         self.last_input = now
         self.buf += data

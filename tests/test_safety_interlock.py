@@ -82,8 +82,8 @@ class Chip:
     def step_totals(self) -> list[dict[str, np.ndarray]]:
         """Per step (between STEP marks), per tile: the |counts| each device received."""
         steps: list[dict[str, np.ndarray]] = [{}]
-        for name, counts in self.fw.count_log:
-            if name == "STEP":
+        for kind, name, counts in self.fw.count_log:
+            if kind == "STEP":
                 steps.append({})
                 continue
             cur = steps[-1]
