@@ -71,6 +71,9 @@ class Faults:
         return reply[:i] + bytes([reply[i] ^ 0x5A]) + reply[i + 1:]
 
 
+MAX_LINE = 4096  # bytes of SCPI command text (before a block or the newline)
+
+
 # -- protocol handlers: parse one request from a buffer, execute it on the firmware -------
 class ScpiHandler:
     """Line-oriented SCPI; TILE:PULS? and TILE:MVM? end with an IEEE 488.2 block."""
@@ -90,6 +93,10 @@ class ScpiHandler:
             return None, used
         nl = buf.find(b"\n")
         hash_ = buf.find(b"#", 0, nl if nl >= 0 else len(buf))
+        text_end = hash_ if hash_ >= 0 else nl if nl >= 0 else len(buf)
+        if text_end > MAX_LINE:  # a command's text is short: never buffer a runaway line
+            self.fw.push_error(E_COMMAND, f"command text longer than {MAX_LINE} bytes")
+            return None, text_end
         if hash_ < 0:
             if nl < 0:
                 return None, 0
