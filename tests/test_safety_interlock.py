@@ -371,3 +371,20 @@ def test_program_rounds_stay_within_the_budget(chip):
     res = program(tile, 0.05, max_iter=30)  # 50 dw_min away: rounds of <= 20 pulses
     assert res.pulses > 0
     assert max(int(t["t"].max()) for t in chip.step_totals() if "t" in t) <= 20
+
+
+def test_clipped_pulses_are_a_column_of_the_run_file(tmp_path):
+    from hil.config import parse_config
+    from hil.runs import train_run
+    from hil.runstore import read_metrics
+
+    cfg = parse_config({
+        "name": "clip", "seed": 0, "backend": "sim://?seed=1",
+        "model": {"hidden": [4], "activation": "tanh"},
+        "data": {"name": "digits", "limit_train": 20, "limit_test": 10},
+        "algorithm": {"name": "analog_sgd", "lr": 5.0, "max_pulses": 2, "update": "pulse"},
+        "train": {"epochs": 2, "batch_size": 10}})
+    result = train_run(cfg, tmp_path / "run", progress=False)
+    clipped = read_metrics(tmp_path / "run" / "run.h5")["clipped_pulses"]
+    assert len(clipped) == 2 and 0 < clipped[0] <= clipped[1]
+    assert result.completed
