@@ -72,6 +72,7 @@ class Faults:
 
 
 MAX_LINE = 4096  # bytes of SCPI command text (before a block or the newline)
+FRAME_ARGS = 128  # bytes of a frame body besides its block: tile name and arguments
 
 
 # -- protocol handlers: parse one request from a buffer, execute it on the firmware -------
@@ -221,8 +222,8 @@ class FrameHandler:
         if len(buf) < start + REQ_HEAD.size:
             return None, start
         _, op, seq, length = REQ_HEAD.unpack_from(buf, start)
-        if length > MAX_BODY:
-            return None, start + 1  # not a real frame start: resynchronise
+        if length > min(MAX_BODY, self.fw.max_block + FRAME_ARGS):
+            return None, start + 1  # not a real frame start (or too large): resynchronise
         end = start + REQ_HEAD.size + length + 4
         if len(buf) < end:
             return None, start

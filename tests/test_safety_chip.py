@@ -171,3 +171,21 @@ def test_refused_step_changes_nothing_on_the_chip():
     finally:
         be.close()
         fw.backend.close()
+
+
+def test_serial_frames_larger_than_the_chip_takes_are_never_buffered():
+    from drivers.chip_handlers import FrameHandler
+    from drivers.frames import REQ_HEAD, REQ_SYNC
+
+    inner = open_backend("sim://")
+    fw = ChipFirmware(inner, load_profile("mcu-board"))
+    sess = Session(FrameHandler(fw), None)
+    try:
+        head = REQ_HEAD.pack(REQ_SYNC, 0x20, 1, fw.max_block + 4096)
+        sess.feed(head)
+        for _ in range(8):
+            sess.feed(b"\x00" * (1 << 20))
+            assert len(sess.buf) < REQ_HEAD.size + 1
+        assert fw.max_block < 8 << 20 and fw.device_pulses == 0
+    finally:
+        inner.close()
