@@ -113,6 +113,10 @@ def _check_datasets(path: Path, where: str, states: np.ndarray, pulses: np.ndarr
         raise ConfigError(str(path), f"{where}/states",
                           f"must be a float array (reads, rows, cols), got {states.dtype} "
                           f"{tuple(states.shape)}")
+    if np.isinf(states).any():  # NaN marks a read never written; inf is no reading
+        t, r, c = np.argwhere(np.isinf(states))[0]
+        raise ConfigError(str(path), f"{where}/states",
+                          f"infinite value at read {t}, device ({r}, {c})")
     if pulses.dtype.kind not in "iu" or pulses.ndim != 1:
         raise ConfigError(str(path), f"{where}/pulses",
                           f"must be an integer array (reads - 1,), got {pulses.dtype} "

@@ -175,6 +175,8 @@ def replace(group, name, data):
                        f["tiles/cal/sweep/states"][()].astype("S8")), "tiles/cal/sweep/states"),
     (lambda f: replace(f["tiles/cal/sweep"], "states",
                        f["tiles/cal/sweep/states"][()][..., None]), "tiles/cal/sweep/states"),
+    (lambda f: f["tiles/cal/sweep/states"].__setitem__((3, 1, 2), np.inf),
+     "tiles/cal/sweep/states"),
     (lambda f: replace(f["tiles/cal/sweep"], "pulses",
                        f["tiles/cal/sweep/pulses"][()].astype("f8")), "tiles/cal/sweep/pulses"),
     (lambda f: replace(f["tiles/cal/sympoint"], "states",
