@@ -205,6 +205,7 @@ class ChipBackend(Backend):
             max_pulses_per_command=int(min(p.limits.max_pulses_per_command, caps.max_pulses,
                                            chip_limits["MAXPULSE"])),
             max_pulses_per_step=self.interlock.step_budget)
+        self.interlock.tighten(self.capabilities.max_pulses_per_command)
         self.seq = self._retry("sequence", None, self.link.last_seq)
         for info, dw_min_g in self._retry("tile list", None, self.link.list_tiles):
             self._register(info, dw_min_g)  # tiles an earlier session left on the chip

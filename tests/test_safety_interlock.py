@@ -176,6 +176,10 @@ def test_interlock_check_counts_is_overflow_safe():
     with pytest.raises(SafetyLimitError, match="integers"):
         lock.check_counts("t", 0, 0, np.array([[0.7]]))
     lock.check_counts("t", 0, 0, np.array([[1024, -1024]], np.int64))
+    lock.tighten(100)  # what the instrument reports it takes: the lower limit wins
+    lock.tighten(5000)
+    with pytest.raises(SafetyLimitError, match="exceeds 100 per command"):
+        lock.check_counts("t", 0, 0, np.array([[101]], np.int64))
 
 
 # -- the per-step budget --------------------------------------------------------------------
