@@ -8,11 +8,12 @@ import random
 import struct
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 
 from drivers.firmware import ChipError, ChipFirmware
 from drivers.frames import MAX_BODY, REQ_HEAD, REQ_SYNC, SEQUENCED, Op, reply_frame
-from drivers.link import E_COMMAND, E_ILLEGAL
+from drivers.link import E_COMMAND, E_ILLEGAL, E_SESSION
 from drivers.scpi import data_reply
 from drivers.transport import INTERBYTE_TIMEOUT_S
 
@@ -72,11 +73,59 @@ class Faults:
 
 
 # -- protocol handlers: parse one request from a buffer, execute it on the firmware -------
-class ScpiHandler:
-    """Line-oriented SCPI; TILE:PULS? and TILE:MVM? end with an IEEE 488.2 block."""
+class _Connection:
+    """One host connection's view of the chip: its number (for the watchdog), the session
+    it belongs to (0: none), and its own queue for refusals of a host outside the session
+    (so a refused host never reads or clears the controlling host's error queue)."""
 
-    def __init__(self, fw: ChipFirmware):
+    def __init__(self, fw: ChipFirmware | None):
         self.fw = fw
+        self.ident = fw.connection_opened() if fw is not None else 0
+        self.sid = 0
+        self.refused: deque[tuple[int, str]] = deque(maxlen=8)
+
+    def holds(self) -> bool:
+        cur = self.fw.session
+        return cur is not None and self.sid != 0 and cur.id == self.sid
+
+    def open_session(self, args: str) -> str:
+        """The session request's reply line: '0,"id"', or the refusal as an error."""
+        try:
+            self.sid = self.fw.open_session(self.ident, args)
+        except ChipError as exc:
+            return f'{exc.code},"{exc.message}"'
+        return f'0,"{self.sid}"'
+
+    def end_session(self, args: str) -> None:
+        self.fw.end_session(self.ident, args)
+        self.sid = 0
+
+    def control(self) -> None:
+        """Raise the session error unless this connection holds the chip."""
+        self.fw.authorize(self.sid)
+
+    def push(self, exc: ChipError) -> None:
+        if exc.code == E_SESSION and not self.holds():
+            self.refused.append((exc.code, exc.message))
+        else:
+            self.fw.push_error(exc.code, exc.message)
+
+    def next_error(self) -> str:
+        if self.refused:
+            code, msg = self.refused.popleft()
+            return f'{code},"{msg}"'
+        if not self.holds() and self.fw.session is not None:
+            return '0,"No error"'  # the queue is the controlling host's
+        return self.fw.next_error()
+
+    def clear_errors(self) -> None:
+        self.refused.clear()
+        if self.holds() or self.fw.session is None:
+            self.fw.clear_errors()
+
+
+class ScpiHandler(_Connection):
+    """Line-oriented SCPI; TILE:PULS? and TILE:MVM? end with an IEEE 488.2 block."""
 
     def parse(self, buf: bytearray) -> tuple[tuple[str, bytes | None] | None, int]:
         nl = buf.find(b"\n")
@@ -110,25 +159,33 @@ class ScpiHandler:
         verb, _, args = text.partition(" ")
         verb = verb.upper()
         if verb == "*CLS" and not args:
-            fw.clear_errors()
+            self.clear_errors()
             return None, False
         plain = {"*IDN?": fw.idn, "SYST:CAP?": fw.caps, "SYST:LIM?": fw.limits,
                  "TILE:MAP?": fw.tile_map, "SYST:SEQ?": fw.seq, "TILE:LIST?": fw.tile_list,
-                 "SYST:ERR?": fw.next_error, "OUTP?": fw.output_state}
+                 "SYST:ERR?": self.next_error, "OUTP?": fw.output_state,
+                 "SYST:SESS:HOLD?": fw.session_state}
         try:
             if verb in plain and not args:
                 return (plain[verb]() + "\n").encode("ascii"), False
+            if verb == "SYST:SESS?":
+                return (self.open_session(args) + "\n").encode("ascii"), False
+            if verb == "SYST:SESS:END":
+                self.end_session(args)
+                return None, False
             if verb in ("PULS:POT", "PULS:DEP"):
+                self.control()
                 fw.set_shape(verb[5:], args)
                 return None, False
             if verb == "OUTP" and args.upper() in ("ON", "OFF", "1", "0"):
+                self.control()
                 fw.set_output(args.upper() in ("ON", "1"))
                 return None, False
             if verb in ("TILE:ALLOC?", "TILE:READ?", "TILE:PULS?", "TILE:MVM?",
                         "TILE:PULS:DEV?", "TILE:OUTER?"):
                 return self._sequenced(verb, args, block), True
         except ChipError as exc:
-            fw.push_error(exc.code, exc.message)
+            self.push(exc)
             return None, False
         fw.push_error(E_COMMAND, f"undefined header {text[:40]}")
         return None, False
@@ -142,18 +199,18 @@ class ScpiHandler:
         seq = int(seq_text)
         rest = rest.rstrip(",")
         if verb == "TILE:ALLOC?":
-            status, payload = fw.sequenced(seq, lambda: fw.alloc(rest))
+            status, payload = fw.sequenced(self.sid, seq, lambda: fw.alloc(rest))
         elif verb == "TILE:READ?":
-            status, payload = fw.sequenced(seq, lambda: fw.read(rest))
+            status, payload = fw.sequenced(self.sid, seq, lambda: fw.read(rest))
         elif verb == "TILE:PULS?":
-            status, payload = fw.sequenced(seq, lambda: fw.pulse(rest, _need(block), seq))
+            status, payload = fw.sequenced(self.sid, seq, lambda: fw.pulse(rest, _need(block), seq))
         elif verb == "TILE:PULS:DEV?":
             def run_device() -> bytes:
                 parts = rest.split(",")
                 if len(parts) != 4 or not all(p.lstrip("-").isdigit() for p in parts[1:]):
                     raise ChipError(E_ILLEGAL, f"bad device pulse arguments {rest}")
                 return fw.pulse_device(parts[0], *(int(p) for p in parts[1:]), seq)
-            status, payload = fw.sequenced(seq, run_device)
+            status, payload = fw.sequenced(self.sid, seq, run_device)
         elif verb == "TILE:OUTER?":
             def run_outer() -> bytes:
                 parts = rest.split(",")
@@ -164,12 +221,12 @@ class ScpiHandler:
                 except ValueError:
                     raise ChipError(E_ILLEGAL, f"bad learning rate {parts[1]}") from None
                 return fw.outer(parts[0], lr, int(parts[2]), _need(block), seq)
-            status, payload = fw.sequenced(seq, run_outer)
+            status, payload = fw.sequenced(self.sid, seq, run_outer)
         else:
             def run_mvm() -> bytes:
                 name, transpose, batch = _split3(rest)
                 return fw.mvm(name, transpose == "1", int(batch), _need(block))
-            status, payload = fw.sequenced(seq, run_mvm)
+            status, payload = fw.sequenced(self.sid, seq, run_mvm)
         return data_reply(seq, status, payload)
 
 
@@ -186,11 +243,8 @@ def _split3(text: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
-class FrameHandler:
+class FrameHandler(_Connection):
     """Length-prefixed frames with CRC-32; a corrupted request is answered with an error."""
-
-    def __init__(self, fw: ChipFirmware):
-        self.fw = fw
 
     def parse(self, buf: bytearray) -> tuple[tuple[int, int, bytes, bool] | None, int]:
         start = buf.find(bytes([REQ_SYNC]))
@@ -219,11 +273,19 @@ class FrameHandler:
         except ValueError:
             return reply_frame(op, seq, E_COMMAND, b"unknown opcode"), True
         plain = {Op.IDN: fw.idn, Op.CAP: fw.caps, Op.LIM: fw.limits, Op.MAP: fw.tile_map,
-                 Op.SEQ: fw.seq, Op.LIST: fw.tile_list, Op.ERR: fw.next_error,
-                 Op.OUTQ: fw.output_state}
+                 Op.SEQ: fw.seq, Op.LIST: fw.tile_list, Op.ERR: self.next_error,
+                 Op.OUTQ: fw.output_state, Op.HOLD: fw.session_state}
         try:
             if op in plain:
                 return reply_frame(op, seq, 0, plain[op]().encode("ascii")), True
+            if op == Op.SESS:
+                self.sid = fw.open_session(self.ident, body.decode("ascii", "replace"))
+                return reply_frame(op, seq, 0, str(self.sid).encode("ascii")), True
+            if op == Op.END:
+                self.end_session(body.decode("ascii", "replace"))
+                return reply_frame(op, seq, 0, b""), True
+            if op in (Op.SHAPE, Op.OUT):
+                self.control()
             if op == Op.SHAPE:
                 polarity, _, args = body.decode("ascii", "replace").partition(",")
                 fw.set_shape(polarity, args)
@@ -234,10 +296,10 @@ class FrameHandler:
                 fw.set_output(body == b"\x01")
                 return reply_frame(op, seq, 0, b""), True
         except ChipError as exc:
-            fw.push_error(exc.code, exc.message)
+            self.push(exc)
             return reply_frame(op, seq, exc.code, exc.message.encode()), True
         assert op in SEQUENCED
-        status, payload = fw.sequenced(seq, lambda: self._run(op, seq, body))
+        status, payload = fw.sequenced(self.sid, seq, lambda: self._run(op, seq, body))
         return reply_frame(op, seq, status, payload), True
 
     def _run(self, op: Op, seq: int, body: bytes) -> bytes:
