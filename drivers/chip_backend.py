@@ -153,6 +153,7 @@ class ChipBackend(Backend):
         super().__init__(url)
         self.holder = holder or this_host()
         self.session = 0  # this host's session on the chip (0: none yet)
+        self.left: set[str] = set()  # tiles an earlier session left, not yet re-attached
         self.joined = False  # whether the current connection is bound to the session
         self.link = link
         self.profile = profile
@@ -210,6 +211,7 @@ class ChipBackend(Backend):
         self.seq = self._retry("sequence", None, self.link.last_seq)  # 0: a new session
         for info, dw_min_g in self._retry("tile list", None, self.link.list_tiles):
             self._register(info, dw_min_g)  # tiles an earlier session left on the chip
+            self.left.add(info.name)
 
     def _register(self, info: TileInfo, dw_min_g: float) -> ChipTile:
         wmap = (self.weight_map.for_tile(info.name, (info.rows, info.cols))
@@ -219,6 +221,21 @@ class ChipBackend(Backend):
         return tile
 
     # -- the contract ----------------------------------------------------------------------
+    def allocate(self, name: str, rows: int, cols: int) -> Tile:
+        """Reserve a new tile, or re-attach the tile of that name and shape that an earlier
+        session left on the chip (the chip keeps its tiles and their devices' state: a
+        resumed or repeated run finds its tiles again); another shape is refused."""
+        self._check_open("allocate", name)
+        if name in self.left:
+            tile = self._tiles[name]
+            if tile.shape != (int(rows), int(cols)):
+                raise BackendError(f"the chip holds this tile as {tile.shape[0]}x"
+                                   f"{tile.shape[1]}, asked for {rows}x{cols}", tile=name,
+                                   op="allocate")
+            self.left.discard(name)
+            return tile
+        return super().allocate(name, rows, cols)
+
     def _allocate(self, name: str, rows: int, cols: int) -> Tile:
         check_name(name)
         info = self._place(name, rows, cols)
