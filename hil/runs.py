@@ -22,6 +22,7 @@ from hil.backend import Backend, open_backend
 from hil.config import RunConfig, parse_config
 from hil.data import Dataset, least_squares, load_digits, load_mnist
 from hil.errors import BackendURLError, ConfigError
+from hil.outpath import check_dir
 from hil.runstore import RunFile, plot_curves, read_metrics
 
 CHECKPOINT = "checkpoint.pt"
@@ -192,6 +193,7 @@ def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str =
     elif ckpt_path.exists():
         raise ConfigError(str(out), "out_dir", "already holds a run (use --resume or another "
                                                "out_dir)")
+    check_dir(out, "out_dir")  # before the backend opens: nothing is pulsed for nothing
     ds = load_dataset(cfg, config_path)
     analog = cfg.algorithm.name != "digital"
     backend: Backend | None = None

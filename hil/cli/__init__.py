@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         if interrupts.received() is not None:  # an error while stopping: the stop wins
             _stopped(interrupts.received(), command)
         _fail(exc)
-    if interrupts.received() is not None:  # typer turned the interrupt into Exit(130)
-        _stopped(interrupts.received(), command)
+    if interrupts.received() is not None or code == 130:  # typer: KeyboardInterrupt -> 130
+        _stopped(interrupts.received() or 2, command)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -51,4 +51,4 @@ def train(
     acc = result.final_accuracy
     tail = f", final test accuracy {100 * acc:.2f}%" if acc is not None else ""
     console.print(f"done: {result.global_step} steps{tail}; {result.out_dir / RUN_FILE}, "
-                  f"{result.out_dir / CURVES}", highlight=False)
+                  f"{result.out_dir / CURVES}", highlight=False, markup=False)
