@@ -85,6 +85,8 @@ def make_analog(model: nn.Module, cfg: RunConfig, backend: Backend, program_init
 
     a = cfg.algorithm
     counter = iter(range(1_000_000))
+    # a resumed run finds its tiles set up: no zero-shift settling pulses on P again
+    resumed = {"zero_shift_cycles": 0} if a.zero_shift and not program_init else {}
 
     def factory(be: Backend, shape: tuple[int, int], prefix: str):
         return make_algorithm(
@@ -93,7 +95,7 @@ def make_analog(model: nn.Module, cfg: RunConfig, backend: Backend, program_init
             transfer_read=a.transfer_read, transfer_write=a.transfer_write,
             mvm_read=a.mvm_read, update=a.update,
             max_pulses=a.max_pulses, prefix=prefix,
-            seed=cfg.seed * 1000 + next(counter))
+            seed=cfg.seed * 1000 + next(counter), **resumed)
 
     convert_to_analog(model, backend, factory, io=a.io, program_init=program_init)
 

@@ -158,3 +158,22 @@ def test_bad_checkpoint_is_one_line_exit_2(tmp_path, cfg, capsys, content):
     assert str(path) in err and "checkpoint" in err
     assert not marker.exists()
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written
+
+
+def test_resume_on_a_chip_with_zero_shift_does_not_resettle_p(tmp_path, capsys):
+    """The zero-shift setup (alternating pulses on P, P_ref programmed) runs once, at the
+    start: a resumed run finds P and P_ref as the checkpoint left them."""
+    zs = {**CONFIG, "algorithm": {**CONFIG["algorithm"], "zero_shift": True},
+          "train": {**CONFIG["train"], "epochs": 1}}
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text(yaml.safe_dump(zs))
+    two.write_text(yaml.safe_dump({**zs, "train": {**zs["train"], "epochs": 2}}))
+    out = tmp_path / "out"
+    with VirtualChip(CHIP, "scpi", "tcp") as chip:
+        assert hil(["train", str(one), "--out", str(out), "--quiet",
+                    "--backend", chip.url]) == 0
+        pulses = chip.firmware.device_pulses
+        capsys.readouterr()
+        assert hil(["train", str(two), "--out", str(out), "--quiet", "--backend", chip.url,
+                    "--resume", "--force"]) == 0, capsys.readouterr().err
+        assert chip.firmware.device_pulses > pulses
