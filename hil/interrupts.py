@@ -59,14 +59,25 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """Turn SIGINT, SIGTERM and SIGHUP into Interrupted (main thread only). A signal the
-    process inherited as ignored stays ignored (``nohup`` ignores SIGHUP, a background
-    job SIGINT: that is what their user asked for)."""
+def install() -> dict[int, object]:
+    """Turn SIGINT, SIGTERM and SIGHUP into Interrupted (main thread only); returns the
+    previous handlers for :func:`restore`. A signal the process inherited as ignored
+    stays ignored (``nohup`` ignores SIGHUP, a background job SIGINT: that is what their
+    user asked for)."""
     reset()
+    previous = {}
     for sig in SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
+        current = signal.getsignal(sig)
+        if current is not signal.SIG_IGN:
+            previous[sig] = current
             signal.signal(sig, _handler)
+    return previous
+
+
+def restore(previous: dict[int, object]) -> None:
+    """Put back the handlers :func:`install` replaced (main called in-process, e.g. tests)."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def reset() -> None:

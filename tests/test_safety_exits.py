@@ -116,3 +116,25 @@ def main_exit(args: list[str]) -> int:
     except SystemExit as exc:
         return exc.code or 0
     return 0
+
+
+def test_main_puts_back_the_signal_handlers_it_replaced(tmp_path):
+    before = {sig: signal.getsignal(sig) for sig in EXIT}
+    assert main_exit(["fit", str(tmp_path / "missing.h5")]) == 2
+    assert {sig: signal.getsignal(sig) for sig in EXIT} == before
+
+
+def test_a_stop_signal_inside_a_deferred_block_waits_for_its_end():
+    from hil import interrupts
+
+    previous = interrupts.install()
+    done = []
+    try:
+        with pytest.raises(interrupts.Interrupted) as exc:
+            with interrupts.deferred():
+                signal.raise_signal(signal.SIGTERM)
+                done.append("the step ran to its end")
+        assert done and exc.value.signum == signal.SIGTERM and exc.value.exit_code == 143
+    finally:
+        interrupts.restore(previous)
+        interrupts.reset()

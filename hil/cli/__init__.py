@@ -67,9 +67,15 @@ def _stopped(signum: int, command: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script: bad input is one line on stderr and exit code 2;
     a stop signal is one line and exit 128 + its number."""
-    interrupts.install()
+    previous = interrupts.install()
     _resume.hint = None
-    command = _command(argv)
+    try:
+        _run(argv, _command(argv))
+    finally:
+        interrupts.restore(previous)
+
+
+def _run(argv: list[str] | None, command: str) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except KeyboardInterrupt as exc:
