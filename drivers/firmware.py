@@ -207,7 +207,8 @@ class ChipFirmware:
                 raise ChipError(E_SESSION, self.why_refused(sid))
             if cur is not None and take_text != "1":
                 raise ChipError(E_SESSION, f"chip held by {cur.describe()}; take it over "
-                                           "only if that host is gone (take_over=1)")
+                                           "only if that host is gone (--take-over, or "
+                                           "take_over=1 in the URL)")
             if cur is not None:
                 self._end(cur, f"taken over by {holder}")
                 if self.outputs:

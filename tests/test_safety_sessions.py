@@ -140,3 +140,17 @@ def test_two_visa_backends_in_one_process_are_independent():
         assert c2.firmware.outputs
         b.close()
         assert not c2.firmware.outputs and c2.firmware.log[-1] == "OUTP OFF"
+
+
+def test_cli_on_a_held_chip_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from hil.cli import main
+
+    out = tmp_path / "m.h5"
+    with VirtualChip(CHIP, "scpi", "tcp") as chip, open_backend(chip.url):
+        with pytest.raises(SystemExit) as exc:
+            main(["characterize", "--backend", chip.url, "--out", str(out), "--rows", "2",
+                  "--cols", "2", "--quiet"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "chip held by" in err and "--take-over" in err
+        assert list(tmp_path.iterdir()) == []
