@@ -220,6 +220,16 @@ def _run_tiles(model: nn.Module) -> dict[str, Any]:
             for t in layer.algorithm.tiles.values()}
 
 
+def saved_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tiles' weights a checkpoint holds: read from a chip, else an emulator's
+    snapshot (so a run begun on an emulator can be reprogrammed onto a chip)."""
+    if ckpt.get("devices"):
+        return dict(ckpt["devices"])
+    snap = ckpt.get("backend") or {}
+    return {name: entry["w"] for name, entry in snap.items()
+            if isinstance(entry, dict) and isinstance(entry.get("w"), torch.Tensor)}
+
+
 def check_devices(model: nn.Module, saved: dict[str, torch.Tensor], out: Path,
                   reprogram: bool, console: Console) -> None:
     """A resumed run on a chip: every tile must still hold the checkpoint's read weights
@@ -231,7 +241,7 @@ def check_devices(model: nn.Module, saved: dict[str, torch.Tensor], out: Path,
     missing = sorted(set(tiles) - set(saved))
     if missing:
         raise ConfigError(str(out / CHECKPOINT), "devices",
-                          f"no device weights for tile {missing[0]}")
+                          f"holds no weights for tile {missing[0]}: not this run's backend?")
     for name, tile in tiles.items():
         target = saved[name].to(torch.float32)
         if tuple(target.shape) != tile.shape:
@@ -277,8 +287,8 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
         if backend is not None:
             if snapshot and ckpt.get("backend") is not None:
                 backend.load_state_dict(ckpt["backend"])
-            elif not snapshot:
-                check_devices(model, ckpt.get("devices") or {}, out, reprogram, console)
+            else:  # a chip, or an emulator resuming a run that began on a chip
+                check_devices(model, saved_weights(ckpt), out, reprogram, console)
         torch.set_rng_state(ckpt["torch_rng"])
         pos = dict(ckpt["position"])
     out.mkdir(parents=True, exist_ok=True)

@@ -177,3 +177,18 @@ def test_resume_on_a_chip_with_zero_shift_does_not_resettle_p(tmp_path, capsys):
         assert hil(["train", str(two), "--out", str(out), "--quiet", "--backend", chip.url,
                     "--resume", "--force"]) == 0, capsys.readouterr().err
         assert chip.firmware.device_pulses > pulses
+
+
+def test_a_run_begun_on_an_emulator_moves_to_a_chip_only_by_reprogramming(tmp_path, cfg,
+                                                                          capsys):
+    out = tmp_path / "out"
+    three = tmp_path / "three.yaml"
+    three.write_text(yaml.safe_dump({**CONFIG, "train": {**CONFIG["train"], "epochs": 3}}))
+    assert hil(["train", str(cfg), "--out", str(out), "--quiet"]) == 0  # sim://
+    with VirtualChip(CHIP, "scpi", "tcp") as chip:
+        capsys.readouterr()
+        args = ["train", str(three), "--out", str(out), "--quiet", "--backend", chip.url,
+                "--resume", "--force"]
+        assert hil(args) == 2
+        assert "no longer hold the checkpoint's weights" in one_line(capsys)
+        assert hil([*args, "--reprogram"]) == 0
