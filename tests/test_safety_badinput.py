@@ -49,7 +49,7 @@ def test_characterize_never_overwrites_and_keeps_partial_data_apart(tmp_path, ca
                                                                     monkeypatch):
     out = tmp_path / "m.h5"
     assert hil(["characterize", "--backend", URL, "--out", str(out), *SMALL]) == 0
-    before = out.read_bytes()
+    before, inode = out.read_bytes(), out.stat().st_ino
     capsys.readouterr()
     assert hil(["characterize", "--backend", URL, "--out", str(out), *SMALL]) == 2
     assert "exists; pass --force" in one_line(capsys)
@@ -85,7 +85,9 @@ def test_characterize_never_overwrites_and_keeps_partial_data_apart(tmp_path, ca
     assert "partial measurement" in capsys.readouterr().out and calib.exists()
     # the rerun is not blocked: --force replaces the old file once complete
     assert hil(["characterize", "--backend", URL, "--out", str(out), "--force", *SMALL]) == 0
-    assert out.read_bytes() != before
+    assert out.stat().st_ino != inode and not part.exists()  # renamed into place
+    with h5py.File(out, "r") as f:
+        assert f.attrs["complete"]
 
 
 def test_out_under_a_file_is_one_line_before_any_work(tmp_path, capsys):

@@ -8,6 +8,7 @@ and how to resume (see docs/safety.md).
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
@@ -79,7 +80,7 @@ def _run(argv: list[str] | None, command: str) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except KeyboardInterrupt as exc:
-        _stopped(getattr(exc, "signum", None) or interrupts.received() or 2, command)
+        _stopped(getattr(exc, "signum", None) or interrupts.received() or signal.SIGINT, command)
     except SystemExit:
         raise
     except BaseException as exc:
@@ -87,7 +88,7 @@ def _run(argv: list[str] | None, command: str) -> None:
             _stopped(interrupts.received(), command)
         _fail(exc)
     if interrupts.received() is not None or code == 130:  # typer: KeyboardInterrupt -> 130
-        _stopped(interrupts.received() or 2, command)
+        _stopped(interrupts.received() or signal.SIGINT, command)
     if isinstance(code, int) and code:
         sys.exit(code)
 
