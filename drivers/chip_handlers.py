@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from drivers.firmware import ChipError, ChipFirmware
 from drivers.frames import MAX_BODY, REQ_HEAD, REQ_SYNC, SEQUENCED, Op, reply_frame
-from drivers.link import E_COMMAND, E_ILLEGAL, E_SESSION
+from drivers.link import E_COMMAND, E_ILLEGAL
 from drivers.scpi import data_reply
 from drivers.transport import INTERBYTE_TIMEOUT_S
 
@@ -73,6 +73,11 @@ class Faults:
 
 
 # -- protocol handlers: parse one request from a buffer, execute it on the firmware -------
+def _ascii(text: str) -> str:
+    """An error text as a reply line carries it: ASCII, no double quotes."""
+    return text.encode("ascii", "replace").decode("ascii").replace('"', "'")
+
+
 class _Connection:
     """One host connection's view of the chip: its number (for the watchdog), the session
     it belongs to (0: none), and its own queue for refusals of a host outside the session
@@ -93,7 +98,7 @@ class _Connection:
         try:
             self.sid = self.fw.open_session(self.ident, args)
         except ChipError as exc:
-            return f'{exc.code},"{exc.message}"'
+            return f'{exc.code},"{_ascii(exc.message)}"'
         return f'0,"{self.sid}"'
 
     def end_session(self, args: str) -> None:
@@ -105,8 +110,11 @@ class _Connection:
         self.fw.authorize(self.sid)
 
     def push(self, exc: ChipError) -> None:
-        if exc.code == E_SESSION and not self.holds():
-            self.refused.append((exc.code, exc.message))
+        """Queue an error: a connection outside the session keeps its own (its refusals and
+        its garbage never reach the controlling host's queue, e.g. in the middle of an
+        arm sequence); the holder, or anyone while the chip is free, the chip's queue."""
+        if self.fw.session is not None and not self.holds():
+            self.refused.append((exc.code, _ascii(exc.message)))
         else:
             self.fw.push_error(exc.code, exc.message)
 
@@ -187,14 +195,14 @@ class ScpiHandler(_Connection):
         except ChipError as exc:
             self.push(exc)
             return None, False
-        fw.push_error(E_COMMAND, f"undefined header {text[:40]}")
+        self.push(ChipError(E_COMMAND, f"undefined header {text[:40]}"))
         return None, False
 
     def _sequenced(self, verb: str, args: str, block: bytes | None) -> bytes:
         fw = self.fw
         seq_text, _, rest = args.partition(",")
         if not seq_text.isdigit():
-            fw.push_error(E_COMMAND, f"{verb} without a sequence number")
+            self.push(ChipError(E_COMMAND, f"{verb} without a sequence number"))
             return data_reply(0, E_COMMAND, b"missing sequence number")
         seq = int(seq_text)
         rest = rest.rstrip(",")

@@ -154,3 +154,38 @@ def test_cli_on_a_held_chip_is_one_line_and_writes_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "chip held by" in err and "--take-over" in err
         assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hostile_second_connection_cannot_touch_the_holder():
+    """A raw SCPI connection outside the session: its OUTP OFF, *CLS, pulses, garbage and
+    non-ASCII session requests are refused in its own queue; the holder sees nothing."""
+    import socket
+
+    with VirtualChip(CHIP, "scpi", "tcp") as chip:
+        fw = chip.firmware
+        with open_backend(chip.url) as a:
+            tile = a.allocate("t", 1, 1)
+            tile.pulse(torch.ones(1, 1, dtype=torch.int32))
+            port = int(chip.address.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                f = s.makefile("rb")
+                s.sendall(b"OUTP OFF\n*CLS\nPULS:POT 0.1,1e-6,1e-4\nBOGUS \xff\xfe\n"
+                          b"SYST:SESS? 0,0,mall\xc3\xb6ry\n")
+                assert f.readline().startswith(b'102,"chip held by')
+                s.sendall(b"SYST:SESS? 0,0,\xff\n")  # non-ASCII holder: still refused
+                assert f.readline().startswith(b"102,")
+                s.sendall(b"SYST:SESS? x\xff,1\n")
+                assert f.readline().startswith(b'-224,"bad session request')
+                s.sendall(b"TILE:PULS:DEV? 1,t,0,0,5\n")
+                assert b",+102,#" in f.readline()
+                errors = []
+                for _ in range(4):
+                    s.sendall(b"SYST:ERR?\n")
+                    errors.append(f.readline())
+                assert all(e.isascii() for e in errors)
+                assert errors[0].startswith(b"102,") and errors[-1] == b'0,"No error"\n'
+            assert fw.outputs and fw.device_pulses == 1
+            tile.pulse(torch.ones(1, 1, dtype=torch.int32))  # undisturbed, no stray error
+            a.set_pulse_shape("potentiate", 1.0, 1e-6, 1e-4)  # re-arm reads the error queue
+            tile.pulse(torch.ones(1, 1, dtype=torch.int32))
+            assert fw.device_pulses == 3
