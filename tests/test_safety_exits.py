@@ -138,3 +138,17 @@ def test_a_stop_signal_inside_a_deferred_block_waits_for_its_end():
     finally:
         interrupts.restore(previous)
         interrupts.reset()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_serve_virtual_chip_stops_normally_on_sigterm_and_sighup(sig):
+    proc = hil_child(["serve-virtual-chip", "--pty", "--backend", "sim://?seed=4"])
+    try:
+        assert proc.stdout.readline().startswith("serial:///dev/"), proc.stderr.read()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "0 device-pulses applied, outputs off" in err
