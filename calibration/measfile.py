@@ -4,11 +4,17 @@ Layout: ``/tiles/<tile>/<protocol>/states`` float32 [T, rows, cols] (chunked, re
 NaN fill so a row never written reads as NaN) and ``.../pulses`` int32 [T - 1] (signed
 pulses applied between consecutive reads). Root attributes: backend URL, package
 version, protocol parameters (JSON), ``complete``. Flushed after every block.
+
+The file is written as ``NAME.partial.h5`` beside its final path and renamed into place
+only when the measurement is complete: an existing measurement is never overwritten by
+a run that does not finish, and a stopped or crashed run leaves its blocks readable in the
+partial file (``complete`` false; fitting it needs ``--allow-partial``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -29,12 +35,20 @@ def package_version() -> str:
         return "unknown"
 
 
+def partial_path(path: Path) -> Path:
+    """Where a measurement is written until it is complete."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix or '.h5'}")
+
+
 class MeasurementWriter:
-    """Appends read blocks to a measurement file; a crash loses at most the block in flight."""
+    """Appends read blocks to a measurement file; a crash loses at most the block in flight.
+    Written to :func:`partial_path` and renamed to ``path`` when closed complete."""
 
     def __init__(self, path: Path, backend_url: str, protocol: dict[str, object]):
         self.path = Path(path)
-        self.file = h5py.File(self.path, "w")
+        self.partial = partial_path(self.path)
+        self.file = h5py.File(self.partial, "w")
         self.file.attrs.update({
             "kind": "analog-hil measurement", "backend_url": backend_url,
             "package_version": package_version(), "protocol": json.dumps(protocol),
@@ -74,6 +88,8 @@ class MeasurementWriter:
         if self.file.id.valid:
             self.file.attrs["complete"] = bool(complete)
             self.file.close()
+            if complete:
+                os.replace(self.partial, self.path)
 
     def __enter__(self) -> MeasurementWriter:
         return self

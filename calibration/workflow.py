@@ -18,6 +18,7 @@ from calibration.protocols import SweepProtocol, characterize
 from calibration.zeroshift import ZeroShiftResult, zero_shift
 from hil.backend import open_backend
 from hil.errors import ConfigError
+from hil.outpath import check_dir, check_new_file
 
 
 def _progress(console: Console | None) -> Progress:
@@ -33,11 +34,15 @@ def _small_ops(devices: int):
 
 def run_characterize(backend_url: str, out: Path, tile: str = "cal", rows: int = 16,
                      cols: int = 16, proto: SweepProtocol | None = None,
-                     console: Console | None = None) -> Path:
-    """Measure read noise, sweeps and the symmetric-point search into a measurement file."""
+                     console: Console | None = None, force: bool = False) -> Path:
+    """Measure read noise, sweeps and the symmetric-point search into a measurement file
+    (renamed into place when complete; an existing one is replaced only with ``force``)."""
     proto = proto or SweepProtocol()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_new_file(Path(out), force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(str(out), "--out", f"cannot create its directory: {exc}") from None
     with _small_ops(rows * cols), open_backend(backend_url) as be, \
             MeasurementWriter(out, backend_url, proto.as_dict()) as writer, \
             _progress(console) as bar:
@@ -49,21 +54,31 @@ def run_characterize(backend_url: str, out: Path, tile: str = "cal", rows: int =
 
 def run_fit(out: Path, meas: Path | None = None, csv: Path | None = None,
             bins: int | None = None, window: int | None = None,
-            criterion: str = "bic", console: Console | None = None) -> Calibration:
+            criterion: str = "bic", console: Console | None = None,
+            allow_partial: bool = False) -> Calibration:
     """Fit a measurement file (or a CSV) and write the calibration file atomically."""
     from calibration.pipeline import fit_csv, fit_file
 
     if (meas is None) == (csv is None):
         raise ConfigError("<command line>", "input",
                           "give exactly one input: a measurement file or --csv FILE")
+    check_dir(Path(out).parent)
+    if Path(out).is_dir():
+        raise ConfigError(str(out), "--out", "is a directory; give a file name")
     kw: dict[str, object] = {"criterion": criterion}
     if bins is not None:
         kw["bins"] = bins
     if window is not None:
         kw["window"] = window
     if console:
-        console.print(f"fitting {meas or csv} ...", highlight=False)
-    tiles, prov = fit_csv(Path(csv), **kw) if csv is not None else fit_file(Path(meas), **kw)
+        console.print(f"fitting {meas or csv} ...", highlight=False, markup=False)
+    if csv is not None:
+        tiles, prov = fit_csv(Path(csv), **kw)
+    else:
+        tiles, prov = fit_file(Path(meas), allow_partial=allow_partial, **kw)
+        if not prov["measurement_complete"] and console:
+            console.print(f"warning: {meas} is a partial measurement (fitted as asked with "
+                          "--allow-partial)", highlight=False, markup=False)
     write_calibration(Path(out), tiles, prov)
     return load_calibration(out)
 
@@ -83,7 +98,8 @@ def run_report(calib: Path, out: Path) -> list[Path]:
     """Write the PNG report of a calibration file."""
     from calibration.report import write_report
 
-    return write_report(load_calibration(calib), Path(out))
+    cal = load_calibration(calib)
+    return write_report(cal, check_dir(Path(out)))
 
 
 def summary_table(cal: Calibration, zs: list[ZeroShiftResult] | None = None) -> Table:

@@ -188,7 +188,9 @@ class Backend(ABC):
         """Create the tile (backend-specific)."""
 
     def allocate(self, name: str, rows: int, cols: int) -> Tile:
-        """Reserve a new rows x cols tile under ``name``."""
+        """Reserve a new rows x cols tile under ``name``. A backend whose devices outlive
+        the process (a chip) re-attaches a tile of that name and shape left by an earlier
+        session instead (its devices keep their state)."""
         self._check_open("allocate", name)
         if name in self._tiles:
             raise BackendError("tile already allocated", tile=name, op="allocate")

@@ -112,3 +112,8 @@ class BackendURL:
             raise BackendURLError(
                 f"backend URL {self.url!r}: unknown parameter(s) {', '.join(unknown)}"
             )
+
+
+def with_param(url: str, key: str, value: str) -> str:
+    """``url`` with one more query parameter (e.g. take_over=1 for a chip URL)."""
+    return f"{url}{'&' if '?' in url else '?'}{key}={value}"

@@ -95,7 +95,8 @@ class _TwoTile(AnalogAlgorithm):
         self.zero_shift = bool(zero_shift)
         if self.zero_shift:
             self.tiles["P_ref"] = backend.allocate(f"{prefix}.P_ref", *self.shape)
-            self._setup_zero_shift(int(zero_shift_cycles))
+            if zero_shift_cycles:  # 0: the tiles are set up already (a resumed run)
+                self._setup_zero_shift(int(zero_shift_cycles))
 
     def _setup_zero_shift(self, cycles: int) -> None:
         p, ref = self.tiles["P"], self.tiles["P_ref"]

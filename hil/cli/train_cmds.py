@@ -17,19 +17,38 @@ def train(
     out: Annotated[Path | None, typer.Option(
         help="run directory (default: the config's out_dir or runs/NAME)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's checkpoint")] = False,
+    force: Annotated[bool, typer.Option(
+        help="resume although the config differs from the run's")] = False,
+    reprogram: Annotated[bool, typer.Option(
+        help="on resume, write the checkpoint's weights back to the chip's devices")] = False,
+    take_over: Annotated[bool, typer.Option(
+        help="take the chip from the host that holds it (that host's next call fails)")]
+        = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Train a model on any backend as CONFIG says; metrics to run.h5, curves.png, checkpoints."""
     from rich.console import Console
 
+    from hil.cli import set_resume_hint
     from hil.config import load_config
-    from hil.runs import CURVES, RUN_FILE, train_run
+    from hil.errors import ConfigError
+    from hil.runs import CHECKPOINT, CURVES, RUN_FILE, run_dir, train_run
+    from hil.url import with_param
 
+    if (force or reprogram) and not resume:
+        raise ConfigError("<command line>", "--force/--reprogram", "only with --resume")
     cfg = load_config(config)
+    if take_over:
+        backend = with_param(backend or cfg.backend, "take_over", "1")
+    out_dir = run_dir(cfg, out)
+    rerun = f"hil train {config} --out {out_dir}"
+    set_resume_hint(lambda: f"resume with: {rerun} --resume"
+                    if (out_dir / CHECKPOINT).exists()
+                    else f"nothing to resume yet; rerun: {rerun}")
     console = Console()
     result = train_run(cfg, out, config_path=str(config), resume=resume, backend_url=backend,
-                       console=console, progress=not quiet)
+                       console=console, progress=not quiet, force=force, reprogram=reprogram)
     acc = result.final_accuracy
     tail = f", final test accuracy {100 * acc:.2f}%" if acc is not None else ""
     console.print(f"done: {result.global_step} steps{tail}; {result.out_dir / RUN_FILE}, "
-                  f"{result.out_dir / CURVES}", highlight=False)
+                  f"{result.out_dir / CURVES}", highlight=False, markup=False)
