@@ -1,0 +1,211 @@
+"""Run a sweep's cells as Ray tasks: locally (Ray started on this machine's cores) or on an
+existing cluster (``--address ray://HOST:10001`` or ``auto``).
+
+Ray does the scheduling, placement and retries: each cell is one task declaring its CPUs
+(and a GPU where its backend URL says ``device=cuda``), with ``max_retries`` for a worker
+that dies (the retry resumes from the cell's last checkpoint) and no retry for the cell's
+own errors. ``--max-parallel`` caps the tasks in flight with ``ray.wait``. The driver keeps
+the sweep's state in OUT/sweep.json (rewritten atomically as cells finish), so a killed
+``hil sweep`` rerun with ``--resume`` submits only the cells that are not done.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from hil.errors import ConfigError, HilError
+from hil.sweep.cell import CELL_RESULT, KILL_ENV, run_cell, write_json
+from hil.sweep.spec import Sweep
+
+STATE = "sweep.json"
+CELLS = "cells"
+INSTALL_HINT = ("hil sweep needs Ray: pip install 'analog-hil[sweep]' "
+                "(or: pip install 'ray[client]')")
+
+
+class RayMissing(HilError):
+    """Ray is not installed (``hil sweep`` says how to install it)."""
+
+
+@dataclass
+class SweepOutcome:
+    """Where the sweep wrote, its cells' rows (one per cell), and the cells run this time."""
+
+    out: Path
+    rows: list[dict[str, Any]]
+    ran: list[str]
+    seconds: float
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise RayMissing(INSTALL_HINT) from None
+    return ray
+
+
+def _remote_cell(job: str, config: dict[str, Any], out_dir: str, cpus: float) -> dict[str, Any]:
+    """The body of a cell's Ray task: which node it is on, then the plain cell."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return run_cell(job, config, out_dir, cpus, node=f"{socket.gethostname()}:{node[:8]}")
+
+
+def _state(sweep: Sweep, out: Path) -> dict[str, Any]:
+    return {"sweep": str(sweep.path), "name": sweep.name, "job": sweep.job,
+            "axes": sweep.axes,
+            "cells": {c.id: {"index": c.index, "digest": c.digest, "values": c.values}
+                      for c in sweep.cells},
+            "results": {}}
+
+
+def prepare_out(sweep: Sweep, out: Path, resume: bool) -> dict[str, Any]:
+    """Check OUT against the sweep (a resumed sweep must be the same cells) and return the
+    state, with the results of finished cells found there."""
+    path = out / STATE
+    if path.exists() and not resume:
+        raise ConfigError(str(out), "--out", "already holds a sweep (use --resume or another "
+                                            "--out)")
+    if not resume:
+        return _state(sweep, out)
+    if not path.exists():
+        raise ConfigError(str(out), "--resume", "no sweep to resume here")
+    import json
+
+    try:
+        old = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(str(path), "<file>", f"unreadable sweep state: {exc}") from None
+    new = _state(sweep, out)
+    if {k: v["digest"] for k, v in old["cells"].items()} != \
+            {k: v["digest"] for k, v in new["cells"].items()}:
+        raise ConfigError(str(sweep.path), "<cells>", f"differs from the sweep in {out} "
+                          "(same file and values needed to resume; use another --out)")
+    new["results"] = {k: r for k, r in old.get("results", {}).items()
+                      if r.get("status") == "done"}
+    for cell in sweep.cells:  # done in its directory after the driver stopped recording
+        if cell.id in new["results"]:
+            continue
+        f = out / CELLS / cell.id / CELL_RESULT
+        if f.exists():
+            try:
+                r = json.loads(f.read_text())
+            except ValueError:
+                continue
+            if r.get("status") == "done":
+                new["results"][cell.id] = r
+    return new
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> Any:
+    """Connect to ``address`` (a cluster) or start Ray locally on this machine's cores."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    kw: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **kw)
+    return ray
+
+
+def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bool = False,
+              max_parallel: int | None = None, num_cpus: int | None = None,
+              console: Console | None = None, progress: bool = True) -> SweepOutcome:
+    """Run every cell not yet done; write the state, the results table and the plots."""
+    from hil.sweep.report import write_report
+
+    console = console or Console()
+    out = Path(out).resolve()
+    state = prepare_out(sweep, out, resume)
+    ray = import_ray()  # before anything is written: without Ray nothing starts
+    (out / CELLS).mkdir(parents=True, exist_ok=True)
+    write_json(out / STATE, state)
+    todo = [c for c in sweep.cells if c.id not in state["results"]]
+    started_here = not ray.is_initialized()
+    init_ray(address, num_cpus)
+    opts: dict[str, Any] = {"max_retries": sweep.max_retries, "retry_exceptions": False}
+    if os.environ.get(KILL_ENV):  # test-only fault injection reaches the workers
+        opts["runtime_env"] = {"env_vars": {KILL_ENV: os.environ[KILL_ENV]}}
+    task = ray.remote(**opts)(_remote_cell)
+    t0 = time.perf_counter()
+    ran: list[str] = []
+    pending: dict[Any, Any] = {}
+    queue = list(todo)
+    limit = max_parallel or len(queue) or 1
+    failed = sum(1 for r in state["results"].values() if r.get("status") == "failed")
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("running {task.fields[running]}, failed {task.fields[failed]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                   console=console, disable=not progress, transient=False)
+    try:
+        with bar:
+            ptask = bar.add_task(f"sweep {sweep.name}", total=len(sweep.cells),
+                                 completed=len(state["results"]), running=0, failed=failed)
+            while queue or pending:
+                while queue and len(pending) < limit:
+                    cell = queue.pop(0)
+                    ref = task.options(num_cpus=sweep.cpus, num_gpus=cell.gpus).remote(
+                        sweep.job, cell.config, str(out / CELLS / cell.id), sweep.cpus)
+                    pending[ref] = cell
+                bar.update(ptask, running=len(pending))
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in done:
+                    cell = pending.pop(ref)
+                    try:
+                        row = ray.get(ref)
+                    except Exception as exc:  # the worker died more than max_retries times
+                        row = {"status": "failed", "error": _ray_error_line(exc)}
+                    state["results"][cell.id] = row
+                    ran.append(cell.id)
+                    if row.get("status") != "done":
+                        failed += 1
+                        console.print(f"[red]cell {cell.id} failed:[/red] {row.get('error')}",
+                                      highlight=False)
+                    write_json(out / STATE, state)
+                    bar.update(ptask, advance=1, failed=failed, running=len(pending))
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()
+    rows = table_rows(sweep, state)
+    write_report(sweep, rows, out)
+    return SweepOutcome(out, rows, ran, time.perf_counter() - t0)
+
+
+def _ray_error_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    first = next((line for line in text if line.strip()), type(exc).__name__)
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def table_rows(sweep: Sweep, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per cell, in sweep order: id, every axis value, then the cell's result."""
+    rows = []
+    for cell in sweep.cells:
+        res = state["results"].get(cell.id, {"status": "not run"})
+        row: dict[str, Any] = {"cell": cell.id}
+        for name in sweep.axes:
+            row[name] = cell.values.get(name, "")
+        row.update(res)
+        rows.append(row)
+    return rows
