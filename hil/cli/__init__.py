@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from hil.errors import ConfigError, HilError
 
@@ -25,9 +26,12 @@ from hil.cli import calibration_cmds, chip_cmds, demo_cmds, sweep_cmds, train_cm
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script: bad input is one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # typer returns Exit codes (Ctrl-C: 130)
+            sys.exit(code)
     except (ConfigError, HilError, FileNotFoundError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,
+                          soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         err_console.print("aborted")

@@ -23,8 +23,9 @@ import yaml
 CELL_CONFIG = "config.yaml"
 CELL_LOG = "cell.log"
 CELL_RESULT = "cell.json"
-# Test-only fault injection: "STEPS" makes a train cell kill its own worker process (SIGKILL)
-# after STEPS steps, on its first attempt only (a marker file in the cell directory).
+# Test-only fault injection: "STEPS" (or "STEPS:TEXT", only cells whose directory path holds
+# TEXT) makes a train cell kill its own worker process (SIGKILL) after STEPS steps, on its
+# first attempt only (a marker file in the cell directory).
 KILL_ENV = "HIL_SWEEP_KILL_AFTER_STEPS"
 _KILLED_MARK = ".fault_injected"
 
@@ -80,8 +81,8 @@ def _train_cell(config: dict[str, Any], out: Path, log: Any) -> dict[str, Any]:
         for name in (RUN_FILE, CURVES):
             (out / name).unlink(missing_ok=True)
     console = Console(file=log, width=100, force_terminal=False)
-    kill_after = os.environ.get(KILL_ENV)
-    if kill_after and not (out / _KILLED_MARK).exists():
+    kill_after, _, only = os.environ.get(KILL_ENV, "").partition(":")
+    if kill_after and only in str(out) and not (out / _KILLED_MARK).exists():
         (out / _KILLED_MARK).touch()
         train_run(cfg, out, config_path=str(out / CELL_CONFIG), resume=resume,
                   console=console, progress=False, stop_after_steps=int(kill_after))

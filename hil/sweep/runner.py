@@ -182,6 +182,10 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
                                       highlight=False)
                     write_json(out / STATE, state)
                     bar.update(ptask, advance=1, failed=failed, running=len(pending))
+    except KeyboardInterrupt:
+        console.print(f"interrupted: {len(state['results'])}/{len(sweep.cells)} cells done; "
+                      f"rerun with --resume --out {out} to run the others", highlight=False)
+        raise
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)

@@ -270,6 +270,18 @@ def _validate_job(job: str, config: dict[str, Any], path: Path, cell: str) -> di
         raise _err(path, f"{cell}: {where}", e["msg"]) from None
 
 
+def _check_backend(url: str, path: Path, label: str) -> None:
+    """The backend URL's parameters as its backend reads them, nothing opened; a GPU is
+    checked where the cell runs (this machine may have none), so device=cuda is read as cpu."""
+    from hil.backend import check_backend_url
+
+    probe = set_url_param(url, "device", "cpu") if _wants_cuda(url) else url
+    try:
+        check_backend_url(probe)
+    except BackendURLError as exc:
+        raise _err(path, f"{label}: backend", str(exc).replace(probe, url)) from None
+
+
 def _wants_cuda(url: str) -> bool:
     _, _, query = url.partition("?")
     return dict(parse_qsl(query)).get("device") == "cuda"
@@ -337,6 +349,8 @@ def _cell(sf: SweepFile, path: Path, base: dict[str, Any], group: Axes, axes: li
         raise _err(path, "set/axes", str(exc)) from None
     label = f"cell {index} ({_slug(values) or 'base'})"
     job = _validate_job(sf.job, config, path, label)
+    if sf.job == "calibrate" or job["algorithm"]["name"] != "digital":
+        _check_backend(job["backend"], path, label)
     key = json.dumps(job, sort_keys=True)
     if key in seen:
         raise _err(path, "axes", f"{label} repeats cell {seen[key]} (the same job twice)")
