@@ -254,7 +254,8 @@ def test_calibration_sweep_one_job_per_backend(tmp_path, local_ray):
 
 
 def test_interrupted_sweep_resumed_runs_only_the_missing_cells(tmp_path, local_ray, ray_tmp):
-    # 4 cells one at a time in a `hil sweep` of its own; Ctrl-C once the first is done
+    # 4 cells one at a time in a `hil sweep` of its own, stopped by SIGTERM once the first
+    # is done (SIGTERM, SIGHUP and Ctrl-C take one path: cells cancelled, Ray shut down)
     spec = {"name": "stop", "base": {**BASE, "train": {**BASE["train"], "epochs": 3}},
             "seeds": [0, 1], "grid": {"algorithm.name": ["rlv2", "tiki_taka"]}}
     sweep_file = write(tmp_path / "stop.yaml", spec)
@@ -273,13 +274,14 @@ def test_interrupted_sweep_resumed_runs_only_the_missing_cells(tmp_path, local_r
                 break
             time.sleep(0.1)
         assert proc.poll() is None, proc.stdout.read().decode()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
+    said = proc.stdout.read().decode()
+    assert proc.returncode == 130 and "rerun with --resume" in said, said
     assert not wait_gone(ray_tmp), "the interrupted sweep left Ray processes behind"
     first = json.loads((out / STATE).read_text())["results"]
     finished = {k for k, r in first.items() if r["status"] == "done"}

@@ -12,7 +12,9 @@ the sweep's state in OUT/sweep.json (rewritten atomically as cells finish), so a
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,10 @@ class SweepOutcome:
     rows: list[dict[str, Any]]
     ran: list[str]
     seconds: float
+
+
+class RayUnavailable(HilError):
+    """Ray could not be started here or the cluster could not be reached."""
 
 
 def import_ray() -> Any:
@@ -120,10 +126,14 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> Any:
     if ray.is_initialized():
         return ray
     kw: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **kw)
+    try:
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **kw)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise RayUnavailable(f"cannot start or reach {where}: {_ray_error_line(exc)}") from None
     return ray
 
 
@@ -136,12 +146,11 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
     console = console or Console()
     out = Path(out).resolve()
     state = prepare_out(sweep, out, resume)
-    ray = import_ray()  # before anything is written: without Ray nothing starts
-    (out / CELLS).mkdir(parents=True, exist_ok=True)
-    write_json(out / STATE, state)
-    todo = [c for c in sweep.cells if c.id not in state["results"]]
+    ray = import_ray()
     started_here = not ray.is_initialized()
-    init_ray(address, num_cpus)
+    init_ray(address, num_cpus)  # before anything is written: no Ray, nothing started
+    handlers = _stop_on_signals()  # after ray.init, which installs its own SIGTERM handler
+    todo = [c for c in sweep.cells if c.id not in state["results"]]
     opts: dict[str, Any] = {"max_retries": sweep.max_retries, "retry_exceptions": False}
     if os.environ.get(KILL_ENV):  # test-only fault injection reaches the workers
         opts["runtime_env"] = {"env_vars": {KILL_ENV: os.environ[KILL_ENV]}}
@@ -157,6 +166,8 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                    console=console, disable=not progress, transient=False)
     try:
+        (out / CELLS).mkdir(parents=True, exist_ok=True)
+        write_json(out / STATE, state)
         with bar:
             ptask = bar.add_task(f"sweep {sweep.name}", total=len(sweep.cells),
                                  completed=len(state["results"]), running=0, failed=failed)
@@ -191,9 +202,23 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
             ray.cancel(ref, force=True)
         if started_here:
             ray.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     rows = table_rows(sweep, state)
     write_report(sweep, rows, out)
     return SweepOutcome(out, rows, ran, time.perf_counter() - t0)
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP stop the sweep like Ctrl-C (cells cancelled, a local Ray shut
+    down, the state kept for --resume); returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _ray_error_line(exc: Exception) -> str:
