@@ -121,17 +121,22 @@ def parse_config(data: Any, path: str = "<config>") -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run configuration."""
+def read_yaml(path: str | Path) -> Any:
+    """yaml.safe_load of a file; an unreadable file or bad YAML is one ConfigError naming
+    the file and the line."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(str(p), "<file>", exc.strerror or str(exc)) from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
         raise ConfigError(str(p), where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(data, str(p))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration."""
+    return parse_config(read_yaml(path), str(path))

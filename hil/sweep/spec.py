@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hil.config import RunConfig, parse_config
+from hil.config import RunConfig, parse_config, read_yaml
 from hil.errors import BackendURLError, ConfigError
 from hil.url import BackendURL
 
@@ -243,12 +242,9 @@ def _load_base(sf: SweepFile, path: Path) -> dict[str, Any]:
     if isinstance(sf.base, dict):
         return json.loads(json.dumps(sf.base))  # a deep copy of plain data
     base_path = (path.parent / sf.base) if not Path(sf.base).is_absolute() else Path(sf.base)
-    try:
-        data = yaml.safe_load(base_path.read_text())
-    except OSError as exc:
-        raise _err(path, "base", f"{base_path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise _err(path, "base", f"{base_path}: invalid YAML: {exc}") from None
+    if not base_path.is_file():
+        raise _err(path, "base", f"{base_path} is not a file")
+    data = read_yaml(base_path)
     if not isinstance(data, dict):
         raise _err(path, "base", f"{base_path} is not a mapping of settings")
     return data
@@ -375,15 +371,4 @@ def _apply_seed(config: dict[str, Any], seed: int, job: str) -> None:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read, validate and expand a sweep file (YAML)."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise _err(p, "<file>", exc.strerror or str(exc)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
-        raise _err(p, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_sweep(data, p)
+    return parse_sweep(read_yaml(path), Path(path))
