@@ -49,6 +49,7 @@ def main() -> None:
         sweep = parse_sweep({"name": "bench", "base": BASE,
                              "seeds": list(range(args.cells))}, work / "bench.yaml")
         threads = torch.get_num_threads()
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         serial = [run_cell("train", c.config, str(work / "serial" / c.id), 1)
                   for c in sweep.cells]
@@ -76,10 +77,10 @@ def main() -> None:
         same = all(a["final_acc"] == b["final_acc"] for a, b in zip(serial, rows, strict=True))
         cell_s = sum(r["seconds"] for r in rows)
         serial_s = sum(r["seconds"] for r in serial)
-        load = os.getloadavg()
+        load_after = os.getloadavg()[0]
         print(f"{args.cells} cells (digits 300 samples x 2 epochs, 64-16-10 RLv2), "
               f"{os.cpu_count()} CPUs, Ray {ray.__version__} on {args.cpus} cores, "
-              f"load average before/after {load[2]:.1f}/{load[0]:.1f}")
+              f"1-min load average before/after {load_before:.1f}/{load_after:.1f}")
         print(f"one after another (one process, warm): {t_serial:7.1f} s "
               f"({serial_s / args.cells:.2f} s per cell)")
         print(f"Ray sweep (cells submitted -> table): {t_ray:7.1f} s; Ray start {t_init:.1f} s")
