@@ -256,7 +256,8 @@ def _validate_job(job: str, config: dict[str, Any], path: Path, cell: str) -> di
         try:
             cfg = parse_config(config, str(path))
         except ConfigError as exc:
-            raise _err(path, f"{cell}: {exc.field}", str(exc).split(": ", 2)[-1]) from None
+            message = str(exc)[len(f"{exc.path}: {exc.field}: "):]
+            raise _err(path, f"{cell}: {exc.field}", message) from None
         return cfg.model_dump()
     try:
         return CalibrateJob.model_validate(config).model_dump()
