@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hil.sweep.cell import run_cell
-from hil.sweep.runner import run_sweep
+from hil.sweep.runner import OBJECT_STORE, run_sweep
 from hil.sweep.spec import parse_sweep
 
 BASE = {
@@ -45,6 +45,7 @@ def main() -> None:
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="hilsweepbench"))
+    ray_tmp = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # short: Ray's socket paths
     try:
         sweep = parse_sweep({"name": "bench", "base": BASE,
                              "seeds": list(range(args.cells))}, work / "bench.yaml")
@@ -59,7 +60,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", _temp_dir=tempfile.mkdtemp(prefix="hr", dir="/tmp"))
+                 logging_level="ERROR", _temp_dir=ray_tmp, object_store_memory=OBJECT_STORE)
         t_init = time.perf_counter() - t0
         try:
             outcome = run_sweep(sweep, work / "ray", progress=False)
@@ -95,6 +96,7 @@ def main() -> None:
         print(f"final accuracies identical serial vs Ray: {same}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from hil.runs import CHECKPOINT, RUN_FILE
 from hil.runstore import read_metrics
 from hil.sweep import load_sweep
 from hil.sweep.cell import CELL_CONFIG, CELL_LOG, CELL_RESULT, KILL_ENV
-from hil.sweep.runner import CELLS, STATE, run_sweep
+from hil.sweep.runner import CELLS, OBJECT_STORE, STATE, run_sweep
 
 ray = pytest.importorskip("ray", reason="the [sweep] extra (Ray) is not installed")
 
@@ -89,7 +89,7 @@ def local_ray():
     os.environ[KILL_ENV] = f"9:{KILL_DIR}"
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", _temp_dir=temp)
+                 logging_level="ERROR", _temp_dir=temp, object_store_memory=OBJECT_STORE)
     finally:
         del os.environ[KILL_ENV]
     try:

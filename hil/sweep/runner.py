@@ -36,6 +36,7 @@ from hil.sweep.spec import Sweep
 
 STATE = "sweep.json"
 CELLS = "cells"
+OBJECT_STORE = 256 * 1024**2  # bytes, local Ray
 INSTALL_HINT = ("hil sweep needs Ray: pip install 'analog-hil[sweep]' "
                 "(or: pip install 'ray[client]')")
 
@@ -130,7 +131,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> Any:
         if address:
             ray.init(address=address, **kw)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **kw)
+            # cells return small rows: a small object store spares the machine's memory
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     object_store_memory=OBJECT_STORE, **kw)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise RayUnavailable(f"cannot start or reach {where}: {_ray_error_line(exc)}") from None
