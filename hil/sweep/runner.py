@@ -122,11 +122,13 @@ def prepare_out(sweep: Sweep, out: Path, resume: bool) -> dict[str, Any]:
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> Any:
-    """Connect to ``address`` (a cluster) or start Ray locally on this machine's cores."""
+    """Connect to ``address`` (a cluster; default: $RAY_ADDRESS) or start Ray locally on
+    this machine's cores."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
     kw: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
+    address = address or os.environ.get("RAY_ADDRESS")  # Ray's own convention
     try:
         if address:
             ray.init(address=address, **kw)
