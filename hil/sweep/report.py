@@ -116,7 +116,7 @@ def plot_axes(sweep: Sweep, summary: list[dict[str, Any]], out: Path) -> list[Pa
             vals = [str(s.get(f, "")) for f in group]
             return "" if all(v == "" for v in vals) else " / ".join(vals)
 
-        xs = sorted({xval(s) for s in summary} - {""}, key=_sort_key)
+        xs = list(dict.fromkeys(x for x in map(xval, summary) if x))  # sweep-file order
         if not xs:
             continue
         lines: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
@@ -132,11 +132,11 @@ def plot_axes(sweep: Sweep, summary: list[dict[str, Any]], out: Path) -> list[Pa
                 lines[label][xval(s)] = point
         fig, ax = plt.subplots(figsize=(6.4, 4))
         pos = {x: i for i, x in enumerate(xs)}
-        for label, pts in sorted(lines.items()):
-            keys = sorted(pts, key=_sort_key)
+        for label, pts in lines.items():
+            keys = list(pts)
             ax.errorbar([pos[k] for k in keys], [pts[k][0] for k in keys],
                         yerr=[pts[k][1] for k in keys], marker="o", capsize=3, label=label)
-        for label, (mean, std) in sorted(levels.items()):
+        for label, (mean, std) in levels.items():
             line = ax.axhline(mean, ls="--", lw=1, label=label)
             ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.15)
         ax.set_xticks(range(len(xs)), xs)
@@ -153,9 +153,3 @@ def plot_axes(sweep: Sweep, summary: list[dict[str, Any]], out: Path) -> list[Pa
         paths.append(path)
     return paths
 
-
-def _sort_key(v: str) -> tuple[int, float, str]:
-    try:
-        return (0, float(v), "")
-    except ValueError:
-        return (1, 0.0, v)

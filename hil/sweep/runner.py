@@ -151,11 +151,15 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
     console = console or Console()
     out = Path(out).resolve()
     state = prepare_out(sweep, out, resume)
+    todo = [c for c in sweep.cells if c.id not in state["results"]]
+    if not todo:  # a finished sweep resumed: only the report is written again
+        rows = table_rows(sweep, state)
+        write_report(sweep, rows, out)
+        return SweepOutcome(out, rows, [], 0.0)
     ray = import_ray()
     started_here = not ray.is_initialized()
     init_ray(address, num_cpus)  # before anything is written: no Ray, nothing started
     handlers = _stop_on_signals()  # after ray.init, which installs its own SIGTERM handler
-    todo = [c for c in sweep.cells if c.id not in state["results"]]
     opts: dict[str, Any] = {"max_retries": sweep.max_retries, "retry_exceptions": False}
     if os.environ.get(KILL_ENV):  # test-only fault injection reaches the workers
         opts["runtime_env"] = {"env_vars": {KILL_ENV: os.environ[KILL_ENV]}}
