@@ -1,7 +1,7 @@
 """``hil sweep`` on Ray against the same cells one after another, on this machine.
 
-16 small cells (digits, 64-16-10 tanh FCN, RLv2 on ``sim://``, 2 epochs of 300 samples,
-seeds 0..15). Serial: :func:`hil.sweep.cell.run_cell` for each cell in this process (the
+16 small cells (digits, 64-32-10 tanh FCN, RLv2 on ``sim://``, 2 epochs of the 1438
+training samples, seeds 0..15). Serial: :func:`hil.sweep.cell.run_cell` for each cell in this process (the
 code a Ray task runs, warm: imports paid once). Ray: a local instance on ``--cpus`` cores,
 the cells through :func:`hil.sweep.runner.run_sweep` (what ``hil sweep`` does). Prints the
 wall times and their ratio, the cores in use (busy cell-seconds per wall second), Ray's
@@ -29,8 +29,8 @@ from hil.sweep.spec import parse_sweep
 BASE = {
     "name": "bench", "seed": 0,
     "backend": "sim://?model=power&gamma=0.5&tau=0.6&dw_min=1e-3&c2c=0.1&seed=0",
-    "model": {"hidden": [16], "activation": "tanh"},
-    "data": {"name": "digits", "limit_train": 300},
+    "model": {"hidden": [32], "activation": "tanh"},
+    "data": {"name": "digits"},
     "algorithm": {"name": "rlv2", "lr": 0.2, "transfer_lr": 0.1, "gamma": 0.1},
     "train": {"epochs": 2, "batch_size": 10},
 }
@@ -79,7 +79,7 @@ def main() -> None:
         cell_s = sum(r["seconds"] for r in rows)
         serial_s = sum(r["seconds"] for r in serial)
         load_after = os.getloadavg()[0]
-        print(f"{args.cells} cells (digits 300 samples x 2 epochs, 64-16-10 RLv2), "
+        print(f"{args.cells} cells (digits 1438 samples x 2 epochs, 64-32-10 RLv2), "
               f"{os.cpu_count()} CPUs, Ray {ray.__version__} on {args.cpus} cores, "
               f"1-min load average before/after {load_before:.1f}/{load_after:.1f}")
         print(f"one after another (one process, warm): {t_serial:7.1f} s "
