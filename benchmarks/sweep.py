@@ -1,12 +1,12 @@
 """``hil sweep`` on Ray against the same cells one after another, on this machine.
 
 16 small cells (digits, 64-32-10 tanh FCN, RLv2 on ``sim://``, 2 epochs of the 1438
-training samples, seeds 0..15). Serial: :func:`hil.sweep.cell.run_cell` for each cell in this process (the
-code a Ray task runs, warm: imports paid once). Ray: a local instance on ``--cpus`` cores,
-the cells through :func:`hil.sweep.runner.run_sweep` (what ``hil sweep`` does). Prints the
-wall times and their ratio, the cores in use (busy cell-seconds per wall second), Ray's
-start-up time and its overhead per cell: (Ray wall x cores - the cells' own seconds) / cells,
-and the round trip of an empty Ray task.
+training samples, seeds 0..15). Serial: :func:`hil.sweep.cell.run_cell` for each cell in
+this process (the code a Ray task runs, warm: imports paid once). Ray: a local instance on
+``--cpus`` cores, the cells through :func:`hil.sweep.runner.run_sweep` (what ``hil sweep``
+does). Prints the wall times and their ratio, the cores in use (busy cell-seconds per wall
+second), Ray's start-up time and its overhead per cell: (Ray wall x cores - the cells' own
+seconds) / cells, and the round trip of an empty Ray task.
 
     .venv/bin/python benchmarks/sweep.py [--cpus N] [--cells 16]
 """
