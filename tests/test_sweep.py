@@ -153,6 +153,17 @@ def test_bad_sweep_file_is_one_line_exit_2_nothing_started(tmp_path, capsys, pat
     assert not ray.is_initialized()
 
 
+def test_cells_declare_cpus_and_a_gpu_where_the_url_says_cuda(tmp_path):
+    spec = {**GRID, "seeds": None, "grid": {"backend.device": ["cpu", "cuda"]},
+            "resources": {"cpus": 2}}
+    sweep = load_sweep(write(tmp_path / "gpu.yaml", spec))  # no CUDA here: checked on its node
+    assert sweep.cpus == 2
+    assert [c.gpus for c in sweep.cells] == [0.0, 1.0]
+    assert "device=cuda" in sweep.cells[1].config["backend"]
+    sweep = load_sweep(write(tmp_path / "gpu.yaml", {**spec, "resources": {"gpus": 0.5}}))
+    assert [c.gpus for c in sweep.cells] == [0.5, 0.5]
+
+
 def test_existing_sweep_needs_resume_and_resume_needs_the_same_cells(tmp_path, capsys):
     path = write(tmp_path / "grid.yaml", GRID)
     out = tmp_path / "out"
