@@ -9,6 +9,7 @@ and leaves no process behind."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from hil.runs import CHECKPOINT, RUN_FILE
 from hil.runstore import read_metrics
 from hil.sweep import load_sweep
 from hil.sweep.cell import CELL_CONFIG, CELL_LOG, CELL_RESULT, KILL_ENV
-from hil.sweep.runner import CELLS, OBJECT_STORE, STATE, run_sweep
+from hil.sweep.runner import CELLS, LOCK, OBJECT_STORE, STATE, run_sweep
 
 ray = pytest.importorskip("ray", reason="the [sweep] extra (Ray) is not installed")
 
@@ -325,3 +326,17 @@ def test_interrupted_sweep_resumed_runs_only_the_missing_cells(tmp_path, local_r
     for row in outcome.rows:  # resumed or not, every cell is the run `hil train` gives
         train_alone(out / CELLS / row["cell"], tmp_path / "alone" / row["cell"])
         assert_same_run(out / CELLS / row["cell"], tmp_path / "alone" / row["cell"])
+
+
+def test_a_second_sweep_on_the_same_out_is_refused(tmp_path, local_ray, capsys):
+    path = write(tmp_path / "grid.yaml", {**GRID, "seeds": None})
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK, "a") as held:  # what a running `hil sweep` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as exc:
+            main(["sweep", str(path), "--out", str(out), "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another hil sweep is running" in err, err
+    assert not (out / STATE).exists() and not (out / CELLS).exists()

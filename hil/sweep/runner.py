@@ -35,6 +35,7 @@ from hil.sweep.cell import CELL_RESULT, KILL_ENV, run_cell, write_json
 from hil.sweep.spec import Sweep
 
 STATE = "sweep.json"
+LOCK = "sweep.lock"
 CELLS = "cells"
 OBJECT_STORE = 256 * 1024**2  # bytes, local Ray
 INSTALL_HINT = ("hil sweep needs Ray: pip install 'analog-hil[sweep]' "
@@ -87,6 +88,11 @@ def prepare_out(sweep: Sweep, out: Path, resume: bool) -> dict[str, Any]:
     """Check OUT against the sweep (a resumed sweep must be the same cells) and return the
     state, with the results of finished cells found there."""
     path = out / STATE
+    if out.exists() and not out.is_dir():
+        raise ConfigError(str(out), "--out", "is a file, not a directory")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(str(out), "--out", f"{parent} is not writable")
     if path.exists() and not resume:
         raise ConfigError(str(out), "--out", "already holds a sweep (use --resume or another "
                                             "--out)")
@@ -174,7 +180,9 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
                    TextColumn("running {task.fields[running]}, failed {task.fields[failed]}"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                    console=console, disable=not progress, transient=False)
+    lock = None
     try:
+        lock = _lock(out)
         (out / CELLS).mkdir(parents=True, exist_ok=True)
         write_json(out / STATE, state)
         with bar:
@@ -213,9 +221,26 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
             ray.shutdown()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        if lock is not None:
+            lock.close()
     rows = table_rows(sweep, state)
     write_report(sweep, rows, out)
     return SweepOutcome(out, rows, ran, time.perf_counter() - t0)
+
+
+def _lock(out: Path) -> Any:
+    """Hold OUT/sweep.lock (flock) while the sweep runs: two ``hil sweep`` on one --out
+    would run the same cells into the same directories."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ConfigError(str(out), "--out", "another hil sweep is running on it") from None
+    return f
 
 
 def _stop_on_signals() -> dict[int, Any]:

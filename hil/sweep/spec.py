@@ -88,6 +88,13 @@ class SweepFile(Axes):
     resources: Resources = Field(default_factory=Resources)
     max_retries: int = Field(3, ge=0)
 
+    @field_validator("base", mode="before")
+    @classmethod
+    def _base(cls, v: Any) -> Any:
+        if not isinstance(v, (str, dict)):
+            raise ValueError("give a hil train config file (path) or a mapping of settings")
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int] | None) -> list[int] | None:
