@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -164,8 +165,6 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
         return SweepOutcome(out, rows, [], 0.0)
     ray = import_ray()
     started_here = not ray.is_initialized()
-    init_ray(address, num_cpus)  # before anything is written: no Ray, nothing started
-    handlers = _stop_on_signals()  # after ray.init, which installs its own SIGTERM handler
     opts: dict[str, Any] = {"max_retries": sweep.max_retries, "retry_exceptions": False}
     if os.environ.get(KILL_ENV):  # test-only fault injection reaches the workers
         opts["runtime_env"] = {"env_vars": {KILL_ENV: os.environ[KILL_ENV]}}
@@ -174,14 +173,17 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
     ran: list[str] = []
     pending: dict[Any, Any] = {}
     queue = list(todo)
-    limit = max_parallel or len(queue) or 1
-    failed = sum(1 for r in state["results"].values() if r.get("status") == "failed")
+    limit = max_parallel or len(queue)
+    failed = 0
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("running {task.fields[running]}, failed {task.fields[failed]}"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                    console=console, disable=not progress, transient=False)
     lock = None
+    handlers: dict[int, Any] = {}
+    init_ray(address, num_cpus)  # before anything is written: no Ray, nothing started
     try:
+        handlers = _stop_on_signals()  # after ray.init, which installs its own SIGTERM one
         lock = _lock(out)
         (out / CELLS).mkdir(parents=True, exist_ok=True)
         write_json(out / STATE, state)
@@ -206,8 +208,8 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
                     ran.append(cell.id)
                     if row.get("status") != "done":
                         failed += 1
-                        console.print(f"[red]cell {cell.id} failed:[/red] {row.get('error')}",
-                                      highlight=False)
+                        console.print(f"[red]cell {cell.id} failed:[/red] "
+                                      f"{escape(str(row.get('error')))}", highlight=False)
                     write_json(out / STATE, state)
                     bar.update(ptask, advance=1, failed=failed, running=len(pending))
     except KeyboardInterrupt:
