@@ -292,6 +292,17 @@ def open_backend(url: str) -> Backend:
     return backend
 
 
+def check_backend_url(url: str) -> None:
+    """Check ``url`` without opening it: its syntax and scheme, and its parameters where the
+    scheme's factory offers a ``check`` (a callable on the parsed URL that builds nothing;
+    the emulator has one). Raises BackendURLError."""
+    parsed = BackendURL.parse(url)
+    check = getattr(_resolve(parsed.scheme), "check", None)
+    if check is not None:
+        check(parsed)
+        parsed.finish()
+
+
 # Schemes shipped with analog-hil, resolved lazily (also declared as entry points).
 for _scheme, _target in {
     "sim": "sim_backend:open_sim",

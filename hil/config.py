@@ -150,8 +150,9 @@ def parse_config(data: Any, path: str = "<config>") -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run configuration."""
+def read_yaml(path: str | Path) -> Any:
+    """yaml.safe_load of a file; an unreadable file or bad YAML is one ConfigError naming
+    the file and the line."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -159,9 +160,13 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(str(p), "<file>", getattr(exc, "strerror", None) or str(exc)
                           ) from None
     try:
-        data = load_yaml(text)
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
         raise ConfigError(str(p), where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(data, str(p))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration."""
+    return parse_config(read_yaml(path), str(path))

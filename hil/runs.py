@@ -1,7 +1,7 @@
 """Training runs: model and backend from a RunConfig, the epoch loop, atomic checkpoints,
 ``--resume`` to the same final weights, the HDF5 run file and PNG curves.
 
-Used by ``hil train``, by experiments/table8.py and by the demo (``demo_training``).
+Used by ``hil train``, by ``hil sweep`` and by the demo (``demo_training``).
 """
 
 from __future__ import annotations
