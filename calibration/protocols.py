@@ -58,23 +58,24 @@ def _read(tile: Tile) -> np.ndarray:
 
 def _run(tile: Tile, protocol: str, schedule: list[int], writer: MeasurementWriter,
          block: int, advance: Advance | None) -> None:
-    """Read, then for each entry of ``schedule`` pulse it (signed, all devices) and read."""
+    """Read, then for each entry of ``schedule`` pulse it (signed, all devices) and read;
+    each block of the schedule goes to the tile as one ``pulse_read`` program."""
     reads, pulses = [_read(tile)], [0]
     ones = torch.ones(tile.shape, dtype=torch.int32)
-    for n in schedule:
-        if n:
-            tile.pulse(ones * int(n))
-        reads.append(_read(tile))
-        pulses.append(int(n))
-        if len(reads) >= block:
+    start = 0
+    while start < len(schedule) or reads:
+        room = max(1, block - len(reads))
+        chunk = schedule[start:start + room]
+        start += len(chunk)
+        if chunk:
+            got = tile.pulse_read([ones * int(n) for n in chunk])
+            reads += list(got.detach().to("cpu", torch.float32).numpy())
+            pulses += [int(n) for n in chunk]
+        if len(reads) >= block or start >= len(schedule):
             writer.append(tile.name, protocol, np.stack(reads), np.array(pulses))
             if advance:
                 advance(len(reads))
             reads, pulses = [], []
-    if reads:
-        writer.append(tile.name, protocol, np.stack(reads), np.array(pulses))
-        if advance:
-            advance(len(reads))
 
 
 def sweep(tile: Tile, proto: SweepProtocol, writer: MeasurementWriter,

@@ -55,6 +55,18 @@ class Tile(ABC):
         """Apply signed integer pulse counts per device: + potentiates, - depresses, 0 nothing."""
         self._pulse(self.check_pulses(n))
 
+    def pulse_read(self, schedule: Sequence[torch.Tensor]) -> torch.Tensor:
+        """For each pulse-count map of ``schedule``: pulse it (an all-zero map pulses
+        nothing), then read; the reads stacked [T, rows, cols]. This default loops over
+        :meth:`pulse` and :meth:`read`; an instrument station overrides it to run each
+        device's whole schedule while that device is routed (one route, not two per step)."""
+        out = []
+        for n in schedule:
+            if bool(torch.as_tensor(n).any()):
+                self.pulse(n)
+            out.append(self.read())
+        return torch.stack(out) if out else torch.empty((0, *self.shape))
+
     def read_columns(self, cols: slice) -> torch.Tensor:
         """The columns ``cols`` of :meth:`read`, [rows, width] (a column transfer needs one).
         This default reads the whole tile; a backend that can read fewer devices overrides it."""
