@@ -76,9 +76,7 @@ class K2600(TspInstrument):
                        self._setter("trig_limiti", 1e-9, I_MAX, "smua.trigger.source.limiti")),
             "stimulus": (lambda: self.s["src_stim"], self._setter("src_stim", 0, 100, "stimulus",
                                                                   True)),
-        }, {"listv": self.lua.eval("function(f) return function(t) "
-                                   "if type(t) ~= 'table' then error('listv needs a table') end "
-                                   "return f(table.unpack(t)) end end")(self._listv)})
+        }, {"listv": self._listv_table})
         endpulse = LuaObject(self, {
             "action": (lambda: self.s["endpulse"],
                        self._enum("endpulse", (0, 1), "smua.trigger.endpulse.action")),
@@ -116,6 +114,12 @@ class K2600(TspInstrument):
         def put(value: object) -> None:
             self.timers[n][key] = number(value, lo, hi, f"trigger.timer[{n}].{key}")
         return put
+
+    def _listv_table(self, values: object = None) -> None:
+        try:
+            self._listv(*values.values())
+        except AttributeError:
+            raise TspError(-286, "TSP Runtime error: listv needs a table of numbers") from None
 
     def _listv(self, *values: object) -> None:
         levels = list(values)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from lupa import LuaError, LuaRuntime, LuaSyntaxError
+from lupa import LuaError, LuaRuntime, LuaSyntaxError, lua_type
 
 QUEUE_SIZE = 30  # ASSUMED (the manuals give the queue depth per model)
 SANDBOX = """
@@ -38,7 +38,8 @@ class LuaObject:
     def __init__(self, engine: TspInstrument, attrs: dict[str, tuple[Callable, Callable | None]],
                  consts: dict[str, object] | None = None):
         self.attrs = attrs
-        self.consts = consts or {}
+        self.consts = {k: engine.function(v) if _python_callable(v) else v
+                       for k, v in (consts or {}).items()}
         self.proxy = engine.wrap(self)
 
     def get(self, key: str) -> object:
@@ -55,6 +56,10 @@ class LuaObject:
             raise TspError(-286, f"TSP Runtime error: attribute {key!r} is read-only or "
                                  "does not exist")
         entry[1](value)
+
+
+def _python_callable(value: object) -> bool:
+    return callable(value) and lua_type(value) is None and not isinstance(value, LuaObject)
 
 
 def number(value: object, lo: float, hi: float, what: str) -> float:
@@ -79,22 +84,35 @@ class TspInstrument:
         self.log: list[str] = []
         self.refused: list[tuple[str, int]] = []
         self._out: list[str] = []
+        self._refs: list[Callable] = []
         self.lua = LuaRuntime(register_eval=False, register_builtins=False,
                               unpack_returned_tuples=True)
         self.lua.execute(SANDBOX)
         self._wrap = self.lua.globals()["__wrap"]
+        self._closure = self.lua.eval("function(f) return function(...) return f(...) end end")
         g = self.lua.globals()
-        g.print = self._print
-        g.waitcomplete = lambda *a: None
-        g.reset = lambda *a: self.reset()
+        g.print = self.function(self._print)
+        g.waitcomplete = self.function(lambda *a: None)
+        g.reset = self.function(lambda *a: self.reset())
         g.errorqueue = LuaObject(self, {"count": (lambda: len(self.errors), None)},
                                  {"next": self._next, "clear": self.errors.clear}).proxy
         g.localnode = LuaObject(self, {"model": (lambda: self.model, None)}).proxy
         self.build()
         self.reset()
 
+    def function(self, fn: Callable) -> object:
+        """A Lua function calling ``fn``."""
+        return self._closure(*self.keep(fn))
+
     def wrap(self, obj: LuaObject) -> object:
-        return self._wrap(obj.get, obj.set)
+        return self._wrap(*self.keep(obj.get, obj.set))
+
+    def keep(self, *fns: Callable) -> tuple[Callable, ...]:
+        """Hold a reference to every callable handed to Lua: lupa maps Python objects by
+        identity, so a collected bound method's id reused by another would call the wrong
+        function."""
+        self._refs.extend(fns)
+        return fns
 
     def build(self) -> None:
         """Create the instrument's objects in ``self.lua.globals()``."""
