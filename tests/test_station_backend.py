@@ -12,16 +12,16 @@ import pytest
 import torch
 import yaml
 
+from calibration.calibfile import load_calibration, write_calibration
 from calibration.fit import torch_threads
 from calibration.measfile import MeasurementWriter
 from calibration.pipeline import fit_file
 from calibration.protocols import SweepProtocol, characterize
-from calibration.calibfile import load_calibration, write_calibration
 from calibration.zeroshift import zero_shift
 from drivers.profile import profile_path
 from drivers.station.dialect import ComplianceTrip
-from drivers.station.sim.station import SimStation
 from drivers.station.profile import station_profile
+from drivers.station.sim.station import SimStation
 from hil.algorithms import ResidualLearningV2
 from hil.backend import open_backend
 from hil.errors import BackendError, SafetyLimitError
@@ -148,6 +148,15 @@ def test_interlock_refuses_before_any_byte(tmp_path, name, monkeypatch):
         with pytest.raises(Exception, match="exceeds"):
             tile.pulse_read([torch.zeros(4, 4, dtype=torch.int32), too_many])
         assert len(be.dialect.smu.sent) + len(be.dialect.matrix.sent) == before
+        with be.step():  # the per-step budget over several trains (max_pulses_per_step)
+            budget = be.capabilities.max_pulses_per_step
+            one = torch.zeros(4, 4, dtype=torch.int32)
+            one[0, 0] = budget
+            tile.pulse(one)
+            sent = len(be.dialect.smu.sent)
+            with pytest.raises(SafetyLimitError, match="max_pulses_per_step"):
+                tile.pulse(torch.ones(4, 4, dtype=torch.int32))
+            assert len(be.dialect.smu.sent) == sent
         with pytest.raises(BackendError, match="no room"):
             be.allocate("outside", 17, 4)
 

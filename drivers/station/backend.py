@@ -10,7 +10,9 @@ off and open every relay, and confirm it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,6 +59,17 @@ def station_interlock(profile: StationProfile) -> Interlock:
     return lock
 
 
+@dataclass(frozen=True)
+class TileRegion:
+    """Where a tile lies on its array (the interlock's Region)."""
+
+    name: str
+    row: int
+    col: int
+    rows: int
+    cols: int
+
+
 class StationTile(Tile):
     """A tile on one array of the station's chip: (array, row, col) of its top-left device."""
 
@@ -65,6 +78,7 @@ class StationTile(Tile):
         self.station = backend
         self.array, self.row, self.col = array, row, col
         self.wmap = wmap
+        self.region = TileRegion(name, row, col, rows, cols)
         super().__init__(backend, name, rows, cols, backend.profile.dw_min)
 
     def _lines(self, r: int, c: int) -> Route:
@@ -102,7 +116,8 @@ class StationTile(Tile):
     def pulse(self, n: torch.Tensor) -> None:
         """Signed pulse counts; the interlock checks them before anything is sent."""
         counts = self.check_pulses(n).cpu().numpy()
-        self.station.interlock.check_counts(self.name, self.row, self.col, counts)
+        self.station._check_open("pulse", self.name)
+        self.station.interlock.admit(self.region, counts)  # per command and per step
         self._pulse_counts(counts)
 
     def _pulse(self, n: torch.Tensor) -> None:  # the contract's hook; pulse() is overridden
@@ -127,6 +142,8 @@ class StationTile(Tile):
         maps = [self.check_pulses(n).cpu().numpy() for n in schedule]
         for counts in maps:
             st.interlock.check_counts(self.name, self.row, self.col, counts)
+        for counts in maps:
+            st.interlock.admit(self.region, counts)
         if not maps:
             return torch.empty((0, *self.shape))
         stack = np.stack(maps).astype(np.int64)  # [T, rows, cols]
@@ -164,6 +181,7 @@ class StationBackend(Backend):
         lim = profile.limits
         self.capabilities = Capabilities(mvm=False, outer_update=False, allocate=True,
                                          max_pulses_per_command=lim.max_pulses_per_command,
+                                         max_pulses_per_step=self.interlock.step_budget,
                                          device="cpu")
         self.timing = TIMINGS[profile.dialect]
         self.period_s = {p: period_of(s.width_s, profile.pulse_period_s, self.timing)
@@ -186,6 +204,13 @@ class StationBackend(Backend):
             self.dialect.safe()
         except Exception as exc:  # noqa: BLE001 - report; the caller's error is the story
             log.error("could not confirm the station safe: %s", exc)
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """One algorithm step: the interlock bounds the pulses each device receives over all
+        the trains sent inside (the profile's max_pulses_per_step)."""
+        with self.interlock.step():
+            yield
 
     @property
     def instrument_seconds(self) -> float | None:
