@@ -47,6 +47,19 @@ def run_characterize(backend_url: str, out: Path, tile: str = "cal", rows: int =
     return out
 
 
+def estimate_characterize(backend_url: str, tile: str, rows: int, cols: int,
+                          proto: SweepProtocol) -> float | None:
+    """Modelled instrument seconds of :func:`run_characterize` (None: no instrument time).
+    Opens the backend and places the tile; measures nothing."""
+    from calibration.protocols import tile_for
+
+    with open_backend(backend_url) as be:
+        t = tile_for(be, tile, rows, cols)
+        steps = proto.n_reads() - proto.noise_reads  # sweep and search: pulse-read steps
+        return t.estimate_seconds(reads=proto.noise_reads + 2, pulse_reads=max(0, steps - 2),
+                                  count=proto.read_every)
+
+
 def run_fit(out: Path, meas: Path | None = None, csv: Path | None = None,
             bins: int | None = None, window: int | None = None,
             criterion: str = "bic", console: Console | None = None) -> Calibration:

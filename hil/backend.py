@@ -94,6 +94,13 @@ class Tile(ABC):
             out.append(self.read())
         return torch.stack(out) if out else torch.empty((0, *self.shape))
 
+    def estimate_seconds(self, reads: int = 0, pulses: int = 0, pulse_reads: int = 0,
+                         count: int = 1) -> float | None:
+        """Instrument seconds of ``reads`` whole-tile reads, ``pulses`` whole-tile pulse maps
+        of ``count`` on every device and ``pulse_reads`` steps of :meth:`pulse_read`; None
+        (this default) where operations take no instrument time worth planning (emulators)."""
+        return None
+
     def read_columns(self, cols: slice) -> torch.Tensor:
         """The columns ``cols`` of :meth:`read`, [rows, width] (a column transfer needs one).
         This default reads the whole tile; a backend that can read fewer devices overrides it."""
@@ -236,6 +243,12 @@ class Backend(ABC):
         nest: an inner ``step()`` joins the outer one. The algorithms, layers and the
         optimizer enter it around each update; this default (an emulator) does nothing."""
         yield
+
+    def estimate_seconds(self, job: Callable[[Backend], object]) -> float | None:
+        """Instrument seconds ``job(backend)`` would take here, measured by running it on a
+        simulated copy of this backend's instruments (nothing reaches the real ones); None
+        (this default) where there is no instrument time to plan (emulators)."""
+        return None
 
     def mvm_sum(self, terms: Sequence[tuple[Tile, float]], x: torch.Tensor,
                 transpose: bool = False) -> torch.Tensor:

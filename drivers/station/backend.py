@@ -212,6 +212,19 @@ class StationBackend(Backend):
         with self.interlock.step():
             yield
 
+    def estimate_seconds(self, job) -> float:
+        """Run ``job`` on a simulated twin of this station (the same profile and driver, the
+        simulated instruments' clock; devices from sim://) and return its modelled seconds."""
+        from drivers.station.url import connect
+
+        twin = connect(f"{self.url} (estimate)", self.profile, "sim://", self.weight_map)
+        try:
+            start = twin.chip.clock.seconds
+            job(twin)
+            return twin.chip.clock.seconds - start
+        finally:
+            twin.close()
+
     @property
     def instrument_seconds(self) -> float | None:
         """The simulated instruments' modelled clock (None on real instruments)."""
