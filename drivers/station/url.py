@@ -44,6 +44,13 @@ def open_station(url: BackendURL) -> StationBackend:
     timeout = url.get_float("timeout", 10.0, lo=0.001, hi=600.0)
     library = url.get_str("library", "@py") or "@py"
     calib = url.get_str("calib") or profile.conductance.calib
+    smu = url.get_str("smu")  # VISA resources overriding the profile's (e.g. a served sim)
+    matrix = url.get_str("matrix")
+    if smu or matrix:
+        profile = profile.model_copy(update={
+            "smu": profile.smu.model_copy(update={"resource": smu or profile.smu.resource}),
+            "matrix": profile.matrix.model_copy(
+                update={"resource": matrix or profile.matrix.resource})})
     url.finish()
     station_interlock(profile)  # refuse a bad profile before any byte
     weight_map = WeightMap.load(calib) if calib else None
