@@ -107,6 +107,33 @@ def run(profile, driver: str, proto: SweepProtocol, tmp: str) -> dict[str, float
             "device_pulses": device_pulses}
 
 
+def run_rlv2(profile, driver: str, shape: tuple[int, int]) -> dict[str, float]:
+    """One RLv2 training step on a layer: the forward read of W, the gradient's pulse
+    trains on P, the transfer's read of P's column and W's pulses."""
+    import torch
+
+    from hil.algorithms import ResidualLearningV2
+
+    be = connect(f"bench://{profile.name}", profile, "sim://?model=power&gamma=2&dw_min=0.001")
+    if driver == "naive":
+        be.dialect.__class__ = naive(dialect_class(profile))
+    try:
+        alg = ResidualLearningV2(be, shape, lr=0.1, transfer_lr=0.3, prefix="fc")
+        grad = 0.03 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        start, msgs, relays = be.chip.clock.seconds, be.dialect.messages, \
+            be.chip.station.matrix.relay_operations
+        pulses = be.chip.device_pulses
+        with be.step():
+            alg.weight()  # the forward pass reads W (digital MVM from read-out weights)
+            alg.step(grad)
+        return {"seconds": be.chip.clock.seconds - start,
+                "messages": be.dialect.messages - msgs,
+                "relays": be.chip.station.matrix.relay_operations - relays,
+                "device_pulses": be.chip.device_pulses - pulses}
+    finally:
+        be.close()
+
+
 def main() -> None:
     import tempfile
 
@@ -138,6 +165,18 @@ def main() -> None:
                 be.close()
             print(f"{'':28s} full `hil characterize` (defaults) estimate, ordered: "
                   f"{est / 3600:.2f} h")
+        print("\none RLv2 step on a 16x16 layer (W and P side by side: 16 row + 32 column "
+              "lines; a 32x32 layer's 96 lines exceed one B2200A (48) or 707B (72))")
+        for family, name, _, _, cards in FAMILIES:
+            profile = _profile(name, 16, 32, cards)
+            got = {d: run_rlv2(copy.deepcopy(profile), d, (16, 16)) for d in ("ordered", "naive")}
+            for driver, r in got.items():
+                dp = max(1, r["device_pulses"])
+                print(f"{family:28s} {'16x16':>6s} {driver:>8s} {r['seconds']:10.2f} "
+                      f"{r['messages'] / dp:15.2f} {r['relays'] / dp:20.2f}")
+            ratio = got["naive"]["seconds"] / got["ordered"]["seconds"]
+            print(f"{'':28s} naive / ordered instrument time: {ratio:.1f}x "
+                  f"({got['ordered']['device_pulses']} device-pulses)")
 
 
 if __name__ == "__main__":
