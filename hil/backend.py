@@ -95,10 +95,11 @@ class Tile(ABC):
         return torch.stack(out) if out else torch.empty((0, *self.shape))
 
     def estimate_seconds(self, reads: int = 0, pulses: int = 0, pulse_reads: int = 0,
-                         count: int = 1) -> float | None:
+                         count: int = 1, calls: int = 1) -> float | None:
         """Instrument seconds of ``reads`` whole-tile reads, ``pulses`` whole-tile pulse maps
-        of ``count`` on every device and ``pulse_reads`` steps of :meth:`pulse_read`; None
-        (this default) where operations take no instrument time worth planning (emulators)."""
+        of ``count`` on every device and ``pulse_reads`` steps of :meth:`pulse_read` split
+        into ``calls`` calls; None (this default) where operations take no instrument time
+        worth planning (emulators)."""
         return None
 
     def read_columns(self, cols: slice) -> torch.Tensor:

@@ -157,10 +157,12 @@ class StationTile(Tile):
         return torch.from_numpy(np.ascontiguousarray(self.wmap.to_weight(g)))
 
     def estimate_seconds(self, reads: int = 0, pulses: int = 0, pulse_reads: int = 0,
-                         count: int = 1) -> float:
+                         count: int = 1, calls: int = 1) -> float:
         """Modelled instrument seconds of ``reads`` whole-tile reads, ``pulses`` whole-tile
-        pulse maps of |count| on every device, and ``pulse_reads`` steps of pulse_read."""
-        return self.station.dialect.estimate(self.shape, reads, pulses, pulse_reads, count)
+        pulse maps of |count| on every device, and ``pulse_reads`` steps of pulse_read in
+        ``calls`` calls (each call routes every device once)."""
+        return self.station.dialect.estimate(self.shape, reads, pulses, pulse_reads, count,
+                                             calls)
 
     def _where(self, devices: list[tuple[int, int]]) -> list[str]:
         return [f"tile {self.name!r} device ({r}, {c}) = array {self.array} "

@@ -95,11 +95,12 @@ class LocalConnection(Connection):
         self._replies: list[str] = []
         self.sent: list[str] = []  # every program message, in order (tests replay them)
 
-    def write(self, line: str) -> None:
-        self.sent.append(line)
-        reply = self._serve(line)
-        if reply is not None:
-            self._replies.extend(reply.split("\n"))
+    def write(self, message: str) -> None:
+        for line in message.split("\n"):  # a message of several lines: one command each
+            self.sent.append(line)
+            reply = self._serve(line)
+            if reply is not None:
+                self._replies.extend(reply.split("\n"))
 
     def read(self) -> str:
         if not self._replies:
@@ -162,7 +163,7 @@ class Dialect(ABC):
         return self.profile.read.aperture_s + t.measure_overhead_s
 
     def estimate(self, shape: tuple[int, int], reads: int, pulses: int, pulse_reads: int,
-                 count: int) -> float:
+                 count: int, calls: int = 1) -> float:
         """Modelled seconds for whole-tile reads, pulse maps and pulse_read steps."""
         rows, cols = shape
         n = rows * cols
@@ -171,9 +172,9 @@ class Dialect(ABC):
         read = self.read_seconds() + self.timing.message_s
         t = reads * n * (route + read) + pulses * n * (route + train)
         if pulse_reads:
-            per_msg = max(1, self.profile.batch)
-            msgs = -(-pulse_reads // per_msg)
-            t += n * (route + pulse_reads * (abs(count) * self.period("potentiate")
-                                             + self.read_seconds())
+            calls = max(1, min(calls, pulse_reads))
+            msgs = calls * -(-(pulse_reads // calls) // max(1, self.profile.batch))
+            t += n * (calls * route + pulse_reads * (abs(count) * self.period("potentiate")
+                                                     + self.read_seconds())
                       + msgs * self.timing.message_s)
         return t

@@ -11,6 +11,7 @@ from drivers.station.profile import MATRIX_GEOMETRY
 from hil.errors import BackendError, ProtocolError
 
 COLS = MATRIX_GEOMETRY["keithley"][1]
+MARK = "ERRCOUNT"  # what the error-count chunk prints first
 LINE_HZ = 50.0  # power-line frequency of the lab (NPLC = aperture x line frequency)
 
 
@@ -52,14 +53,20 @@ class KeithleyDialect(Dialect):
 
     # -- messages ----------------------------------------------------------------------------
     def _message(self, conn, chunk: str, where: str, replies: int = 0) -> list[str]:
-        """Run ``chunk`` (which prints ``replies`` lines), then print the error count."""
+        """Run ``chunk`` (which prints ``replies`` lines), then, as a chunk of its own (a
+        failing chunk stops at its error and prints nothing more), the error count."""
         self.messages += 1
-        conn.write(f"{chunk} waitcomplete() print(errorqueue.count)")
-        lines = [conn.read() for _ in range(replies + 1)] if replies else [conn.read()]
-        try:
-            count = int(float(lines[-1].split("\t")[0]))
-        except ValueError:
-            count = -1
+        conn.write(f'{chunk}\nwaitcomplete() print("{MARK}", errorqueue.count)')
+        lines: list[str] = []
+        while True:
+            line = conn.read()
+            if line.startswith(MARK + "\t"):
+                break
+            lines.append(line)
+            if len(lines) > replies + 1000:
+                raise ProtocolError(f"no error count after {len(lines)} lines ({where})",
+                                    op="instrument")
+        count = int(float(line.split("\t")[1]))
         if count != 0:
             errors = []
             for _ in range(32):
@@ -67,9 +74,12 @@ class KeithleyDialect(Dialect):
                 if int(float(code)) == 0:
                     break
                 errors.append(f"{int(float(code))},{rest.split(chr(9))[0]}")
-            raise InstrumentError(f"{conn.name} reported {'; '.join(errors) or lines[-1]} "
-                                  f"({where})", op="instrument")
-        return lines[:-1]
+            raise InstrumentError(f"{conn.name} reported {'; '.join(errors)} ({where})",
+                                  op="instrument")
+        if len(lines) != replies:
+            raise ProtocolError(f"{len(lines)} reply lines, expected {replies} ({where})",
+                                op="instrument")
+        return lines
 
     def _route(self, route: Route, where: str) -> None:
         m = self.profile.matrix

@@ -29,6 +29,21 @@ def parse_error(text: str) -> tuple[int, str]:
         raise ProtocolError(f"malformed error-queue reply {text!r}", op="error queue") from None
 
 
+def split_reply(reply: str) -> list[str]:
+    """A response message's units: split at ';' outside quoted strings."""
+    parts, cur, quoted = [], [], False
+    for ch in reply:
+        if ch == '"':
+            quoted = not quoted
+        if ch == ";" and not quoted:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
 class KeysightDialect(Dialect):
     """B2900 + B2200A over SCPI."""
 
@@ -59,7 +74,7 @@ class KeysightDialect(Dialect):
         of its queries (the error reply checked and dropped)."""
         self.messages += 1
         reply = conn.query(f"{body};{'*OPC?;' if opc else ''}:SYST:ERR?")
-        parts = reply.split(";")
+        parts = split_reply(reply)
         code, message = parse_error(parts[-1])
         if code != 0:
             errors = [f"{code},{message}"]
