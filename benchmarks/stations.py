@@ -46,42 +46,36 @@ FAMILIES = [("Keysight B2900 + B2200A", "keysight-b2900-b2200", 24, 24, 4),
 
 def naive(cls):
     """The same dialect driven naively: every pulse and every read gets its own route (all
-    relays opened, then row and column closed) and a one-pulse command."""
+    relays opened, then row and column closed) and its own one-pulse command."""
 
     class Naive(cls):
         def _route(self, route, where):
             self.routed = None
-            self.safe_relays()
-            super()._route(route, where)
-
-        def safe_relays(self):
             if self.profile.dialect == "keysight":
                 self._message(self.matrix, ":ROUT:OPEN:CARD ALL", "open")
             else:
                 self._message(self.matrix, 'channel.open("allslots")', "open")
+            super()._route(route, where)
+
+        def _pulses(self, route, count, at):
+            for _ in range(abs(count)):
+                self._route(route, at)
+                self.exchange([(1 if count > 0 else -1, False)], at)
 
         def pulse_devices(self, trains, where):
             for (route, count), at in zip(trains, where, strict=True):
-                for _ in range(abs(count)):
-                    super().pulse_devices([(route, 1 if count > 0 else -1)], [at])
-                    self.routed = None
-
-        def read_devices(self, routes, where):
-            out = []
-            for route, at in zip(routes, where, strict=True):
-                out += super().read_devices([route], [at])
-                self.routed = None
-            return out
+                self._pulses(route, count, at)
 
         def run_programs(self, programs, where):
             out = []
             for (route, counts), at in zip(programs, where, strict=True):
                 seq = []
                 for n in counts:
-                    if n:
-                        self.pulse_devices([(route, n)], [at])
-                    seq += self.read_devices([route], [at])
+                    self._pulses(route, n, at)
+                    self._route(route, at)
+                    seq += self.exchange([(0, True)], at)
                 out.append(seq)
+            self.idle()
             return out
 
     return Naive

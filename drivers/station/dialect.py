@@ -132,16 +132,42 @@ class Dialect(ABC):
         """Identify both instruments, reset, configure them, check both error queues."""
 
     @abstractmethod
+    def _route(self, route: Route, where: str) -> None:
+        """Only this device's row on force and its column on ground (break before make),
+        confirmed by the matrix before returning."""
+
+    @abstractmethod
+    def exchange(self, steps: list[tuple[int, bool]], where: str) -> list[float]:
+        """On the routed device, in one SMU message: for each (count, read) a train of the
+        signed count (if nonzero), then a read (if asked); the currents read, in order."""
+
+    @abstractmethod
+    def idle(self) -> None:
+        """The SMU back to 0 V after a series of reads (output stays on)."""
+
     def read_devices(self, routes: list[Route], where: list[str]) -> list[float]:
         """Route each device in turn and measure its current at the read voltage."""
+        return [c[0] for c in self.run_programs([(r, [0]) for r in routes], where)]
 
-    @abstractmethod
     def pulse_devices(self, trains: list[tuple[Route, int]], where: list[str]) -> None:
         """Route each device in turn and apply its signed pulse count as one train."""
+        for (route, count), at in zip(trains, where, strict=True):
+            self._route(route, at)
+            self.exchange([(count, False)], at)
 
-    @abstractmethod
     def run_programs(self, programs: list[Program], where: list[str]) -> list[list[float]]:
-        """Route each device once; for each count of its program: train (if any), read."""
+        """Route each device once; for each count of its program: train (if any), read;
+        ``profile.batch`` steps per SMU message."""
+        out = []
+        batch = self.profile.batch
+        for (route, counts), at in zip(programs, where, strict=True):
+            self._route(route, at)
+            currents: list[float] = []
+            for start in range(0, len(counts), batch):
+                currents += self.exchange([(n, True) for n in counts[start:start + batch]], at)
+            out.append(currents)
+        self.idle()  # after an error the caller makes the station safe instead
+        return out
 
     @abstractmethod
     def safe(self) -> None:

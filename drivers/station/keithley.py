@@ -6,7 +6,7 @@ host needs (readings, the compliance flag, the error count), so each reply confi
 
 from __future__ import annotations
 
-from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Program, Route
+from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route
 from drivers.station.profile import MATRIX_GEOMETRY
 from hil.errors import BackendError, ProtocolError
 
@@ -141,48 +141,28 @@ class KeithleyDialect(Dialect):
         return float(value)
 
     # -- operations ----------------------------------------------------------------------------
-    def read_devices(self, routes: list[Route], where: list[str]) -> list[float]:
-        out = []
-        try:
-            for route, at in zip(routes, where, strict=True):
-                self._route(route, at)
-                out.append(self._reading(self._smu(self._read(), 1, at)[0], at))
-        finally:
-            if self.state.get("volt"):
-                self._smu(self._settings({"volt": 0.0}), 0, "read done")
-        return out
+    def exchange(self, steps: list[tuple[int, bool]], where: str) -> list[float]:
+        parts: list[str] = []
+        kinds: list[str] = []
+        for n, read in steps:
+            if n:
+                parts.append(self._train(n))
+                kinds.append("trip")
+            if read:
+                parts.append(self._read())
+                kinds.append("current")
+        lines = self._smu(" ".join(parts), len(kinds), where)
+        currents = []
+        for kind, line in zip(kinds, lines, strict=True):
+            if kind == "trip":
+                self._trip(line, where, "exchange")
+            else:
+                currents.append(self._reading(line, where))
+        return currents
 
-    def pulse_devices(self, trains: list[tuple[Route, int]], where: list[str]) -> None:
-        for (route, count), at in zip(trains, where, strict=True):
-            self._route(route, at)
-            self._trip(self._smu(self._train(count), 1, at)[0], at, "pulse")
-
-    def run_programs(self, programs: list[Program], where: list[str]) -> list[list[float]]:
-        out = []
-        batch = self.profile.batch
-        try:
-            for (route, counts), at in zip(programs, where, strict=True):
-                self._route(route, at)
-                currents: list[float] = []
-                for start in range(0, len(counts), batch):
-                    parts, kinds = [], []
-                    for n in counts[start:start + batch]:
-                        if n:
-                            parts.append(self._train(n))
-                            kinds.append("trip")
-                        parts.append(self._read())
-                        kinds.append("current")
-                    lines = self._smu(" ".join(parts), len(kinds), at)
-                    for kind, line in zip(kinds, lines, strict=True):
-                        if kind == "trip":
-                            self._trip(line, at, "pulse_read")
-                        else:
-                            currents.append(self._reading(line, at))
-                out.append(currents)
-        finally:
-            if self.state.get("volt"):
-                self._smu(self._settings({"volt": 0.0}), 0, "pulse_read done")
-        return out
+    def idle(self) -> None:
+        if self.state.get("volt"):
+            self._smu(self._settings({"volt": 0.0}), 0, "idle")
 
     def safe(self) -> None:
         errors = []

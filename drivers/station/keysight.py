@@ -7,7 +7,7 @@ confirmed before a pulse, a pulse train before the next route."""
 
 from __future__ import annotations
 
-from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Program, Route
+from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route
 from drivers.station.profile import MATRIX_GEOMETRY
 from hil.errors import BackendError, ProtocolError
 
@@ -156,56 +156,33 @@ class KeysightDialect(Dialect):
             raise ComplianceTrip(f"SMU compliance reached on {where}", op=what)
 
     # -- operations ----------------------------------------------------------------------------
-    def read_devices(self, routes: list[Route], where: list[str]) -> list[float]:
-        out = []
-        try:
-            for route, at in zip(routes, where, strict=True):
-                self._route(route, at)
-                current, trip = self._smu(self._read(), at)
-                self._trip(trip, at, "read")
-                out.append(float(current))
-        finally:
-            if self.state.get("volt"):
-                self._smu(self._settings({"volt": 0.0}), "read done")
-        return out
+    def exchange(self, steps: list[tuple[int, bool]], where: str) -> list[float]:
+        commands: list[str] = []
+        kinds: list[str] = []
+        for n, read in steps:
+            if n:
+                commands += self._train(n)
+                kinds += ["opc", "trip"]
+            if read:
+                commands += self._read()
+                kinds += ["current", "trip"]
+        replies = self._smu(commands, where)
+        if len(replies) != len(kinds):
+            raise ProtocolError(f"{len(replies)} replies to {len(kinds)} queries ({where})",
+                                op="exchange")
+        currents = []
+        for kind, text in zip(kinds, replies, strict=True):
+            if kind == "trip":
+                self._trip(text, where, "exchange")
+            elif kind == "opc" and text.strip() != "1":
+                raise ProtocolError(f"*OPC? answered {text!r} ({where})", op="pulse")
+            elif kind == "current":
+                currents.append(float(text))
+        return currents
 
-    def pulse_devices(self, trains: list[tuple[Route, int]], where: list[str]) -> None:
-        for (route, count), at in zip(trains, where, strict=True):
-            self._route(route, at)
-            opc, trip = self._smu(self._train(count), at)
-            if opc != "1":
-                raise ProtocolError(f"*OPC? answered {opc!r} ({at})", op="pulse")
-            self._trip(trip, at, "pulse")
-
-    def run_programs(self, programs: list[Program], where: list[str]) -> list[list[float]]:
-        out = []
-        batch = self.profile.batch
-        try:
-            for (route, counts), at in zip(programs, where, strict=True):
-                self._route(route, at)
-                currents: list[float] = []
-                for start in range(0, len(counts), batch):
-                    commands, kinds = [], []
-                    for n in counts[start:start + batch]:
-                        if n:
-                            commands += self._train(n)
-                            kinds += ["opc", "trip"]
-                        commands += self._read()
-                        kinds += ["current", "trip"]
-                    replies = self._smu(commands, at)
-                    if len(replies) != len(kinds):
-                        raise ProtocolError(f"{len(replies)} replies to {len(kinds)} queries "
-                                            f"({at})", op="pulse_read")
-                    for kind, text in zip(kinds, replies, strict=True):
-                        if kind == "trip":
-                            self._trip(text, at, "pulse_read")
-                        elif kind == "current":
-                            currents.append(float(text))
-                out.append(currents)
-        finally:
-            if self.state.get("volt"):
-                self._smu(self._settings({"volt": 0.0}), "pulse_read done")
-        return out
+    def idle(self) -> None:
+        if self.state.get("volt"):
+            self._smu(self._settings({"volt": 0.0}), "idle")
 
     def safe(self) -> None:
         """Output off and all relays open, each confirmed by a query."""
