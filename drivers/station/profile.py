@@ -196,6 +196,9 @@ def load_station_profile(name_or_path: str) -> StationProfile:
 
 def station_profile(raw: dict, where: str = "<profile>") -> StationProfile:
     """Validate a profile mapping (files, tests and benchmarks build them)."""
+    if "dialect" not in raw:
+        raise ConfigError(where, "dialect", "not a station profile: give dialect "
+                          f"({' or '.join(DIALECTS)}), smu, matrix, arrays, pulses, read, ...")
     try:
         return StationProfile.model_validate(raw)
     except ValidationError as exc:
