@@ -22,7 +22,7 @@ sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
 import yaml  # noqa: E402
 
 from calibration.measfile import MeasurementWriter  # noqa: E402
-from calibration.protocols import SweepProtocol, characterize  # noqa: E402
+from calibration.protocols import SweepProtocol, characterize, estimate_seconds  # noqa: E402
 from drivers.profile import profile_path  # noqa: E402
 from drivers.station.profile import station_profile  # noqa: E402
 from drivers.station.url import connect, dialect_class  # noqa: E402
@@ -152,9 +152,7 @@ def main() -> None:
             print(f"{'':28s} naive / ordered instrument time: {ratio:.1f}x")
             be = connect("bench://", profile, "sim://")
             try:
-                est = be.allocate("cal", rows, cols).estimate_seconds(
-                    reads=full.noise_reads + 2,
-                    pulse_reads=full.n_reads() - full.noise_reads - 2)
+                est = estimate_seconds(be.allocate("cal", rows, cols), full)
             finally:
                 be.close()
             print(f"{'':28s} full `hil characterize` (defaults) estimate, ordered: "

@@ -119,6 +119,24 @@ def tile_for(backend: Backend, name: str, rows: int, cols: int) -> Tile:
     return tile
 
 
+def estimate_seconds(tile: Tile, proto: SweepProtocol) -> float | None:
+    """Instrument seconds :func:`characterize` would take on ``tile``: each protocol run is
+    one read, then its steps as pulse_read calls of ``block`` reads (the tile's own estimate;
+    None: no instrument time)."""
+    runs = [(proto.noise_reads - 1, 0), (2 * proto.cycles * proto.pulses // proto.read_every,
+                                        proto.read_every), (2 * proto.sympoint_pairs, 1)]
+    total = 0.0
+    for steps, count in runs:
+        if steps < 0 or (steps == 0 and count):
+            continue
+        calls = -(-(steps + 1) // proto.block)
+        part = tile.estimate_seconds(reads=1, pulse_reads=steps, count=count, calls=calls)
+        if part is None:
+            return None
+        total += part
+    return total
+
+
 def characterize(backend: Backend, writer: MeasurementWriter, tiles: dict[str, tuple[int, int]],
                  proto: SweepProtocol, advance: Advance | None = None) -> None:
     """Run read noise, sweeps and the symmetric-point search on every tile."""

@@ -51,18 +51,10 @@ def estimate_characterize(backend_url: str, tile: str, rows: int, cols: int,
                           proto: SweepProtocol) -> float | None:
     """Modelled instrument seconds of :func:`run_characterize` (None: no instrument time).
     Opens the backend and places the tile; measures nothing."""
-    from calibration.protocols import tile_for
+    from calibration.protocols import estimate_seconds, tile_for
 
     with open_backend(backend_url) as be:
-        t = tile_for(be, tile, rows, cols)
-        steps = proto.n_reads() - proto.noise_reads  # sweep and search: pulse-read steps
-        runs = 1 + (proto.sympoint_pairs > 0)  # each protocol run reads once, then steps
-        calls = sum(-(-(n + 1) // proto.block) for n in
-                    (2 * proto.cycles * proto.pulses // proto.read_every,
-                     2 * proto.sympoint_pairs) if n)
-        return t.estimate_seconds(reads=proto.noise_reads + runs,
-                                  pulse_reads=max(0, steps - runs), count=proto.read_every,
-                                  calls=max(1, calls))
+        return estimate_seconds(tile_for(be, tile, rows, cols), proto)
 
 
 def run_fit(out: Path, meas: Path | None = None, csv: Path | None = None,
