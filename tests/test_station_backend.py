@@ -298,5 +298,14 @@ def test_interrupt_and_instrument_errors_leave_the_station_safe(name):
         with pytest.raises(InstrumentError, match=pattern):
             tile.read()
         assert _station_safe(be)
+        # a reading that is no number (SCPI's 9.91E37, NaN) never becomes a weight
+        from drivers.station.sim.chip import Compliance
+        from hil.errors import ProtocolError
+
+        del be.dialect._read
+        be.chip.bias = lambda volts, compliance: Compliance(float("nan"), False)
+        with pytest.raises(ProtocolError, match="no valid reading"):
+            tile.read()
+        assert _station_safe(be)
     finally:
         be.close()

@@ -5,13 +5,14 @@ in-process) it does that over."""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from drivers.station.profile import StationProfile
 from drivers.station.timing import TIMINGS, StationTiming, period_of
-from hil.errors import BackendError, InstrumentTimeout
+from hil.errors import BackendError, InstrumentTimeout, ProtocolError
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,19 @@ class LocalConnection(Connection):
 
 
 Program = tuple[Route, list[int]]
+NOT_A_NUMBER = 9.9e37  # SCPI's NaN / overflow reading is 9.91E37 (SCPI-1999 Vol. 1, 7.2.1.5)
+
+
+def current(text: str, where: str) -> float:
+    """A current reading; a non-number, NaN or the SCPI overflow value is a ProtocolError."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ProtocolError(f"malformed reading {text!r} ({where})", op="read") from None
+    if not math.isfinite(value) or abs(value) >= NOT_A_NUMBER:
+        raise ProtocolError(f"the SMU returned no valid reading ({text}) on {where}",
+                            op="read")
+    return value
 
 
 class Dialect(ABC):

@@ -6,7 +6,7 @@ host needs (readings, the compliance flag, the error count), so each reply confi
 
 from __future__ import annotations
 
-from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route
+from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route, current
 from drivers.station.profile import MATRIX_GEOMETRY
 from hil.errors import BackendError, ProtocolError
 
@@ -138,7 +138,7 @@ class KeithleyDialect(Dialect):
     def _reading(self, line: str, where: str) -> float:
         value, _, flag = line.partition("\t")
         self._trip(flag, where, "read")
-        return float(value)
+        return current(value, where)
 
     # -- operations ----------------------------------------------------------------------------
     def exchange(self, steps: list[tuple[int, bool]], where: str) -> list[float]:

@@ -7,7 +7,7 @@ confirmed before a pulse, a pulse train before the next route."""
 
 from __future__ import annotations
 
-from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route
+from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route, current
 from drivers.station.profile import MATRIX_GEOMETRY
 from hil.errors import BackendError, ProtocolError
 
@@ -177,7 +177,7 @@ class KeysightDialect(Dialect):
             elif kind == "opc" and text.strip() != "1":
                 raise ProtocolError(f"*OPC? answered {text!r} ({where})", op="pulse")
             elif kind == "current":
-                currents.append(float(text))
+                currents.append(current(text, where))
         return currents
 
     def idle(self) -> None:
