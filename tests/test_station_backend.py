@@ -180,7 +180,9 @@ def test_compliance_trip_names_the_device_and_leaves_the_station_safe(tmp_path, 
         with pytest.raises(ComplianceTrip, match=r"device \(0, 0\)"):
             tile.read()
         assert _station_safe(be)
-        tile.pulse(torch.ones(2, 2, dtype=torch.int32))  # usable again after the error
+        before = be.chip.device_pulses
+        tile.pulse(torch.ones(2, 2, dtype=torch.int32))  # usable again after the error:
+        assert be.chip.device_pulses == before + 4  # the output is switched on again
         assert not _station_safe(be)
     finally:
         be.close()

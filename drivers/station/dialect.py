@@ -134,6 +134,7 @@ class Dialect(ABC):
         self.matrix = matrix
         self.timing: StationTiming = TIMINGS[profile.dialect]
         self.routed: Route | None = None  # what the matrix holds now (None: all open)
+        self.armed = False  # SMU output on (after open(); off again after safe())
         self.messages = 0  # program messages sent (benchmarks)
         self.relay_commands = 0
 
@@ -156,6 +157,15 @@ class Dialect(ABC):
         signed count (if nonzero), then a read (if asked); the currents read, in order."""
 
     @abstractmethod
+    def arm(self) -> None:
+        """SMU output on at 0 V, confirmed (after open() and after every safe())."""
+
+    def ensure_armed(self) -> None:
+        if not self.armed:
+            self.arm()
+            self.armed = True
+
+    @abstractmethod
     def idle(self) -> None:
         """The SMU back to 0 V after a series of reads (output stays on)."""
 
@@ -165,6 +175,7 @@ class Dialect(ABC):
 
     def pulse_devices(self, trains: list[tuple[Route, int]], where: list[str]) -> None:
         """Route each device in turn and apply its signed pulse count as one train."""
+        self.ensure_armed()
         for (route, count), at in zip(trains, where, strict=True):
             self._route(route, at)
             self.exchange([(count, False)], at)
@@ -174,6 +185,7 @@ class Dialect(ABC):
         ``profile.batch`` steps per SMU message."""
         out = []
         batch = self.profile.batch
+        self.ensure_armed()
         for (route, counts), at in zip(programs, where, strict=True):
             self._route(route, at)
             currents: list[float] = []

@@ -47,9 +47,17 @@ class KeithleyDialect(Dialect):
                                 f"trigger.timer[1].count = 1 "
                                 f"trigger.timer[1].stimulus = {s}.trigger.SOURCE_COMPLETE_EVENT_ID "
                                 f"{s}.trigger.source.stimulus = trigger.timer[2].EVENT_ID "
-                                f"{s}.trigger.source.action = {s}.ENABLE "
-                                f"{s}.source.output = {s}.OUTPUT_ON", "configure SMU")
+                                f"{s}.trigger.source.action = {s}.ENABLE", "configure SMU")
         self.state: dict[str, object] = {"volt": 0.0, "limit": rd.compliance_a}
+
+    def arm(self) -> None:
+        s, rd = self.s, self.profile.read
+        self.state = {}
+        chunk = self._settings({"volt": 0.0, "limit": rd.compliance_a})
+        on = self._message(self.smu, f"{chunk} {s}.source.output = {s}.OUTPUT_ON "
+                                     f"print({s}.source.output)", "output on", 1)
+        if float(on[0]) != 1:
+            raise BackendError(f"{self.smu.name}: the output did not switch on", op="output")
 
     # -- messages ----------------------------------------------------------------------------
     def _message(self, conn, chunk: str, where: str, replies: int = 0) -> list[str]:
@@ -168,6 +176,7 @@ class KeithleyDialect(Dialect):
         errors = []
         s = getattr(self, "s", "smua")
         self.state = {}
+        self.armed = False
         try:
             state = self.smu.query(f"{s}.source.output = {s}.OUTPUT_OFF waitcomplete() "
                                    f"print({s}.source.output)")

@@ -64,9 +64,16 @@ class KeysightDialect(Dialect):
                                 f":SOUR{ch}:VOLT 0;:SENS{ch}:FUNC \"CURR\";"
                                 f":SENS{ch}:CURR:PROT {rd.compliance_a:.6G};"
                                 f":SENS{ch}:CURR:APER {rd.aperture_s:.6G};"
-                                f":SOUR{ch}:PULS:DEL 0;:TRIG{ch}:SOUR TIM;:OUTP{ch} ON",
-                      "configure SMU")
+                                f":SOUR{ch}:PULS:DEL 0;:TRIG{ch}:SOUR TIM", "configure SMU")
         self.state = {"shape": "DC", "volt": 0.0, "prot": rd.compliance_a}
+
+    def arm(self) -> None:
+        ch, rd = self.ch, self.profile.read
+        self.state = {}
+        commands = self._settings({"shape": "DC", "volt": 0.0, "prot": rd.compliance_a})
+        self._message(self.smu, ";".join([*commands, f":OUTP{ch} ON"]), "output on")
+        if self.smu.query(f":OUTP{ch}?").strip() not in ("1", "ON"):
+            raise BackendError(f"{self.smu.name}: the output did not switch on", op="output")
 
     # -- messages ----------------------------------------------------------------------------
     def _message(self, conn, body: str, where: str, opc: bool = False) -> list[str]:
@@ -188,6 +195,7 @@ class KeysightDialect(Dialect):
         """Output off and all relays open, each confirmed by a query."""
         errors = []
         self.state = {}
+        self.armed = False
         try:
             self.smu.query(f":OUTP{getattr(self, 'ch', 1)} OFF;*OPC?")
             if self.smu.query(f":OUTP{getattr(self, 'ch', 1)}?").strip() not in ("0", "OFF"):
