@@ -79,3 +79,12 @@ def test_keithley_station_over_sockets():
             tile.pulse(-torch.ones(2, 2, dtype=torch.int32))
             assert torch.isfinite(tile.read()).all()
         assert server.sim.smu.s["output"] == 0 and not server.sim.matrix.closed
+
+
+def test_serve_virtual_chip_station_cli(capsys):
+    from hil.cli import main
+
+    main(["serve-virtual-chip", "--station", "keithley-2600b-707b", "--duration", "0.3"])
+    out = capsys.readouterr()
+    assert out.out.startswith("station://keithley-2600b-707b?smu=TCPIP0::127.0.0.1::")
+    assert "matrix: TCPIP0::127.0.0.1::" in out.err and "stopped:" in out.err
