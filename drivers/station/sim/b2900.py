@@ -175,9 +175,11 @@ class B2900(ScpiInstrument):
             self.chip.clock.spend("trigger", ch.count * ch.period, ch.count)
             ch.fetched = [0.0] * ch.count
             return
-        level = ch.volt_trig if ch.shape == "PULS" else ch.volt_trig
-        per = max(ch.period, ch.width + ch.delay) if ch.shape == "PULS" else ch.period
-        peak = self.chip.pulse(level, ch.count, ch.compliance)
+        if ch.shape == "PULS":
+            per, pulses = max(ch.period, ch.width + ch.delay), ch.count
+        else:  # DC: the output steps to VOLT:TRIG and stays: one long stress, not a train
+            per, pulses = ch.period, 1
+        peak = self.chip.pulse(ch.volt_trig, pulses, ch.compliance)
         ch.tripped = ch.tripped or peak.tripped
         ch.fetched = [peak.current_a] * min(ch.count, 1000)
         self.chip.clock.spend("pulse", ch.count * per, ch.count)
@@ -187,8 +189,8 @@ class B2900(ScpiInstrument):
         self.chip.clock.spend("measure", ch.aperture + self.t.measure_overhead_s)
         if not ch.output:
             return f"{0.0:+.6E}"
-        if abs(ch.volt) >= self.chip.threshold_v:
-            raise ScpiError(-221, "a spot measurement at a switching bias")
+        if abs(ch.volt) >= self.chip.threshold_v:  # a "read" that switches: the bias stresses
+            self.chip.pulse(ch.volt, 1, ch.compliance)
         r = self.chip.bias(ch.volt, ch.compliance)
         ch.tripped = ch.tripped or r.tripped
         return f"{r.current_a:+.6E}"
