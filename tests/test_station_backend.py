@@ -131,6 +131,7 @@ def test_interlock_refuses_before_any_byte(tmp_path, name, monkeypatch):
     for change in ({"pulses.potentiate.amplitude_v": 5.0},
                    {"pulses.depress.width_s": 1.0e-5},  # below the SMU's shortest pulse
                    {"read.voltage_v": float("nan")},
+                   {"read.voltage_v": 1.5},  # within the limits, but as strong as a pulse
                    {"read.compliance_a": 0.5}):
         bad = write_profile(tmp_path, name, **change)
         with pytest.raises(SafetyLimitError):

@@ -50,6 +50,10 @@ def station_interlock(profile: StationProfile) -> Interlock:
     if rd.voltage_v == 0 or abs(rd.voltage_v) > profile.limits.max_amplitude_v:
         raise SafetyLimitError(f"read voltage {rd.voltage_v} V must be nonzero and within "
                                f"+-{profile.limits.max_amplitude_v} V", op="read")
+    weakest = min(abs(p.amplitude_v) for p in profile.pulses.values())
+    if abs(rd.voltage_v) >= weakest:
+        raise SafetyLimitError(f"read voltage {rd.voltage_v} V would be a pulse: it must stay "
+                               f"below the weakest pulse amplitude {weakest} V", op="read")
     if rd.compliance_a > profile.limits.max_compliance_a:
         raise SafetyLimitError(f"read compliance {rd.compliance_a} A exceeds "
                                f"{profile.limits.max_compliance_a} A", op="read")
