@@ -132,6 +132,7 @@ def test_interlock_refuses_before_any_byte(tmp_path, name, monkeypatch):
                    {"pulses.depress.width_s": 1.0e-5},  # below the SMU's shortest pulse
                    {"read.voltage_v": float("nan")},
                    {"read.voltage_v": 1.5},  # within the limits, but as strong as a pulse
+                   {"limits.max_pulses_per_command": 300000000},  # beyond any trigger count
                    {"read.compliance_a": 0.5}):
         bad = write_profile(tmp_path, name, **change)
         with pytest.raises(SafetyLimitError):

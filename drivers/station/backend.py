@@ -40,6 +40,10 @@ def station_interlock(profile: StationProfile) -> Interlock:
         if shape.width_s < timing.min_pulse_width_s:
             raise SafetyLimitError(f"width {shape.width_s} s is below the SMU's shortest pulse "
                                    f"{timing.min_pulse_width_s} s", op=f"pulse shape {polarity}")
+    most = profile.limits.max_pulses_per_command
+    if most > timing.max_train:
+        raise SafetyLimitError(f"limits.max_pulses_per_command={most} exceeds the SMU's "
+                               f"longest train ({timing.max_train})", op="pulse")
     if (profile.pulses["potentiate"].amplitude_v <= 0
             or profile.pulses["depress"].amplitude_v >= 0):
         raise SafetyLimitError("potentiate needs a positive amplitude, depress a negative one",

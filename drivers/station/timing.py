@@ -20,6 +20,7 @@ class StationTiming:
     max_aperture_s: float
     measure_overhead_s: float  # settling + A/D conversion around the aperture of one reading
     message_s: float  # one program message over the bus: transfer, parse, reply turnaround
+    max_train: int  # most pulses of one triggered train (the trigger count's range)
 
 
 KEYSIGHT = StationTiming(
@@ -41,6 +42,7 @@ KEYSIGHT = StationTiming(
     measure_overhead_s=100e-6,
     # ASSUMED: one GPIB/LAN message and its turnaround (not a manual figure).
     message_s=500e-6,
+    max_train=100000,  # B2900 SCPI Command Reference, :TRIGger:COUNt: 1 to 100000
 )
 
 KEITHLEY = StationTiming(
@@ -59,6 +61,7 @@ KEITHLEY = StationTiming(
     max_aperture_s=25 / 50,
     measure_overhead_s=100e-6,  # ASSUMED, as for the B2900
     message_s=500e-6,  # ASSUMED, as for the B2900
+    max_train=268435455,  # 2600B Reference Manual, smua.trigger.count
 )
 
 TIMINGS = {"keysight": KEYSIGHT, "keithley": KEITHLEY}

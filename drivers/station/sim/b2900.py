@@ -13,7 +13,7 @@ from drivers.station.timing import KEYSIGHT
 
 V_MAX = 210.0  # B2900 User's Guide, "Specifications": +-210 V maximum voltage (B2901/B2902)
 I_MAX = 3.03  # +-3.03 A DC maximum (same table)
-MAX_COUNT = 100000  # B2900 SCPI Command Reference, :TRIGger:COUNt: 1 to 100000
+MAX_COUNT = KEYSIGHT.max_train
 SHAPES = {"DC": "DC", "PULSe": "PULS"}
 
 

@@ -11,7 +11,7 @@ from drivers.station.timing import KEITHLEY
 
 V_MAX = 40.4  # 2602B/2612B: 40 V range, 40.4 V maximum (2600B Reference Manual, "Ranges")
 I_MAX = 3.0  # 3 A range (2601B/2602B), pulsed up to 10 A; DC limit 3 A at 6 V
-MAX_COUNT = 268435455  # smua.trigger.count: 0 (infinite) .. 268,435,455 (reference manual)
+MAX_COUNT = KEITHLEY.max_train
 OUTPUT_DCAMPS, OUTPUT_DCVOLTS = 0, 1  # smua.source.func
 OFF, ON = 0, 1
 SOURCE_IDLE, SOURCE_HOLD = 0, 1  # smua.trigger.endpulse.action
