@@ -52,6 +52,16 @@ def run_characterize(backend_url: str, out: Path, tile: str = "cal", rows: int =
     return out
 
 
+def estimate_characterize(backend_url: str, tile: str, rows: int, cols: int,
+                          proto: SweepProtocol) -> float | None:
+    """Modelled instrument seconds of :func:`run_characterize` (None: no instrument time).
+    Opens the backend and places the tile; measures nothing."""
+    from calibration.protocols import estimate_seconds, tile_for
+
+    with open_backend(backend_url) as be:
+        return estimate_seconds(tile_for(be, tile, rows, cols), proto)
+
+
 def run_fit(out: Path, meas: Path | None = None, csv: Path | None = None,
             bins: int | None = None, window: int | None = None,
             criterion: str = "bic", console: Console | None = None,
