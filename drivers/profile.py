@@ -4,7 +4,7 @@ and the station safety limits, validated by pydantic so a bad file fails in one 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -106,6 +106,15 @@ def profile_path(name_or_path: str) -> Path:
 
 def load_profile(name_or_path: str) -> Profile:
     """Read and validate a profile; ConfigError names the file and the field."""
+    return load_model(name_or_path, Profile)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(name_or_path: str, model: type[M]) -> M:
+    """Read a profile YAML (a name under drivers/profiles/ or a path) into ``model``;
+    ConfigError names the file and the field."""
     path = profile_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -118,7 +127,7 @@ def load_profile(name_or_path: str) -> Profile:
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "<top>", "a profile must be a mapping")
     try:
-        return Profile.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "<top>"

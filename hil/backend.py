@@ -242,5 +242,6 @@ for _scheme, _target in {
     "twin": "calibration.twin:open_twin",
     "visa": "drivers.visa_backend:open_visa",
     "serial": "drivers.serial_backend:open_serial",
+    "arc2": "drivers.arc2.backend:open_arc2",
 }.items():
     register_backend(_scheme, _target)

@@ -1,0 +1,290 @@
+"""``arc2://`` : an ArC TWO through pyarc2 (``arc2://0?firmware=PATH&mapping=NAME&profile=NAME``)
+or the simulated one (``arc2://sim?backend=URL``), on the backend contract.
+
+``Tile.pulse(n)``: in rounds, each device still owed a pulse gets one; per bitline (a tile
+column, the low channel) the devices of one polarity form one ``pulse_slice_masked`` (their
+wordlines high), and the whole program is queued and run by one ``execute()``, then
+``wait()``. ``Tile.read()``: ``read_all`` (a tile over every bitline) or one
+``read_slice_masked`` per bitline, at the profile's read voltage, remapped from channel
+order to (row, column), current to conductance to weight through the weight map.
+Every value is checked by the interlock before any call; any failure grounds the
+outputs (``finalise_operation(HardGnd)``) and becomes a BackendError naming the devices and
+the call; close() grounds them too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from drivers.arc2.limits import Arc2Interlock, width_ns
+from drivers.arc2.mapping import ChannelMap, load_mapping
+from drivers.arc2.profile import Arc2Profile, load_arc2_profile
+from drivers.arc2.spec import BIT_CHANNELS
+from drivers.weight_map import TileMap, WeightMap
+from hil.backend import Backend, Capabilities, Tile
+from hil.errors import BackendError, BackendURLError, SafetyLimitError
+from hil.url import BackendURL
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a tile sits: its first wordline and bitline."""
+
+    row: int
+    col: int
+    rows: int
+    cols: int
+
+
+def pulse_program(counts: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """The grouped pulses of a signed count map [rows, cols]: (column, sign, rows) per
+    round and column, round by round, so that each device gets its |n| pulses."""
+    program: list[tuple[int, int, np.ndarray]] = []
+    mag = np.abs(counts)
+    for k in range(1, int(mag.max(initial=0)) + 1):
+        for sign in (1, -1):
+            owed = (counts * sign) >= k
+            for j in np.flatnonzero(owed.any(axis=0)):
+                program.append((int(j), sign, np.flatnonzero(owed[:, j])))
+    return program
+
+
+class Arc2Tile(Tile):
+    """A tile of the crossbar in the ArC TWO's socket, in weight units."""
+
+    def __init__(self, backend: Arc2Backend, name: str, place: Placement, wmap: TileMap):
+        super().__init__(backend, name, place.rows, place.cols,
+                         backend.profile.dw_min)
+        self.arc: Arc2Backend = backend
+        self.place = place
+        self.wmap = wmap
+        m = backend.mapping
+        self.word_ch = np.array(m.words[place.row:place.row + place.rows], dtype=np.uint64)
+        self.bit_ch = [int(c) for c in m.bits[place.col:place.col + place.cols]]
+        self._wpos = m.word_positions(range(place.row, place.row + place.rows))
+        self._bpos = m.bit_positions(range(place.col, place.col + place.cols))
+
+    def _devices(self, rows: np.ndarray | None = None, col: int | None = None) -> str:
+        """Name devices as tile (row, col) with their wordline/bitline channels."""
+        p = self.place
+        if col is None:
+            return f"rows {p.row}..{p.row + p.rows - 1}, cols {p.col}..{p.col + p.cols - 1}"
+        rs = list(range(p.rows)) if rows is None else [int(r) for r in rows]
+        return (f"devices rows {rs} of column {col} (bitline {p.col + col}, channel "
+                f"{self.bit_ch[col]}; wordline channels "
+                f"{[int(self.word_ch[r]) for r in rs]})")
+
+    def read(self) -> torch.Tensor:
+        be = self.arc
+        be._check_open("read", self.name)
+        v = be.profile.read_voltage_v
+        api = be.api
+        cur = np.empty(self.shape, dtype=np.float64)
+        if self.place.cols == len(BIT_CHANNELS):
+            raw = be.call("read_all", self, self._devices(),
+                          lambda: be.instrument.read_all(v, api.BiasOrder.Cols))
+            cur[:] = np.asarray(raw, dtype=np.float64)[np.ix_(self._bpos, self._wpos)].T
+        else:
+            for j, low in enumerate(self.bit_ch):
+                row = be.call("read_slice_masked", self, self._devices(col=j),
+                              lambda low=low: be.instrument.read_slice_masked(
+                                  low, self.word_ch, v))
+                cur[:, j] = np.asarray(row, dtype=np.float64)[self._wpos]
+        bad = ~np.isfinite(cur)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            be.make_safe()
+            raise BackendError(f"no current for {int(bad.sum())} devices, first "
+                               f"{self._devices(np.array([r]), int(c))}",
+                               tile=self.name, op="read")
+        g = np.abs(cur) / abs(v)  # the sign convention (low channel at -vread) drops out
+        return torch.from_numpy(self.wmap.to_weight(g))
+
+    def pulse(self, n: torch.Tensor) -> None:
+        """Signed pulse counts; checked against the station limits before anything is sent."""
+        if isinstance(n, torch.Tensor) and not (n.dtype.is_floating_point or n.dtype.is_complex
+                                                or n.dtype == torch.bool):
+            if tuple(n.shape) == self.shape:
+                self.arc.interlock.check_counts(self.name, self.place.row, self.place.col,
+                                                n.detach().cpu().numpy())
+        super().pulse(n)
+
+    def _pulse(self, n: torch.Tensor) -> None:
+        be = self.arc
+        be._check_open("pulse", self.name)
+        counts = n.cpu().numpy().astype(np.int64)
+        if self.wmap.weight_scale < 0:
+            counts = -counts  # potentiating the conductance lowers the weight
+        be.interlock.check_counts(self.name, self.place.row, self.place.col, counts)
+        program = pulse_program(counts)
+        if not program:
+            return
+        shapes = {1: be.shape("potentiate"), -1: be.shape("depress")}
+        for j, sign, rows in program:
+            volts, nanos = shapes[sign]
+            mask = self.word_ch[rows]
+            be.call("pulse_slice_masked", self, self._devices(rows, j),
+                    lambda j=j, volts=volts, nanos=nanos, mask=mask:
+                    be.instrument.pulse_slice_masked(self.bit_ch[j], volts, nanos, mask))
+        be.call("execute", self, self._devices(), lambda: be.instrument.execute())
+        be.call("wait", self, self._devices(), lambda: be.instrument.wait())
+
+
+class Arc2Backend(Backend):
+    """An ArC TWO (real through pyarc2, or the simulated one) under one station profile."""
+
+    def __init__(self, url: str, api: ModuleType, instrument: Any, profile: Arc2Profile,
+                 mapping: ChannelMap, weight_map: WeightMap | None = None,
+                 on_close: Callable[[], None] | None = None):
+        super().__init__(url)
+        self.api = api
+        self.instrument = instrument
+        self.profile = profile
+        self.mapping = mapping
+        self.weight_map = weight_map
+        self._on_close = on_close
+        self.interlock = Arc2Interlock(profile.limits, profile.arrays(mapping.shape))
+        self.capabilities = Capabilities(
+            mvm=False, outer_update=False, allocate=True, device="cpu",
+            max_pulses_per_command=profile.limits.max_pulses_per_command)
+        try:
+            self._shapes: dict[str, tuple[float, int]] = {}
+            for polarity in ("potentiate", "depress"):
+                shape = getattr(profile.pulses, polarity)
+                self.interlock.check_shape(polarity, shape)
+                self._shapes[polarity] = (float(shape.amplitude_v), width_ns(shape.width_s))
+            wm = profile.weight_map
+            g_max = wm.g_ref + abs(wm.weight_scale) * 2.0  # a device at twice a unit weight
+            self.interlock.check_read_voltage(profile.read_voltage_v, g_max)
+            self.make_safe(strict=True)  # start from grounded outputs
+        except BaseException:
+            self._release()
+            raise
+
+    def shape(self, polarity: str) -> tuple[float, int]:
+        """(volts, nanoseconds) of one pulse of ``polarity``, as checked at open."""
+        return self._shapes[polarity]
+
+    def call(self, op: str, tile: Tile | None, devices: str, fn: Callable[[], T]) -> T:
+        """One instrument call: any failure (ArC2Error, a panic in the library, Ctrl-C)
+        grounds the outputs first and becomes a BackendError naming the devices and call."""
+        self._check_open(op, tile.name if tile else None)
+        try:
+            return fn()
+        except BaseException as exc:
+            self.make_safe()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, BackendError)):
+                raise
+            raise BackendError(f"{op} failed on {devices}: {type(exc).__name__}: {exc}",
+                               tile=tile.name if tile else None, op=op) from exc
+
+    # -- the contract ------------------------------------------------------------------------
+    def _allocate(self, name: str, rows: int, cols: int) -> Tile:
+        place = self._place(name, rows, cols)
+        self.interlock.check_region(name, 0, place.row, place.col, rows, cols)
+        usable = self.mapping.usable[place.row:place.row + rows, place.col:place.col + cols]
+        if not usable.all():
+            raise SafetyLimitError(f"mapping {self.mapping.name!r} masks out devices of "
+                                   f"this tile", tile=name, op="allocate")
+        if self.weight_map is not None:
+            wmap = self.weight_map.for_tile(name, (rows, cols))
+        else:
+            wm = self.profile.weight_map
+            wmap = TileMap(np.asarray(wm.g_ref, dtype=np.float64), wm.weight_scale)
+        return Arc2Tile(self, name, place, wmap)
+
+    def _place(self, name: str, rows: int, cols: int) -> Placement:
+        """The profile's fixed placement, else first fit in row bands of the allowed region."""
+        fixed = self.profile.tiles.get(name)
+        if fixed is not None:
+            return Placement(fixed.row, fixed.col, rows, cols)
+        (r0, r1), (c0, c1) = self.profile.limits.allowed_rows, self.profile.limits.allowed_cols
+        nw, nb = self.mapping.shape
+        used = [t.place for t in self._tiles.values() if isinstance(t, Arc2Tile)]
+        row = max([r0, *(u.row + u.rows for u in used)])
+        if row + rows - 1 <= min(r1, nw - 1) and c0 + cols - 1 <= min(c1, nb - 1):
+            return Placement(row, c0, rows, cols)
+        raise BackendError(f"no room for a {rows}x{cols} tile in the allowed region",
+                           tile=name, op="allocate")
+
+    def make_safe(self, strict: bool = False) -> None:
+        """Ground every channel (finalise_operation(HardGnd)); best effort unless strict."""
+        try:
+            self.instrument.finalise_operation(self.api.IdleMode.HardGnd)
+        except Exception as exc:  # noqa: BLE001 - report; the caller's error goes on
+            if strict:
+                raise BackendError(f"could not ground the outputs: {exc}", op="open") from exc
+            log.error("could not ground the ArC TWO outputs: %s", exc)
+
+    def close(self) -> None:
+        """Outputs grounded, then the instrument released; safe to call twice."""
+        if self.closed:
+            return
+        try:
+            self.make_safe()
+        finally:
+            self.closed = True
+            self._release()
+
+    def _release(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+
+def open_arc2(url: BackendURL) -> Arc2Backend:
+    """``arc2://PORT?firmware=..`` (pyarc2) or ``arc2://sim?backend=..`` (simulated)."""
+    profile = load_arc2_profile(url.get_str("profile", "arc2") or "arc2")
+    mapping = load_mapping(url.get_str("mapping", profile.mapping) or profile.mapping)
+    calib = url.get_str("calib")
+    weight_map = WeightMap.load(calib) if calib else None
+    if url.location == "sim":
+        inner = url.get_str("backend", "sim://") or "sim://"
+        threshold = url.get_float("threshold", 1.0, lo=1e-3, hi=13.5)
+        url.finish()
+        from drivers.arc2 import sim
+
+        wm = profile.weight_map
+        try:
+            inst = sim.Instrument(0, "", backend=inner, mapping=mapping_name(url, profile),
+                                  g_ref=wm.g_ref, g_scale=wm.weight_scale,
+                                  threshold_v=threshold)
+        except sim.ArC2Error as exc:
+            raise BackendError(f"cannot open the simulated ArC TWO: {exc}", op="open") from exc
+        return Arc2Backend(url.url, sim, inst, profile, mapping, weight_map,
+                           on_close=lambda: sim.close(inst))
+    firmware = url.get_str("firmware")
+    url.finish()
+    try:
+        port = int(url.location)
+    except ValueError:
+        raise BackendURLError(f"backend URL {url.url!r}: give an instrument id (arc2://0) "
+                              "or arc2://sim") from None
+    if not firmware:
+        raise BackendURLError(f"backend URL {url.url!r}: give the firmware file, "
+                              "?firmware=PATH")
+    try:
+        import pyarc2
+    except ImportError:
+        raise BackendURLError("arc2:// needs pyarc2: pip install 'analog-hil[arc2]'") from None
+    try:
+        inst = pyarc2.Instrument(port, firmware)
+    except pyarc2.ArC2Error as exc:
+        raise BackendError(f"cannot open ArC TWO {port} with firmware {firmware!r}: {exc} "
+                           f"(instruments found: {pyarc2.find_ids()})", op="open") from exc
+    return Arc2Backend(url.url, pyarc2, inst, profile, mapping, weight_map)
+
+
+def mapping_name(url: BackendURL, profile: Arc2Profile) -> str:
+    """The mapping the URL chose (already consumed), else the profile's."""
+    return url.params.get("mapping", profile.mapping)
