@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -153,19 +154,11 @@ class Arc2Backend(Backend):
         self.mapping = mapping
         self.weight_map = weight_map
         self._on_close = on_close
-        self.interlock = Arc2Interlock(profile.limits, profile.arrays(mapping.shape))
         self.capabilities = Capabilities(
             mvm=False, outer_update=False, allocate=True, device="cpu",
             max_pulses_per_command=profile.limits.max_pulses_per_command)
         try:
-            self._shapes: dict[str, tuple[float, int]] = {}
-            for polarity in ("potentiate", "depress"):
-                shape = getattr(profile.pulses, polarity)
-                self.interlock.check_shape(polarity, shape)
-                self._shapes[polarity] = (float(shape.amplitude_v), width_ns(shape.width_s))
-            wm = profile.weight_map
-            g_max = wm.g_ref + abs(wm.weight_scale) * 2.0  # a device at twice a unit weight
-            self.interlock.check_read_voltage(profile.read_voltage_v, g_max)
+            self.interlock, self._shapes = checked_profile(profile, mapping)
             self.make_safe(strict=True)  # start from grounded outputs
         except BaseException:
             self._release()
@@ -242,12 +235,36 @@ class Arc2Backend(Backend):
             self._on_close = None
 
 
+def checked_profile(profile: Arc2Profile, mapping: ChannelMap
+                    ) -> tuple[Arc2Interlock, dict[str, tuple[float, int]]]:
+    """The interlock of a profile and its pulses as (volts, ns) per polarity, every value
+    checked (pulse shapes, read voltage) before an instrument is even opened."""
+    interlock = Arc2Interlock(profile.limits, profile.arrays(mapping.shape))
+    shapes: dict[str, tuple[float, int]] = {}
+    for polarity in ("potentiate", "depress"):
+        shape = getattr(profile.pulses, polarity)
+        interlock.check_shape(polarity, shape)
+        shapes[polarity] = (float(shape.amplitude_v), width_ns(shape.width_s))
+    wm = profile.weight_map
+    g_max = wm.g_ref + abs(wm.weight_scale) * 2.0  # a device at twice a unit weight
+    interlock.check_read_voltage(profile.read_voltage_v, g_max)
+    return interlock, shapes
+
+
+def sim_url(backend: str = "sim://", **params: object) -> str:
+    """``arc2://sim`` over the hil backend URL ``backend`` (quoted), plus parameters."""
+    query = "&".join([f"backend={quote(backend, safe='')}",
+                      *(f"{k}={quote(str(v), safe='')}" for k, v in params.items())])
+    return f"arc2://sim?{query}"
+
+
 def open_arc2(url: BackendURL) -> Arc2Backend:
     """``arc2://PORT?firmware=..`` (pyarc2) or ``arc2://sim?backend=..`` (simulated)."""
     profile = load_arc2_profile(url.get_str("profile", "arc2") or "arc2")
     mapping = load_mapping(url.get_str("mapping", profile.mapping) or profile.mapping)
     calib = url.get_str("calib")
     weight_map = WeightMap.load(calib) if calib else None
+    checked_profile(profile, mapping)  # nothing out of limits reaches an instrument
     if url.location == "sim":
         inner = url.get_str("backend", "sim://") or "sim://"
         threshold = url.get_float("threshold", 1.0, lo=1e-3, hi=13.5)
