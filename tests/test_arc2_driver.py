@@ -79,6 +79,20 @@ def test_pulses_are_grouped_per_bitline_and_round():
         assert after["pulse_one"] == 0
 
 
+def test_a_sparse_row_is_pulsed_with_its_wordline_low():
+    n = torch.zeros(6, 6, dtype=torch.int32)
+    n[2, :] = torch.tensor([2, -1, 1, 0, 2, -2])
+    with open_backend(sim_url(DEVICES)) as be:
+        t = be.allocate("t", 6, 6)
+        w0 = be.instrument._tile.w.clone()
+        before = sim.clock(be.instrument).calls["pulse_slice_masked"]
+        t.pulse(n)
+        # per wordline: round 1 (+, -), round 2 (+, -): 4 commands, not 8 by bitline
+        assert sim.clock(be.instrument).calls["pulse_slice_masked"] - before == 4
+        moved = torch.sign(be.instrument._tile.w - w0)[:6, :6]
+        assert torch.equal(moved, torch.sign(n).to(moved.dtype))
+
+
 def test_reading_a_whole_row_band_uses_read_all():
     with open_backend(sim_url(DEVICES)) as be:
         t = be.allocate("wide", 4, 32)
@@ -241,3 +255,19 @@ def test_mapping_files(tmp_path):
         t = be.allocate("one", 1, 1)
         t.pulse(torch.tensor([[2]], dtype=torch.int32))
         assert be.instrument._tile.w[0, 0] > 0
+
+
+def test_station_benchmark_rows_on_a_small_tile():
+    """benchmarks/station_arc2.py's rows (modelled instrument time, deterministic)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "station_arc2.py"
+    spec = importlib.util.spec_from_file_location("station_arc2", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {r["method"]: r for r in bench.device_pulse_rows(size=8)}
+    assert set(rows) == set(bench.METHODS)
+    assert len({r["device_pulses"] for r in rows.values()}) == 1
+    assert rows["pulse_one chained"]["calls"] == rows["pulse_one chained"]["device_pulses"] + 2
+    assert rows["grouped"]["calls"] < rows["pulse_one chained"]["calls"]
+    assert rows["grouped"]["pulse_time_vs_each"] < 0.1

@@ -3,7 +3,8 @@ or the simulated one (``arc2://sim?backend=URL``), on the backend contract.
 
 ``Tile.pulse(n)``: in rounds, each device still owed a pulse gets one; per bitline (a tile
 column, the low channel) the devices of one polarity form one ``pulse_slice_masked`` (their
-wordlines high), and the whole program is queued and run by one ``execute()``, then
+wordlines high), or per wordline (the low channel, at the opposite voltage) where that
+takes fewer commands; the whole program is queued and run by one ``execute()``, then
 ``wait()``. ``Tile.read()``: ``read_all`` (a tile over every bitline) or one
 ``read_slice_masked`` per bitline, at the profile's read voltage, remapped from channel
 order to (row, column), current to conductance to weight through the weight map.
@@ -127,16 +128,24 @@ class Arc2Tile(Tile):
         if self.wmap.weight_scale < 0:
             counts = -counts  # potentiating the conductance lowers the weight
         be.interlock.check_counts(self.name, self.place.row, self.place.col, counts)
-        program = pulse_program(counts)
-        if not program:
+        by_bitline, by_wordline = pulse_program(counts), pulse_program(counts.T)
+        if not by_bitline:
             return
         shapes = {1: be.shape("potentiate"), -1: be.shape("depress")}
-        for j, sign, rows in program:
-            volts, nanos = shapes[sign]
-            mask = self.word_ch[rows]
-            be.call("pulse_slice_masked", self, self._devices(rows, j),
-                    lambda j=j, volts=volts, nanos=nanos, mask=mask:
-                    be.instrument.pulse_slice_masked(self.bit_ch[j], volts, nanos, mask))
+        bits = np.array(self.bit_ch, dtype=np.uint64)
+        if len(by_bitline) <= len(by_wordline):  # the bitline low, its wordlines high
+            for j, sign, rows in by_bitline:
+                volts, nanos = shapes[sign]
+                be.call("pulse_slice_masked", self, self._devices(rows, j),
+                        lambda j=j, v=volts, ns=nanos, m=self.word_ch[rows]:
+                        be.instrument.pulse_slice_masked(self.bit_ch[j], v, ns, m))
+        else:  # fewer commands with the wordline low: the same device voltage is -V
+            for i, sign, cols in by_wordline:
+                volts, nanos = shapes[sign]
+                be.call("pulse_slice_masked", self, self._devices(np.array([i]), int(cols[0]))
+                        + f" and columns {cols.tolist()}",
+                        lambda i=i, v=-volts, ns=nanos, m=bits[cols]:
+                        be.instrument.pulse_slice_masked(int(self.word_ch[i]), v, ns, m))
         be.call("execute", self, self._devices(), lambda: be.instrument.execute())
         be.call("wait", self, self._devices(), lambda: be.instrument.wait())
 
