@@ -5,6 +5,7 @@ the sim:// tests use, the zero-shift residual as on sim://, and RLv2 training as
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from calibration.calibfile import load_calibration, write_calibration
@@ -37,6 +38,7 @@ def rlv2_distance(url: str, steps: int = 100) -> tuple[float, float]:
         return start, float((alg.read("W") - target).norm())
 
 
+@pytest.mark.slow
 @torch_threads(1)
 def test_calibration_pipeline_and_training_through_arc2_sim(tmp_path):
     proto = SweepProtocol(pulses=400, cycles=2, sympoint_pairs=0, noise_reads=0, block=200)

@@ -1,5 +1,9 @@
 """``arc2://`` : an ArC TWO through pyarc2 (``arc2://0?firmware=PATH&mapping=NAME&profile=NAME``)
-or the simulated one (``arc2://sim?backend=URL``), on the backend contract.
+or the simulated one (``arc2://sim?backend=URL`` with the devices of any hil backend URL,
+quoted; parameters arc2 does not take go to that backend, so
+``arc2://sim?model=power&seed=3`` is the ArC TWO over ``sim://?model=power&seed=3``), on
+the backend contract. Also ``calib=FILE`` (the weight map), and for the simulated one
+``threshold=V`` (the devices' switching voltage).
 
 ``Tile.pulse(n)``: in rounds, each device still owed a pulse gets one; per bitline (a tile
 column, the low channel) the devices of one polarity form one ``pulse_slice_masked`` (their
@@ -20,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import numpy as np
 import torch
@@ -261,10 +265,15 @@ def checked_profile(profile: Arc2Profile, mapping: ChannelMap
 
 
 def sim_url(backend: str = "sim://", **params: object) -> str:
-    """``arc2://sim`` over the hil backend URL ``backend`` (quoted), plus parameters."""
-    query = "&".join([f"backend={quote(backend, safe='')}",
-                      *(f"{k}={quote(str(v), safe='')}" for k, v in params.items())])
-    return f"arc2://sim?{query}"
+    """``arc2://sim`` over the devices of the hil backend URL ``backend``, plus arc2
+    parameters: ``sim://?model=power`` becomes ``arc2://sim?model=power``, any other
+    backend goes quoted into ``backend=``."""
+    scheme, _, query = backend.partition("?")
+    parts = [query] if scheme == "sim://" and query else []
+    if scheme != "sim://":
+        parts.append(f"backend={quote(backend, safe='')}")
+    parts += [f"{k}={quote(str(v), safe='')}" for k, v in params.items()]
+    return "arc2://sim" + ("?" + "&".join(parts) if parts else "")
 
 
 def open_arc2(url: BackendURL) -> Arc2Backend:
@@ -277,6 +286,11 @@ def open_arc2(url: BackendURL) -> Arc2Backend:
     if url.location == "sim":
         inner = url.get_str("backend", "sim://") or "sim://"
         threshold = url.get_float("threshold", 1.0, lo=1e-3, hi=13.5)
+        extra = {k: v for k, v in url.params.items() if k not in url._used}
+        if extra:  # the devices' own parameters: their backend rejects any it does not know
+            inner += ("&" if "?" in inner else "?") + urlencode(extra)
+            for key in extra:
+                url.get_str(key)
         url.finish()
         from drivers.arc2 import sim
 
