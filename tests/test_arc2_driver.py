@@ -271,3 +271,22 @@ def test_station_benchmark_rows_on_a_small_tile():
     assert rows["pulse_one chained"]["calls"] == rows["pulse_one chained"]["device_pulses"] + 2
     assert rows["grouped"]["calls"] < rows["pulse_one chained"]["calls"]
     assert rows["grouped"]["pulse_time_vs_each"] < 0.1
+
+
+def test_one_controlling_process_per_instrument(tmp_path):
+    import subprocess
+    import sys
+
+    from drivers.arc2.backend import port_lock
+
+    release = port_lock(0, str(tmp_path))
+    code = ("import sys; from drivers.arc2.backend import port_lock\n"
+            "try:\n    port_lock(0, sys.argv[1])\nexcept Exception as e:\n"
+            "    print(e); sys.exit(3)\n")
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                           text=True, timeout=60)
+    assert other.returncode == 3 and "already controlled by pid" in other.stdout
+    release()
+    again = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 0, again.stdout

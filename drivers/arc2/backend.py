@@ -20,8 +20,11 @@ the call; close() grounds them too.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -317,12 +320,40 @@ def open_arc2(url: BackendURL) -> Arc2Backend:
         import pyarc2
     except ImportError:
         raise BackendURLError("arc2:// needs pyarc2: pip install 'analog-hil[arc2]'") from None
+    release = port_lock(port)
     try:
         inst = pyarc2.Instrument(port, firmware)
-    except pyarc2.ArC2Error as exc:
+    except BaseException as exc:
+        release()
+        if not isinstance(exc, pyarc2.ArC2Error):
+            raise
         raise BackendError(f"cannot open ArC TWO {port} with firmware {firmware!r}: {exc} "
                            f"(instruments found: {pyarc2.find_ids()})", op="open") from exc
-    return Arc2Backend(url.url, pyarc2, inst, profile, mapping, weight_map)
+    return Arc2Backend(url.url, pyarc2, inst, profile, mapping, weight_map, on_close=release)
+
+
+def port_lock(port: int, folder: str | None = None) -> Callable[[], None]:
+    """One controlling process per instrument on this host: an exclusive lock on a file
+    named after the port, held until the returned release() (or the process's end)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the USB driver refuses a second open on its own
+        return lambda: None
+    path = Path(folder or tempfile.gettempdir()) / f"analog-hil-arc2-{int(port)}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise BackendError(f"ArC TWO {port} is already controlled by pid {holder} "
+                           f"(lock {path})", op="open") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+
+    def release() -> None:
+        os.close(fd)
+    return release
 
 
 def mapping_name(url: BackendURL, profile: Arc2Profile) -> str:
