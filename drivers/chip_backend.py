@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import numpy as np
@@ -14,11 +15,17 @@ import torch
 
 from drivers.link import E_SEQUENCE, ChipLink, ChipRejected, TileInfo, check_name, next_seq
 from drivers.profile import NUMPY_DTYPES_BY_NAME, Profile, PulseShape
-from drivers.safety import POLARITIES, Interlock
+from drivers.safety import POLARITIES, Interlock, as_counts
 from drivers.transport import LinkDown
 from drivers.weight_map import TileMap, WeightMap
 from hil.backend import Backend, Capabilities, Tile
-from hil.errors import BackendError, InstrumentTimeout, ProtocolError, SafetyLimitError
+from hil.errors import (
+    BackendError,
+    InstrumentTimeout,
+    NonFiniteError,
+    ProtocolError,
+    SafetyLimitError,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,58 +50,62 @@ class ChipTile(Tile):
         return torch.from_numpy(w)
 
     def pulse(self, n: torch.Tensor) -> None:
-        """Signed pulse counts; checked against the station limits before anything is sent."""
-        if isinstance(n, torch.Tensor) and not (n.dtype.is_floating_point or n.dtype.is_complex
-                                                or n.dtype == torch.bool):
-            if tuple(n.shape) == self.shape:
-                counts = n.detach().cpu().numpy()
-                self.chip.interlock.check_counts(self.name, self.info.row, self.info.col, counts)
-        super().pulse(n)
+        """Signed integer pulse counts; the interlock checks them (per command and against
+        what this step may still apply to each device) before anything is sent."""
+        if not isinstance(n, torch.Tensor) or n.dtype.is_floating_point or n.dtype.is_complex \
+                or n.dtype == torch.bool or tuple(n.shape) != self.shape:
+            self.check_pulses(n)  # the contract's one-line error for the type or shape
+        self._pulse(n)
 
     def _pulse(self, n: torch.Tensor) -> None:
-        counts = n.cpu().numpy()
+        counts = n.detach().cpu().numpy()
+        self.chip.interlock.admit(self.info, counts)
+        counts = counts.astype(np.int64)  # within the limits now: negation cannot overflow
         if self.wmap is not None and self.wmap.scale < 0:
             counts = -counts  # potentiating the conductance lowers the weight
-        self.chip.interlock.check_counts(self.name, self.info.row, self.info.col, counts)
         wire = np.ascontiguousarray(counts.astype(self.chip.wire_dtype))
         self.chip._sequenced("pulse", self.name,
                              lambda seq: self.chip.link.pulse(seq, self.name, wire), arm=True)
 
     def pulse_device(self, row: int, col: int, count: int) -> None:
-        """Pulse one device with one single-crosspoint command (slow path; checked likewise)."""
+        """Pulse one device with one single-crosspoint command (slow path; checked likewise).
+        ``count`` must be an integer: a float is refused, never truncated."""
         if not (0 <= row < self.shape[0] and 0 <= col < self.shape[1]):
             raise BackendError(f"device ({row}, {col}) outside {self.shape}", tile=self.name,
                                op="pulse")
+        if isinstance(count, torch.Tensor):
+            count = count.detach().cpu().numpy()
+        one = as_counts(count, self.name).reshape(1, 1)  # refuses 0.7, True, '3'
+        self.chip.interlock.admit(self.info, one, at=(row, col))
+        count = int(one[0, 0])
         if self.wmap is not None and self.wmap.scale < 0:
             count = -count
-        one = np.zeros((1, 1), np.int64)
-        one[0, 0] = count
-        self.chip.interlock.check_counts(self.name, self.info.row + row, self.info.col + col,
-                                         one)
         self.chip._sequenced(
             "pulse", self.name,
-            lambda seq: self.chip.link.pulse_device(seq, self.name, row, col, int(count)),
+            lambda seq: self.chip.link.pulse_device(seq, self.name, row, col, count),
             arm=True)
 
     def outer_update(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> None:
         """On-chip pulse-train rank-1 update. Each sample is one pulse-train application of
         at most train-length coincidences per device, which the interlock bounds like a
-        pulse command; the tile must lie wholly inside the allowed rows and columns."""
+        pulse command; the step is charged with that bound summed over the samples where
+        both lines fire; the tile must lie wholly inside the allowed rows and columns."""
         bl = self.chip.train_length
         if not bl:
             return super().outer_update(x, d, lr)
         rows, cols = self.shape
-        xa = np.ascontiguousarray(x.detach().to("cpu", torch.float32).reshape(-1, cols).numpy())
-        da = np.ascontiguousarray(d.detach().to("cpu", torch.float32).reshape(-1, rows).numpy())
-        if xa.shape[0] != da.shape[0]:
-            raise BackendError("outer_update: x and d have different batch sizes",
-                               tile=self.name, op="outer_update")
+        xt, dt = self.check_update(x, d, lr)
+        xa = np.ascontiguousarray(xt.cpu().numpy())
+        da = np.ascontiguousarray(dt.cpu().numpy())
         lr_g = float(lr) * (self.wmap.weight_scale if self.wmap is not None else 1.0)
-        if not (np.isfinite(lr_g) and np.isfinite(xa).all() and np.isfinite(da).all()):
-            raise BackendError("outer_update: non-finite input", tile=self.name,
-                               op="outer_update")
-        worst = np.full((rows, cols), bl, np.int64)
-        self.chip.interlock.check_counts(self.name, self.info.row, self.info.col, worst)
+        if not np.isfinite(lr_g):
+            raise NonFiniteError("outer_update: learning rate in conductance units is not "
+                                 "finite", tile=self.name, op="outer_update")
+        lock = self.chip.interlock
+        lock.check_counts(self.name, self.info.row, self.info.col,
+                          np.full((rows, cols), bl, np.int64))
+        both = (da != 0).T.astype(np.int64) @ (xa != 0).astype(np.int64)  # [rows, cols]
+        lock.charge(self.info, both * bl if lr_g else np.zeros_like(both))
         self.chip._sequenced("outer_update", self.name,
                              lambda seq: self.chip.link.outer(seq, self.name, lr_g, xa, da),
                              arm=True)
@@ -174,7 +185,8 @@ class ChipBackend(Backend):
             mvm=caps.mvm, outer_update=caps.outer_train_length > 0, allocate=True,
             device="cpu",
             max_pulses_per_command=int(min(p.limits.max_pulses_per_command, caps.max_pulses,
-                                           chip_limits["MAXPULSE"])))
+                                           chip_limits["MAXPULSE"])),
+            max_pulses_per_step=self.interlock.step_budget)
         self.seq = self._retry("sequence", None, self.link.last_seq)
         for info, dw_min_g in self._retry("tile list", None, self.link.list_tiles):
             self._register(info, dw_min_g)  # tiles an earlier session left on the chip
@@ -211,6 +223,13 @@ class ChipBackend(Backend):
                 return TileInfo(name, index, row, c0, rows, cols)
         raise BackendError(f"no room for a {rows}x{cols} tile in the allowed region",
                            tile=name, op="allocate")
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """One algorithm step: the interlock bounds the pulses each device receives over
+        all the commands sent inside (the profile's max_pulses_per_step)."""
+        with self.interlock.step():
+            yield
 
     def set_pulse_shape(self, polarity: str, amplitude_v: float, width_s: float,
                         compliance_a: float) -> None:

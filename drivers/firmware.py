@@ -69,6 +69,9 @@ class ChipFirmware:
         self.placements: dict[str, TileInfo] = {}
         self.log: list[str] = []  # what the chip did, for tests: 'OUTP ON', 'PULSE name seq', ...
         self.device_pulses = 0  # total |count| applied
+        # per-device |counts| of every pulse command, in log order, when a test sets it to a
+        # list: (tile, map [rows, cols]); a rank-1 update logs its bound, batch x train length
+        self.count_log: list[tuple[str, np.ndarray]] | None = None
         self.replayed = 0  # sequenced commands answered from the cache (retries)
         self.active_connection = 0
 
@@ -114,6 +117,17 @@ class ChipFirmware:
         return "1" if self.outputs else "0"
 
     # -- settings ------------------------------------------------------------------------
+    def mark(self, text: str) -> None:
+        """Put a marker (e.g. a step boundary set by a test) into the log and count log."""
+        with self.lock:
+            self.log.append(text)
+            if self.count_log is not None:
+                self.count_log.append((text, np.zeros((0, 0), np.int64)))
+
+    def _record(self, name: str, counts: np.ndarray) -> None:
+        if self.count_log is not None:
+            self.count_log.append((name, np.abs(counts.astype(np.int64))))
+
     def push_error(self, code: int, message: str) -> None:
         self.errors.append((code, message.replace('"', "'")))
 
@@ -215,6 +229,7 @@ class ChipFirmware:
         n = torch.from_numpy(counts.astype(np.int32))
         tile.pulse(n)
         self.device_pulses += int(np.abs(counts, dtype=np.int64).sum())
+        self._record(name, counts)
         self.log.append(f"PULSE {name} {seq}")
         return b""
 
@@ -232,6 +247,7 @@ class ChipFirmware:
         n[row, col] = count
         tile.pulse(n)
         self.device_pulses += abs(count)
+        self._record(name, n.numpy())
         self.log.append(f"PULSE {name} {seq}")
         return b""
 
@@ -251,6 +267,9 @@ class ChipFirmware:
             raise ChipError(E_SETTINGS_CONFLICT, "outputs are off")
         xd = torch.from_numpy(np.frombuffer(data, "<f4").reshape(batch, cols + rows).copy())
         tile.outer_update(xd[:, :cols], xd[:, cols:], lr)
+        if self.count_log is not None:
+            both = (xd[:, cols:] != 0).T.to(torch.int64) @ (xd[:, :cols] != 0).to(torch.int64)
+            self._record(name, both.numpy() * self.train_length * (lr != 0))
         self.log.append(f"OUTER {name} {seq}")
         return b""
 

@@ -16,7 +16,7 @@ DTYPE_MAX = {"int8": 127, "int16": 32767, "int32": 2**31 - 1}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PulseShape(_Strict):
@@ -48,14 +48,27 @@ class Placement(_Strict):
 
 
 class StationLimits(_Strict):
-    """What this station may ever apply; checked before any byte is sent."""
+    """What this station may ever apply; checked before any byte is sent.
+
+    ``max_pulses_per_command``: the largest |count| of one device in one command.
+    ``max_pulses_per_step``: the most pulses one algorithm step may apply to one device,
+    summed over every command the step is split into (absent: one command's worth)."""
 
     max_amplitude_v: float = Field(gt=0)
     max_width_s: float = Field(gt=0)
     max_compliance_a: float = Field(gt=0)
     max_pulses_per_command: int = Field(ge=1)
+    max_pulses_per_step: int = Field(ge=1, le=2**31 - 1)
     allowed_rows: tuple[int, int]
     allowed_cols: tuple[int, int]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_step_budget(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("max_pulses_per_step") is None \
+                and "max_pulses_per_command" in data:
+            data = {**data, "max_pulses_per_step": data["max_pulses_per_command"]}
+        return data
 
     @model_validator(mode="after")
     def _ranges(self) -> StationLimits:

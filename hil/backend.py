@@ -1,20 +1,44 @@
 """The backend contract: named tiles of devices with read and pulse (of the whole tile, or
 of a column range: defaults built on the whole-tile operations), optional MVM (of one tile,
-or of a weighted sum of tiles read as one array) and rank-1 update, and a URL-scheme
-registry so the core never imports a backend package."""
+or of a weighted sum of tiles read as one array) and rank-1 update, algorithm steps (the
+unit of the per-step pulse budget), and a URL-scheme registry so the core never imports a
+backend package."""
 
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+import numpy as np
 import torch
 
-from hil.errors import BackendError, BackendURLError, UnsupportedOperation
+from hil.errors import BackendError, BackendURLError, NonFiniteError, UnsupportedOperation
 from hil.url import BackendURL
+
+
+def check_finite(value: torch.Tensor | np.ndarray | float, what: str, *,
+                 tile: str | None = None, op: str | None = None) -> None:
+    """Raise NonFiniteError when ``value`` (a number, tensor or array) holds NaN or inf.
+
+    Every value that becomes pulses passes here before any byte leaves the host:
+    gradients, layer inputs and errors, rates, programming targets."""
+    if isinstance(value, torch.Tensor):
+        ok = bool(torch.isfinite(value).all()) if value.is_floating_point() else True
+    elif isinstance(value, np.ndarray):
+        ok = bool(np.isfinite(value).all()) if value.dtype.kind in "fc" else True
+    else:
+        try:
+            ok = math.isfinite(value)
+        except TypeError:
+            raise NonFiniteError(f"{what} must be a number, got {type(value).__name__}",
+                                 tile=tile, op=op) from None
+    if not ok:
+        raise NonFiniteError(f"{what} is not finite (NaN or inf)", tile=tile, op=op)
 
 
 @dataclass(frozen=True)
@@ -28,6 +52,9 @@ class Capabilities:
     device: str = "cpu"
     snapshot: bool = False  # state_dict()/load_state_dict() restore the devices (emulators)
     mvm_sum: bool = False  # Backend.mvm_sum: a weighted sum of tiles read as one array
+    # the most pulses one algorithm step (Backend.step) may apply to any one device, summed
+    # over all the commands of the step; None: no budget (an emulator)
+    max_pulses_per_step: int | None = None
 
 
 class Tile(ABC):
@@ -120,8 +147,24 @@ class Tile(ABC):
         """Analog MVM: x [B, cols] -> [B, rows]; transpose: [B, rows] -> [B, cols]."""
         raise UnsupportedOperation("backend has no analog MVM", tile=self.name, op="mvm")
 
+    def check_update(self, x: torch.Tensor, d: torch.Tensor, lr: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate the operands of :meth:`outer_update`: finite x, d and lr, one batch of
+        [B, cols] inputs and [B, rows] errors; returns them as 2-d float32 tensors."""
+        rows, cols = self.shape
+        check_finite(float(lr), "outer_update learning rate", tile=self.name, op="outer_update")
+        x = x.detach().reshape(-1, cols).to(torch.float32)
+        d = d.detach().reshape(-1, rows).to(torch.float32)
+        if x.shape[0] != d.shape[0]:
+            raise BackendError("outer_update: x and d have different batch sizes",
+                               tile=self.name, op="outer_update")
+        check_finite(x, "outer_update input x", tile=self.name, op="outer_update")
+        check_finite(d, "outer_update error d", tile=self.name, op="outer_update")
+        return x, d
+
     def outer_update(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> None:
-        """Stochastic pulse-train rank-1 update aiming at W += lr * sum_b d_b x_b^T."""
+        """Stochastic pulse-train rank-1 update aiming at W += lr * sum_b d_b x_b^T
+        (a backend that has one validates its operands with :meth:`check_update`)."""
         raise UnsupportedOperation(
             "backend has no parallel rank-1 update", tile=self.name, op="outer_update"
         )
@@ -170,6 +213,17 @@ class Backend(ABC):
     def _check_open(self, op: str, name: str | None = None) -> None:
         if self.closed:
             raise BackendError("backend is closed", tile=name, op=op)
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Mark one algorithm step: every pulse command sent inside the block belongs to it.
+
+        A driver bounds what one step may apply to each device, summed over all the
+        commands the step is split into (``capabilities.max_pulses_per_step``, from the
+        station profile), and refuses a command past it before sending anything. Steps
+        nest: an inner ``step()`` joins the outer one. The algorithms, layers and the
+        optimizer enter it around each update; this default (an emulator) does nothing."""
+        yield
 
     def mvm_sum(self, terms: Sequence[tuple[Tile, float]], x: torch.Tensor,
                 transpose: bool = False) -> torch.Tensor:

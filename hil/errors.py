@@ -29,6 +29,11 @@ class SafetyLimitError(BackendError):
     """A command would exceed the station's safety limits; nothing was sent."""
 
 
+class NonFiniteError(SafetyLimitError, ValueError):
+    """A value that must be finite (gradient, layer input or error, rate, target, count)
+    is NaN or infinite; refused before anything was sent."""
+
+
 class InstrumentTimeout(BackendError):
     """The instrument did not answer in time (after the allowed retries)."""
 

@@ -8,6 +8,7 @@ algorithms' gradient rate lr; transfer rates stay as configured.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -43,10 +44,22 @@ class AnalogOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
+        """One training step: SGD on the digital parameters, then every analog layer's
+        update, all inside one ``backend.step()`` per backend (the per-step budget)."""
         if self.digital is not None:
             self.digital.step()
-        for layer in self.layers:
-            layer.analog_step(self.lr_scale)
+        with ExitStack() as steps:
+            backends = {id(layer.algorithm.backend): layer.algorithm.backend
+                        for layer in self.layers}
+            for backend in backends.values():
+                steps.enter_context(backend.step())
+            for layer in self.layers:
+                layer.analog_step(self.lr_scale)
+
+    @property
+    def clipped_pulses(self) -> int:
+        """Pulses the algorithms' max_pulses clip dropped so far (all layers)."""
+        return sum(layer.algorithm.clipped_pulses for layer in self.layers)
 
     def state_dict(self) -> dict[str, Any]:
         return {"lr_scale": self.lr_scale,

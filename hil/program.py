@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hil.backend import Tile
+from hil.backend import Tile, check_finite
 
 
 @dataclass
@@ -40,8 +40,17 @@ def program(
     over-driven), and pulses only the devices still outside ``tol``. ``max_iter``
     None: 100 rounds plus twice the rounds of ``max_pulses`` nominal steps the largest
     distance needs (a fixed cap stops short when the distance is many dw_min).
+    Each round is one ``backend.step()`` and one command of at most ``max_pulses`` per
+    device (lowered to the backend's per-command limit and per-step budget). A non-finite
+    target or tolerance is refused (NonFiniteError) before anything is sent.
     """
     tol = tile.dw_min if tol is None else float(tol)
+    check_finite(tol, "programming tolerance", tile=tile.name, op="program")
+    check_finite(torch.as_tensor(target, dtype=torch.float64), "programming target",
+                 tile=tile.name, op="program")
+    caps = tile.backend.capabilities
+    max_pulses = int(min(max_pulses, caps.max_pulses_per_command,
+                         caps.max_pulses_per_step or max_pulses))
     w = tile.read()
     target_t = torch.as_tensor(target, dtype=w.dtype, device=w.device).expand_as(w)
     active_mask = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(w.device)
@@ -61,7 +70,8 @@ def program(
         # at least one pulse toward the target for every device outside the tolerance
         n = torch.where(todo & (n == 0), torch.sign(err), n)
         n = torch.where(todo, n, torch.zeros_like(n)).to(torch.int32)
-        tile.pulse(n)
+        with tile.backend.step():
+            tile.pulse(n)
         total += int(n.abs().sum())
         w_new = tile.read()
         nf = n.to(w.dtype)

@@ -131,11 +131,7 @@ class SimTile(Tile):
 
     def outer_update(self, x: torch.Tensor, d: torch.Tensor, lr: float) -> None:
         self.backend._check_open("outer_update", self.name)
-        x = x.to(self.w.device, torch.float32).reshape(-1, self.shape[1])
-        d = d.to(self.w.device, torch.float32).reshape(-1, self.shape[0])
-        if x.shape[0] != d.shape[0]:
-            raise BackendError("outer_update: x and d have different batch sizes",
-                               tile=self.name, op="outer_update")
+        x, d = self.check_update(x.to(self.w.device), d.to(self.w.device), lr)
         bl = self.cfg.train_length
         fp = self.devices.fused()
         if fp is not None and _use_native(self.cfg.engine, self.w):

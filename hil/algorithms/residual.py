@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hil.algorithms.base import AnalogAlgorithm, TransferSchedule, UpdateMode, _whole
-from hil.backend import Backend, Tile
+from hil.backend import Backend, Tile, check_finite
 from hil.program import program
 
 
@@ -81,6 +81,8 @@ class _TwoTile(AnalogAlgorithm):
             raise ValueError(f"transfer must be 'full' or 'column', got {transfer!r}")
         if int(transfer_every) < 1:
             raise ValueError("transfer_every must be >= 1")
+        check_finite(float(transfer_lr), "transfer rate transfer_lr", op="algorithm")
+        check_finite(float(gamma), "mixing gamma", op="algorithm")
         super().__init__(backend, shape, lr, prefix=prefix, seed=seed, update=update,
                          max_pulses=max_pulses)
         self.transfer_lr = float(transfer_lr)
