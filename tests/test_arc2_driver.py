@@ -114,6 +114,14 @@ def test_nothing_out_of_limits_reaches_the_instrument(tmp_path):
         with pytest.raises(BackendError, match="no room"):
             be.allocate("outside", 8, 40)
         assert calls(be) == start
+        assert be.capabilities.max_pulses_per_step == 1000
+        with be.step():  # the per-step budget over several commands of one step
+            t.pulse(torch.full((4, 4), 600, dtype=torch.int32))
+            sent = calls(be)
+            with pytest.raises(SafetyLimitError, match="max_pulses_per_step=1000"):
+                t.pulse(torch.full((4, 4), -500, dtype=torch.int32))
+            assert calls(be) == sent
+        t.pulse(torch.full((4, 4), -500, dtype=torch.int32))  # a new step
     text = PROFILE.read_text()
     wide = {"max_amplitude_v: 5.0": "max_amplitude_v: 20.0",
             "max_compliance_a: 1.0e-2": "max_compliance_a: 1.0"}  # station limits past the
@@ -122,7 +130,6 @@ def test_nothing_out_of_limits_reaches_the_instrument(tmp_path):
                          ({"width_s: 1.0e-7": "width_s: 4.5e-8"}, "multiple of 10 ns"),
                          ({"width_s: 1.0e-7": "width_s: 2.0e-8"}, "40 ns"),
                          ({"compliance_a: 1.0e-3": "compliance_a: 2.0e-2", **wide}, "ArC TWO"),
-                         ({"read_voltage_v: 0.2": "read_voltage_v: .nan"}, "finite"),
                          ({"read_voltage_v: 0.2": "read_voltage_v: 4.0"}, "per channel")):
         bad = tmp_path / "bad.yaml"  # instrument ratings (the interlock adds them)
         changed = text
@@ -142,9 +149,11 @@ def test_nothing_out_of_limits_reaches_the_instrument(tmp_path):
         finally:
             sim.Instrument = real
         assert not opened  # refused before an instrument was opened
-    bad.write_text(text.replace("read_voltage_v: 0.2\n", ""))
-    with pytest.raises(ConfigError, match="bad.yaml: read_voltage_v"):
-        open_backend(sim_url(DEVICES, profile=str(bad)))
+    for broken in (text.replace("read_voltage_v: 0.2\n", ""),
+                   text.replace("read_voltage_v: 0.2", "read_voltage_v: .nan")):
+        bad.write_text(broken)
+        with pytest.raises(ConfigError, match="bad.yaml: read_voltage_v"):
+            open_backend(sim_url(DEVICES, profile=str(bad)))
 
 
 def test_an_instrument_error_names_the_devices_and_grounds_the_outputs(monkeypatch):

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -47,8 +48,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a tile sits: its first wordline and bitline."""
+    """Where a tile sits: its first wordline and bitline (the interlock's Region)."""
 
+    name: str
     row: int
     col: int
     rows: int
@@ -120,21 +122,21 @@ class Arc2Tile(Tile):
         return torch.from_numpy(self.wmap.to_weight(g))
 
     def pulse(self, n: torch.Tensor) -> None:
-        """Signed pulse counts; checked against the station limits before anything is sent."""
-        if isinstance(n, torch.Tensor) and not (n.dtype.is_floating_point or n.dtype.is_complex
-                                                or n.dtype == torch.bool):
-            if tuple(n.shape) == self.shape:
-                self.arc.interlock.check_counts(self.name, self.place.row, self.place.col,
-                                                n.detach().cpu().numpy())
-        super().pulse(n)
+        """Signed integer pulse counts; the interlock checks them (per command and against
+        what this step may still apply to each device) before any instrument call."""
+        if not isinstance(n, torch.Tensor) or n.dtype.is_floating_point or n.dtype.is_complex \
+                or n.dtype == torch.bool or tuple(n.shape) != self.shape:
+            self.check_pulses(n)  # the contract's one-line error for the type or shape
+        self._pulse(n)
 
     def _pulse(self, n: torch.Tensor) -> None:
         be = self.arc
         be._check_open("pulse", self.name)
-        counts = n.cpu().numpy().astype(np.int64)
+        counts = n.detach().cpu().numpy()
+        be.interlock.admit(self.place, counts)
+        counts = counts.astype(np.int64)  # within the limits now: negation cannot overflow
         if self.wmap.weight_scale < 0:
             counts = -counts  # potentiating the conductance lowers the weight
-        be.interlock.check_counts(self.name, self.place.row, self.place.col, counts)
         by_bitline, by_wordline = pulse_program(counts), pulse_program(counts.T)
         if not by_bitline:
             return
@@ -170,15 +172,23 @@ class Arc2Backend(Backend):
         self.mapping = mapping
         self.weight_map = weight_map
         self._on_close = on_close
-        self.capabilities = Capabilities(
-            mvm=False, outer_update=False, allocate=True, device="cpu",
-            max_pulses_per_command=profile.limits.max_pulses_per_command)
         try:
             self.interlock, self._shapes = checked_profile(profile, mapping)
+            self.capabilities = Capabilities(
+                mvm=False, outer_update=False, allocate=True, device="cpu",
+                max_pulses_per_command=profile.limits.max_pulses_per_command,
+                max_pulses_per_step=self.interlock.step_budget)
             self.make_safe(strict=True)  # start from grounded outputs
         except BaseException:
             self._release()
             raise
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """One algorithm step: the interlock bounds the pulses each device receives over
+        all the commands sent inside (the profile's max_pulses_per_step)."""
+        with self.interlock.step():
+            yield
 
     def shape(self, polarity: str) -> tuple[float, int]:
         """(volts, nanoseconds) of one pulse of ``polarity``, as checked at open."""
@@ -216,13 +226,13 @@ class Arc2Backend(Backend):
         """The profile's fixed placement, else first fit in row bands of the allowed region."""
         fixed = self.profile.tiles.get(name)
         if fixed is not None:
-            return Placement(fixed.row, fixed.col, rows, cols)
+            return Placement(name, fixed.row, fixed.col, rows, cols)
         (r0, r1), (c0, c1) = self.profile.limits.allowed_rows, self.profile.limits.allowed_cols
         nw, nb = self.mapping.shape
         used = [t.place for t in self._tiles.values() if isinstance(t, Arc2Tile)]
         row = max([r0, *(u.row + u.rows for u in used)])
         if row + rows - 1 <= min(r1, nw - 1) and c0 + cols - 1 <= min(c1, nb - 1):
-            return Placement(row, c0, rows, cols)
+            return Placement(name, row, c0, rows, cols)
         raise BackendError(f"no room for a {rows}x{cols} tile in the allowed region",
                            tile=name, op="allocate")
 
