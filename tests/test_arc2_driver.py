@@ -178,6 +178,23 @@ def test_an_instrument_error_names_the_devices_and_grounds_the_outputs(monkeypat
         assert inst._grounded.all() and not inst._dc.any()
 
 
+def test_a_panic_in_the_library_becomes_a_backend_error(monkeypatch):
+    """pyarc2's read_* unwrap libarc2's errors: a pyo3 PanicException (a BaseException)."""
+    class PanicException(BaseException):
+        pass
+
+    with open_backend(sim_url(DEVICES)) as be:
+        t = be.allocate("t", 2, 2)
+
+        def panic(*a, **k):
+            raise PanicException("called `Result::unwrap()` on an `Err` value: FPGAError")
+        monkeypatch.setattr(be.instrument, "read_slice_masked", panic)
+        with pytest.raises(BackendError, match="read_slice_masked failed on devices rows "
+                           r"\[0, 1\] of column 0.*PanicException"):
+            t.read()
+        assert be.instrument._grounded.all()
+
+
 def test_ctrl_c_in_execute_grounds_the_outputs_and_propagates(monkeypatch):
     with open_backend(sim_url(DEVICES)) as be:
         t = be.allocate("t", 4, 4)

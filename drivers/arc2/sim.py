@@ -438,10 +438,12 @@ class Instrument:
     def _run_queue(self) -> None:
         """Execute the buffered commands in order (the FIFO), then settle pending pulses."""
         queue, self._queue = self._queue, []
-        for ns, fn in queue:
-            self._clock.ns += ns
-            fn()
-        self._apply_pending()
+        try:
+            for ns, fn in queue:
+                self._clock.ns += ns
+                fn()
+        finally:  # what ran before a refused command happened
+            self._apply_pending()
 
     def _pulse_volts(self, pairs: list[tuple[int, int]], voltage: float) -> np.ndarray:
         """Differential pulse: each high channel at +V/2, each low at -V/2, the rest at 0."""
