@@ -37,6 +37,7 @@ from drivers.arc2.limits import Arc2Interlock, width_ns
 from drivers.arc2.mapping import ChannelMap, load_mapping
 from drivers.arc2.profile import Arc2Profile, load_arc2_profile
 from drivers.arc2.spec import BIT_CHANNELS
+from drivers.interlocked import InterlockedTile
 from drivers.weight_map import TileMap, WeightMap
 from hil.backend import Backend, Capabilities, Tile
 from hil.errors import BackendError, BackendURLError, SafetyLimitError
@@ -70,7 +71,7 @@ def pulse_program(counts: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
     return program
 
 
-class Arc2Tile(Tile):
+class Arc2Tile(InterlockedTile):
     """A tile of the crossbar in the ArC TWO's socket, in weight units."""
 
     def __init__(self, backend: Arc2Backend, name: str, place: Placement, wmap: TileMap):
@@ -120,14 +121,6 @@ class Arc2Tile(Tile):
                                tile=self.name, op="read")
         g = np.abs(cur) / abs(v)  # the sign convention (low channel at -vread) drops out
         return torch.from_numpy(self.wmap.to_weight(g))
-
-    def pulse(self, n: torch.Tensor) -> None:
-        """Signed integer pulse counts; the interlock checks them (per command and against
-        what this step may still apply to each device) before any instrument call."""
-        if not isinstance(n, torch.Tensor) or n.dtype.is_floating_point or n.dtype.is_complex \
-                or n.dtype == torch.bool or tuple(n.shape) != self.shape:
-            self.check_pulses(n)  # the contract's one-line error for the type or shape
-        self._pulse(n)
 
     def _pulse(self, n: torch.Tensor) -> None:
         be = self.arc
