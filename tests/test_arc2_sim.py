@@ -182,3 +182,60 @@ def test_a_script_written_for_pyarc2_runs_on_the_simulation(arc):
         bitline = m.bits.index(channel)
         res[bitline] = 0.2 / np.abs(raw[BIT_CHANNELS.index(channel)][word_idx])
     np.testing.assert_allclose(1 / res.T, G_REF + G_SCALE * w, rtol=1e-5)
+
+
+def test_the_rest_of_the_api(arc):
+    m = load_mapping("standard32")
+    word, bit = m.words[2], m.bits[3]
+    # a held DC bias past the threshold switches the device across it on a delay
+    before = weights(arc)
+    arc.config_channels([(word, 0.6), (bit, -0.6)], 0.0).delay(1000).execute()
+    moved = np.argwhere(weights(arc) != before).tolist()
+    assert moved == [[2, 3]]
+    arc.ground_all().execute()
+    # fast open pulses: per-cluster timings, 8 of them
+    before = weights(arc)
+    timings = [None] * 8
+    timings[word // 8] = timings[bit // 8] = 100
+    arc.pulse_slice_fast_open([(word, 0.8, 0.0), (bit, -0.8, 0.0)], timings, False).execute()
+    assert weights(arc)[2, 3] > before[2, 3]
+    with pytest.raises(ValueError, match="8 arguments"):
+        arc.pulse_slice_fast_open([(word, 0.8, 0.0)], [100] * 7, False)
+    with pytest.raises(sim.ArC2Error, match="no timing"):
+        arc.pulse_slice_fast_open([(word, 0.8, 0.0)], [None] * 8, False)
+    # pulse-and-read forms
+    i0 = arc.read_one(bit, word, 0.2)
+    assert arc.pulseread_one(bit, word, 1.6, 100, 0.2) > i0 > 0
+    row = arc.pulseread_slice_masked(bit, [word], 1.6, 100, 0.2)
+    assert np.isfinite(row[WORD_CHANNELS.index(word)]) and np.isnan(row).sum() == 31
+    assert arc.pulseread_slice(bit, -1.6, 100, 0.2).shape == (32,)
+    assert arc.pulseread_all(-1.6, 100, 0.2, sim.BiasOrder.Cols).shape == (32, 32)
+    # trains and the output buffer
+    arc.generate_read_train(None, [word], 0.2, 3, 0, True).execute()
+    arc.generate_vread_train([word, bit], False, 2, 0).execute()
+    arc.read_train(bit, word, 0.2, 1000, None, sim.WaitFor.Iterations(4))
+    got = [item[0] for item in arc.get_iter(sim.DataMode.All)]
+    assert len(got) == 3 + 2 + 4 and all(g.shape == (64,) for g in got)
+    arc.read_slice_open_deferred([word], False).execute()
+    addr = arc._output[0]
+    assert np.isfinite(arc.currents_from_address(addr, [word])[word])
+    assert arc.word_currents_from_address(addr).shape == (32,)
+    assert arc.bit_currents_from_address(addr).shape == (32,)
+    with pytest.raises(sim.ArC2Error, match="no result"):
+        arc.word_currents_from_address(addr + 4096)
+    # channel state and peripherals: queued until execute, like everything else
+    arc.config_aux_channels([(sim.AuxDACFn.CREF, 1.0)]).config_selectors([1, 2]) \
+        .set_logic(0xF, sim.IODir.IN).set_logic_level(sim.LogicLevel.LL5V) \
+        .set_channel_range([0], sim.OutputRange.EXT).set_control_mode(sim.ControlMode.Header) \
+        .open_channels([1]).gnd_add([2]).gnd_remove([2]).connect_to_ac_gnd([3]) \
+        .gnd_ac_add([4]).gnd_ac_remove([4]).float_all().ground_all_fast()
+    assert arc.busy() and arc._control == "Internal"
+    arc.execute().wait()
+    assert not arc.busy()
+    assert (arc._control, arc._logic_level, arc._selectors) == ("Header", "LL5V", (1, 2))
+    assert arc._range[0] == "EXT" and arc._ac_grounded[3] and not arc._ac_grounded[4]
+    with pytest.raises(sim.ArC2Error, match="selectors"):
+        arc.config_selectors([40])
+    with pytest.raises(TypeError, match="BiasOrder"):
+        arc.read_all(0.2, "rows")
+    assert sim.find_ids() == [0]

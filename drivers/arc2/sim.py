@@ -482,11 +482,11 @@ class Instrument:
     @_api
     def delay(self, /, nanos):
         ns = _uint(nanos, "nanos")
-        dc, floating = self._dc.copy(), self._floating | self._grounded
 
         def hold() -> None:  # a held bias past the threshold switches like a pulse
-            if np.any(np.abs(self._device_volts(dc, floating)) >= self._threshold):
-                self._stress(dc, floating)
+            v, floating = self._held()
+            if np.any(np.abs(self._device_volts(v, floating)) >= self._threshold):
+                self._stress(v, floating)
         self._queue_op(max(ns, 320), hold)
         return self
 
@@ -676,10 +676,14 @@ class Instrument:
                              self._slice_lines(lo)) for lo in lows]
         return np.stack(rows).reshape(32, 32)
 
+    def _held(self) -> tuple[np.ndarray, np.ndarray]:
+        """The DC state: each channel's voltage (0 where hard-grounded) and which float."""
+        return np.where(self._grounded, 0.0, self._dc), self._floating & ~self._grounded
+
     def _open_read(self, highs: np.ndarray) -> np.ndarray:
-        v = self._dc.copy()
-        return self._measure(v, highs.tolist(), self._floating & ~np.isin(
-            np.arange(CHANNELS), highs.astype(np.intp)))
+        v, floating = self._held()
+        return self._measure(v, highs.tolist(),
+                             floating & ~np.isin(np.arange(CHANNELS), highs.astype(np.intp)))
 
     @_api
     def read_slice_open(self, highs, ground_after):
@@ -704,7 +708,8 @@ class Instrument:
         self._run_queue()
         self._clock.ns += (spec.INSTRUCTION_NS + (32 if averaging else 1) * spec.ADC_NS
                            + spec.USB_WRITE_NS + spec.USB_READ_NS)
-        return [float(np.float32(0.0 if self._floating[c] else self._dc[c])) for c in cs]
+        v, floating = self._held()
+        return [float(np.float32(0.0 if floating[c] else v[c])) for c in cs]
 
     @_api
     def vread_channels_deferred(self, chans, averaging):
@@ -712,7 +717,8 @@ class Instrument:
 
         def volts() -> np.ndarray:
             out = np.full(CHANNELS, np.nan)
-            out[cs] = np.where(self._floating[cs], 0.0, self._dc[cs])
+            v, floating = self._held()
+            out[cs] = np.where(floating[cs], 0.0, v[cs])
             return out.astype(np.float32)
         self._defer_read(volts, spec.INSTRUCTION_NS + (32 if averaging else 1) * spec.ADC_NS)
         return self
