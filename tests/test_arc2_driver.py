@@ -256,6 +256,21 @@ def test_calibrated_weight_map_and_its_polarity(tmp_path):
             be.allocate("other", 2, 2)
 
 
+def test_profile_places_named_tiles(tmp_path):
+    prof = tmp_path / "placed.yaml"
+    prof.write_text(PROFILE.read_text().replace(
+        "tiles: {}", "tiles: {fc1.W: {row: 16, col: 8}, big: {row: 30, col: 0}}"))
+    with open_backend(sim_url(DEVICES, profile=str(prof))) as be:
+        w = be.allocate("fc1.W", 4, 4)
+        free = be.allocate("free", 4, 4)  # first fit below the placed ones
+        assert (w.place.row, w.place.col) == (16, 8) and (free.place.row, free.place.col) == (20, 0)
+        w.pulse(torch.eye(4, dtype=torch.int32) * 2)
+        moved = (be.instrument._tile.w != 0).nonzero().tolist()
+        assert moved == [[16 + k, 8 + k] for k in range(4)]
+        with pytest.raises(SafetyLimitError, match="outside array"):
+            be.allocate("big", 4, 4)
+
+
 def test_url_errors_are_one_clear_line():
     with pytest.raises(BackendURLError, match="firmware"):
         open_backend("arc2://0")

@@ -249,6 +249,9 @@ class Arc2Backend(Backend):
             self._release()
 
     def _release(self) -> None:
+        """Drop the instrument (pyarc2 frees the USB handle with the object), then run the
+        release hook (the port lock, or the simulation's backend)."""
+        self.instrument = None
         if self._on_close is not None:
             self._on_close()
             self._on_close = None

@@ -460,7 +460,7 @@ class Instrument:
     def _chunk(self, current: np.ndarray) -> int:
         addr = self._next_addr
         self._next_addr += 256
-        self._memory[addr] = _Chunk(current, self._dc.astype(np.float32))
+        self._memory[addr] = _Chunk(current, self._held()[0].astype(np.float32))
         return addr
 
     def _defer_read(self, fn: Callable[[], np.ndarray], ns: int) -> None:
