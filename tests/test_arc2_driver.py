@@ -104,6 +104,15 @@ def test_a_sparse_row_is_pulsed_with_its_wordline_low():
         assert sim.clock(be.instrument).calls["pulse_slice_masked"] - before == 4
         moved = torch.sign(be.instrument._tile.w - w0)[:6, :6]
         assert torch.equal(moved, torch.sign(n).to(moved.dtype))
+        real = be.instrument.pulse_slice_masked
+
+        def refuse(chan, voltage, nanos, mask):
+            raise sim.ArC2Error("FPGA Error")
+        be.instrument.pulse_slice_masked = refuse
+        with pytest.raises(BackendError, match=r"devices row 2 \(wordline 2, channel 17\), "
+                           r"columns \[0, 2, 4\] \(bitline channels \[15, 14, 13\]\)"):
+            t.pulse(n)
+        be.instrument.pulse_slice_masked = real
 
 
 def test_reading_a_whole_row_band_uses_read_all():

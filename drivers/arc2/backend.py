@@ -96,6 +96,13 @@ class Arc2Tile(InterlockedTile):
                 f"{self.bit_ch[col]}; wordline channels "
                 f"{[int(self.word_ch[r]) for r in rs]})")
 
+    def _row_devices(self, row: int, cols: np.ndarray) -> str:
+        """Name the devices of one wordline group."""
+        cs = [int(c) for c in cols]
+        return (f"devices row {row} (wordline {self.place.row + row}, channel "
+                f"{int(self.word_ch[row])}), columns {cs} (bitline channels "
+                f"{[self.bit_ch[c] for c in cs]})")
+
     def read(self) -> torch.Tensor:
         be = self.arc
         be._check_open("read", self.name)
@@ -144,8 +151,7 @@ class Arc2Tile(InterlockedTile):
         else:  # fewer commands with the wordline low: the same device voltage is -V
             for i, sign, cols in by_wordline:
                 volts, nanos = shapes[sign]
-                be.call("pulse_slice_masked", self, self._devices(np.array([i]), int(cols[0]))
-                        + f" and columns {cols.tolist()}",
+                be.call("pulse_slice_masked", self, self._row_devices(i, cols),
                         lambda i=i, v=-volts, ns=nanos, m=bits[cols]:
                         be.instrument.pulse_slice_masked(int(self.word_ch[i]), v, ns, m))
         be.call("execute", self, self._devices(), lambda: be.instrument.execute())
