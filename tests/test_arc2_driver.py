@@ -115,6 +115,19 @@ def test_a_sparse_row_is_pulsed_with_its_wordline_low():
         be.instrument.pulse_slice_masked = real
 
 
+def test_reads_do_not_depend_on_the_current_sign_convention(monkeypatch):
+    """|I| / V: an instrument reporting the current into the channel (negative) reads the
+    same weights."""
+    with open_backend(sim_url(DEVICES)) as be:
+        t = be.allocate("t", 3, 3)
+        t.pulse(torch.tensor([[1, 2, 3], [0, -1, -2], [4, 0, -4]], dtype=torch.int32))
+        w = t.read()
+        real = be.instrument.read_slice_masked
+        monkeypatch.setattr(be.instrument, "read_slice_masked",
+                            lambda chan, mask, vread: -real(chan, mask, vread))
+        assert torch.equal(t.read(), w)
+
+
 def test_reading_a_whole_row_band_uses_read_all():
     with open_backend(sim_url(DEVICES)) as be:
         t = be.allocate("wide", 4, 32)
