@@ -297,6 +297,9 @@ def open_arc2(url: BackendURL) -> Arc2Backend:
     mapping = load_mapping(url.get_str("mapping", profile.mapping) or profile.mapping)
     calib = url.get_str("calib")
     weight_map = WeightMap.load(calib) if calib else None
+    # the CLI's --take-over: an ArC TWO's lock dies with the process that held it, so
+    # there is never a stale holder to take over from (a live one is refused by name)
+    url.get_int("take_over", 0, lo=0, hi=1)
     checked_profile(profile, mapping)  # nothing out of limits reaches an instrument
     if url.location == "sim":
         inner = url.get_str("backend", "sim://") or "sim://"
@@ -359,7 +362,7 @@ def port_lock(port: int, folder: str | None = None) -> Callable[[], None]:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise BackendError(f"ArC TWO {port} is already controlled by pid {holder} "
-                           f"(lock {path})", op="open") from None
+                           f"(lock {path}): stop that process first", op="open") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
 
