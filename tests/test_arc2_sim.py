@@ -229,7 +229,7 @@ def test_the_rest_of_the_api(arc):
         .set_channel_range([0], sim.OutputRange.EXT).set_control_mode(sim.ControlMode.Header) \
         .open_channels([1]).gnd_add([2]).gnd_remove([2]).connect_to_ac_gnd([3]) \
         .gnd_ac_add([4]).gnd_ac_remove([4]).float_all().ground_all_fast()
-    assert arc.busy() and arc._control == "Internal"
+    assert arc._control == "Internal" and not arc.busy()  # queued on the host only
     arc.execute().wait()
     assert not arc.busy()
     assert (arc._control, arc._logic_level, arc._selectors) == ("Header", "LL5V", (1, 2))
