@@ -92,6 +92,21 @@ def test_pulses_are_grouped_per_bitline_and_round():
         assert after["pulse_one"] == 0
 
 
+def test_groups_stay_within_the_channel_current(tmp_path):
+    """4e-4 A per device: a low line with k devices at V and 32 - k at V/2 carries
+    (k + 32) * 2e-4 A, so at most 18 devices per command."""
+    prof = tmp_path / "hot.yaml"
+    prof.write_text(PROFILE.read_text().replace("compliance_a: 2.0e-4", "compliance_a: 4.0e-4"))
+    n = torch.ones(32, 2, dtype=torch.int32)
+    assert [r.size for _, _, r in pulse_program(n.numpy(), {1: 18, -1: 18})] == [18, 14] * 2
+    with open_backend(sim_url(DEVICES, profile=str(prof))) as be:
+        t = be.allocate("t", 32, 2)
+        w0 = be.instrument._tile.w.clone()
+        t.pulse(n)
+        assert sim.clock(be.instrument).calls["pulse_slice_masked"] == 4
+        assert bool((be.instrument._tile.w[:, :2] > w0[:, :2]).all())
+
+
 def test_a_sparse_row_is_pulsed_with_its_wordline_low():
     n = torch.zeros(6, 6, dtype=torch.int32)
     n[2, :] = torch.tensor([2, -1, 1, 0, 2, -2])
@@ -164,7 +179,8 @@ def test_nothing_out_of_limits_reaches_the_instrument(tmp_path):
                          ({"amplitude_v: 1.6,": "amplitude_v: 6.0,"}, "exceeds \\+-5.0 V"),
                          ({"width_s: 1.0e-7": "width_s: 4.5e-8"}, "multiple of 10 ns"),
                          ({"width_s: 1.0e-7": "width_s: 2.0e-8"}, "40 ns"),
-                         ({"compliance_a: 1.0e-3": "compliance_a: 2.0e-2", **wide}, "ArC TWO"),
+                         ({"compliance_a: 2.0e-4": "compliance_a: 2.0e-2", **wide}, "ArC TWO"),
+                         ({"compliance_a: 2.0e-4": "compliance_a: 7.0e-4"}, "on a pulsed line"),
                          ({"read_voltage_v: 0.2": "read_voltage_v: 4.0"}, "per channel")):
         bad = tmp_path / "bad.yaml"  # instrument ratings (the interlock adds them)
         changed = text

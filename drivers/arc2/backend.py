@@ -58,16 +58,20 @@ class Placement:
     cols: int
 
 
-def pulse_program(counts: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+def pulse_program(counts: np.ndarray, group: dict[int, int] | None = None
+                  ) -> list[tuple[int, int, np.ndarray]]:
     """The grouped pulses of a signed count map [rows, cols]: (column, sign, rows) per
-    round and column, round by round, so that each device gets its |n| pulses."""
+    round and column, round by round, so that each device gets its |n| pulses; a column's
+    group of one sign is split into commands of at most ``group[sign]`` rows."""
     program: list[tuple[int, int, np.ndarray]] = []
     mag = np.abs(counts)
     for k in range(1, int(mag.max(initial=0)) + 1):
         for sign in (1, -1):
             owed = (counts * sign) >= k
+            size = (group or {}).get(sign, counts.shape[0]) or 1
             for j in np.flatnonzero(owed.any(axis=0)):
-                program.append((int(j), sign, np.flatnonzero(owed[:, j])))
+                rows = np.flatnonzero(owed[:, j])
+                program += [(int(j), sign, rows[s:s + size]) for s in range(0, rows.size, size)]
     return program
 
 
@@ -137,7 +141,8 @@ class Arc2Tile(InterlockedTile):
         counts = counts.astype(np.int64)  # within the limits now: negation cannot overflow
         if self.wmap.weight_scale < 0:
             counts = -counts  # potentiating the conductance lowers the weight
-        by_bitline, by_wordline = pulse_program(counts), pulse_program(counts.T)
+        group = {1: be.group_limit("potentiate"), -1: be.group_limit("depress")}
+        by_bitline, by_wordline = pulse_program(counts, group), pulse_program(counts.T, group)
         if not by_bitline:
             return
         shapes = {1: be.shape("potentiate"), -1: be.shape("depress")}
@@ -191,7 +196,11 @@ class Arc2Backend(Backend):
 
     def shape(self, polarity: str) -> tuple[float, int]:
         """(volts, nanoseconds) of one pulse of ``polarity``, as checked at open."""
-        return self._shapes[polarity]
+        return self._shapes[polarity][:2]
+
+    def group_limit(self, polarity: str) -> int:
+        """The most devices one slice pulse of ``polarity`` may select (channel current)."""
+        return self._shapes[polarity][2]
 
     def call(self, op: str, tile: Tile | None, devices: str, fn: Callable[[], T]) -> T:
         """One instrument call: any failure (ArC2Error, a panic in the library, Ctrl-C)
@@ -264,15 +273,17 @@ class Arc2Backend(Backend):
 
 
 def checked_profile(profile: Arc2Profile, mapping: ChannelMap
-                    ) -> tuple[Arc2Interlock, dict[str, tuple[float, int]]]:
-    """The interlock of a profile and its pulses as (volts, ns) per polarity, every value
-    checked (pulse shapes, read voltage) before an instrument is even opened."""
+                    ) -> tuple[Arc2Interlock, dict[str, tuple[float, int, int]]]:
+    """The interlock of a profile and its pulses as (volts, ns, most devices per command)
+    per polarity, every value checked (pulse shapes, read voltage) before an instrument is
+    even opened."""
     interlock = Arc2Interlock(profile.limits, profile.arrays(mapping.shape))
-    shapes: dict[str, tuple[float, int]] = {}
+    shapes: dict[str, tuple[float, int, int]] = {}
     for polarity in ("potentiate", "depress"):
         shape = getattr(profile.pulses, polarity)
         interlock.check_shape(polarity, shape)
-        shapes[polarity] = (float(shape.amplitude_v), width_ns(shape.width_s))
+        shapes[polarity] = (float(shape.amplitude_v), width_ns(shape.width_s),
+                            interlock.max_group(shape))
     wm = profile.weight_map
     g_max = wm.g_ref + abs(wm.weight_scale) * 2.0  # a device at twice a unit weight
     interlock.check_read_voltage(profile.read_voltage_v, g_max)
