@@ -4,6 +4,7 @@ call, errors naming the devices and the call, outputs grounded on every exit."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -366,19 +367,13 @@ def test_station_benchmark_rows_on_a_small_tile():
 
 
 def test_one_controlling_process_per_instrument(tmp_path):
-    import subprocess
-    import sys
-
+    """An exclusive flock per port: a second open (another open file description, in this
+    process or any other) is refused naming the holder, until the first one releases."""
     from drivers.arc2.backend import port_lock
 
     release = port_lock(0, str(tmp_path))
-    code = ("import sys; from drivers.arc2.backend import port_lock\n"
-            "try:\n    port_lock(0, sys.argv[1])\nexcept Exception as e:\n"
-            "    print(e); sys.exit(3)\n")
-    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                           text=True, timeout=60)
-    assert other.returncode == 3 and "already controlled by pid" in other.stdout
+    with pytest.raises(BackendError, match=f"already controlled by pid {os.getpid()}"):
+        port_lock(0, str(tmp_path))
+    port_lock(1, str(tmp_path))()  # another instrument is free
     release()
-    again = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                           text=True, timeout=60)
-    assert again.returncode == 0, again.stdout
+    port_lock(0, str(tmp_path))()
