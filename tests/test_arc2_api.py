@@ -40,8 +40,10 @@ def test_instrument_has_pyarc2s_methods_and_signatures():
 
 
 def test_module_names_and_enumerations_match():
-    for name in (*ENUMS, "Instrument", "ArC2Error", "IdleMode", "find_ids", "ArC2Config"):
+    for name in (*ENUMS, "Instrument", "ArC2Error", "IdleMode", "find_ids", "ArC2Config",
+                 "LIBARC2_VERSION"):
         assert hasattr(sim, name), name
+    assert sim.LIBARC2_VERSION == pyarc2.LIBARC2_VERSION
     for name in ENUMS:
         real, fake = getattr(pyarc2, name), getattr(sim, name)
         assert sorted(n for n in dir(fake) if not n.startswith("_")) == \

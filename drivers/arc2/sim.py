@@ -42,6 +42,7 @@ from drivers.arc2.spec import BIT_CHANNELS, CHANNELS, WORD_CHANNELS
 from hil.backend import Backend, open_backend
 
 SIM_PORTS = (0,)
+LIBARC2_VERSION = "0.6.0"  # the libarc2 whose behaviour this models
 _WORD_SET, _BIT_SET = frozenset(WORD_CHANNELS), frozenset(BIT_CHANNELS)
 
 
