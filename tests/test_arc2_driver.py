@@ -267,6 +267,43 @@ def test_ctrl_c_in_execute_grounds_the_outputs_and_propagates(monkeypatch):
         assert inst._grounded.all() and not inst._dc.any()
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_grounds_the_outputs(monkeypatch, signame):
+    """hil's orderly stop (the signal becomes Interrupted, a KeyboardInterrupt) arriving
+    inside an instrument call: outputs grounded, the stop propagates. This test sets its
+    own signal dispositions and restores them."""
+    import signal
+
+    interrupts = pytest.importorskip("hil.interrupts")
+    sig = getattr(signal, signame)
+    saved = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
+    interrupts.install()
+    try:
+        with open_backend(sim_url(DEVICES)) as be:
+            t = be.allocate("t", 4, 4)
+            inst = be.instrument
+            real = inst.execute
+            armed = [True]
+
+            def stopped():
+                if not armed:
+                    return real()  # make_safe's own execute
+                armed.clear()
+                inst.config_channels([(16, 0.5)], None)
+                real()
+                os.kill(os.getpid(), sig)  # the handler raises here
+                return inst
+            monkeypatch.setattr(inst, "execute", stopped)
+            with pytest.raises(interrupts.Interrupted) as stop:
+                t.pulse(torch.ones(4, 4, dtype=torch.int32))
+            assert stop.value.signum == sig
+            assert inst._grounded.all() and not inst._dc.any()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        interrupts.reset()
+
+
 def test_close_grounds_and_the_backend_refuses_afterwards():
     be = open_backend(sim_url(DEVICES))
     t = be.allocate("t", 2, 2)
