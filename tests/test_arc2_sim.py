@@ -131,6 +131,24 @@ def test_limits_are_refused_with_arc2error(arc):
         sim.Instrument(0, "/nonexistent/fw.bin")
 
 
+def test_current_noise_of_the_instrument():
+    kw = {"backend": "sim://?seed=1", "current_noise": 1e-8}
+    a, b = sim.Instrument(0, "", **kw), sim.Instrument(0, "", **kw, seed=5)
+    try:
+        reads = np.stack([a.read_slice(BIT_CHANNELS[0], 0.2) for _ in range(200)])
+        assert reads.std(axis=0).mean() == pytest.approx(1e-8, rel=0.15)
+        assert reads.mean(axis=0) == pytest.approx(np.full(32, G_REF * 0.2), rel=1e-3)
+        again = sim.Instrument(0, "", **kw)
+        try:
+            assert np.array_equal(again.read_slice(BIT_CHANNELS[0], 0.2), reads[0])  # seeded
+        finally:
+            sim.close(again)
+        assert not np.array_equal(b.read_slice(BIT_CHANNELS[0], 0.2), reads[0])
+    finally:
+        sim.close(a)
+        sim.close(b)
+
+
 def test_the_clock_follows_the_command_sequences(arc):
     clock = sim.clock(arc)
     t0, calls0 = clock.ns, clock.total_calls

@@ -3,7 +3,8 @@ or the simulated one (``arc2://sim?backend=URL`` with the devices of any hil bac
 quoted; parameters arc2 does not take go to that backend, so
 ``arc2://sim?model=power&seed=3`` is the ArC TWO over ``sim://?model=power&seed=3``), on
 the backend contract. Also ``calib=FILE`` (the weight map), and for the simulated one
-``threshold=V`` (the devices' switching voltage).
+``threshold=V`` (the devices' switching voltage), ``current_noise=A`` (the std of each
+current conversion) and ``noise_seed=N``.
 
 ``Tile.pulse(n)``: in rounds, each device still owed a pulse gets one; per bitline (a tile
 column, the low channel) the devices of one polarity form one ``pulse_slice_masked`` (their
@@ -315,6 +316,8 @@ def open_arc2(url: BackendURL) -> Arc2Backend:
     if url.location == "sim":
         inner = url.get_str("backend", "sim://") or "sim://"
         threshold = url.get_float("threshold", 1.0, lo=1e-3, hi=13.5)
+        noise = url.get_float("current_noise", 0.0, lo=0.0, hi=1e-3)
+        noise_seed = url.get_int("noise_seed", 0, lo=0)
         extra = {k: v for k, v in url.params.items() if k not in url._used}
         if extra:  # the devices' own parameters: their backend rejects any it does not know
             inner += ("&" if "?" in inner else "?") + urlencode(extra)
@@ -327,7 +330,7 @@ def open_arc2(url: BackendURL) -> Arc2Backend:
         try:
             inst = sim.Instrument(0, "", backend=inner, mapping=mapping_name(url, profile),
                                   g_ref=wm.g_ref, g_scale=wm.weight_scale,
-                                  threshold_v=threshold)
+                                  threshold_v=threshold, current_noise=noise, seed=noise_seed)
         except sim.ArC2Error as exc:
             raise BackendError(f"cannot open the simulated ArC TWO: {exc}", op="open") from exc
         return Arc2Backend(url.url, sim, inst, profile, mapping, weight_map,

@@ -311,18 +311,23 @@ class Instrument:
 
     Beyond pyarc2's ``(port, firmware, init)`` it takes keyword-only model settings:
     ``backend`` (hil URL of the devices), ``mapping`` (socket wiring), ``g_ref`` and
-    ``g_scale`` (siemens: G = g_ref + g_scale * w) and ``threshold_v`` (switching).
+    ``g_scale`` (siemens: G = g_ref + g_scale * w), ``threshold_v`` (switching),
+    ``current_noise`` (amperes, the std of each current conversion) and its ``seed``.
     """
 
     def __init__(self, port: int, firmware: str, init=True, *, backend: str = "sim://",
                  mapping: str = DEFAULT_MAPPING, g_ref: float = 5e-5, g_scale: float = 2.5e-5,
-                 threshold_v: float = 1.0, tile: str = "crossbar"):
+                 threshold_v: float = 1.0, current_noise: float = 0.0, seed: int = 0,
+                 tile: str = "crossbar"):
         if _uint(port, "port") not in SIM_PORTS:
             raise ArC2Error(f"Invalid ArC2 device id: {port}")
         if firmware and not Path(firmware).is_file():
             raise ArC2Error(f"cannot load firmware {firmware!r}: no such file")
-        if not (g_ref > 0 and g_scale != 0 and threshold_v > 0):
-            raise ValueError("g_ref and threshold_v must be positive, g_scale nonzero")
+        if not (g_ref > 0 and g_scale != 0 and threshold_v > 0 and current_noise >= 0):
+            raise ValueError("g_ref and threshold_v must be positive, g_scale nonzero, "
+                             "current_noise not negative")
+        self._noise = float(current_noise)
+        self._rng = np.random.default_rng(seed)
         self._clock = InstrumentClock()
         self._map = load_mapping(mapping)
         self._g_ref, self._g_scale, self._threshold = float(g_ref), float(g_scale), threshold_v
@@ -418,6 +423,8 @@ class Instrument:
         into[self._bit_ch] = -(g * d).sum(axis=0)
         idx = np.fromiter((int(c) for c in measured), dtype=np.intp)
         out[idx] = into[idx]
+        if self._noise:  # the instrument's own current noise, per conversion
+            out[idx] += self._noise * self._rng.standard_normal(idx.size)
         if np.any(np.abs(d) >= self._threshold):  # a read at a switching voltage disturbs
             self._stress(vch, floating, check_current=False)
         return out.astype(np.float32)
