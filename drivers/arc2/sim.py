@@ -12,8 +12,9 @@ The model: the devices of the array in the socket are one tile of the backend be
 ``G = g_ref + g_scale * w``. Every operation sets channel voltages; a device sees its
 wordline's minus its bitline's voltage. A device seeing at least ``threshold_v`` gets one
 potentiating pulse, at most ``-threshold_v`` one depressing pulse (so a V/2 half-selected
-neighbour below the threshold is left alone); currents are ``G * V`` summed per channel
-(float32, as the instrument returns them), NaN where a channel was not measured. Pulses and
+neighbour below the threshold is left alone); currents are ``G * V`` summed per channel,
+plus the instrument's own noise if asked for (float32, as the instrument returns them),
+NaN where a channel was not measured. Pulses and
 other buffered commands are queued and happen on ``execute()``; reads flush the queue and
 happen at once, as in libarc2. The limits of the instrument (channels 0..63, +-13.5 V,
 pulses from 40 ns in 10 ns steps, 10 mA per channel, finite values) are refused with
