@@ -107,6 +107,22 @@ def open_hdf5(path: Path) -> h5py.File:
                           f"not a readable HDF5 file (truncated or corrupt?): {exc}") from None
 
 
+def _check_datasets(path: Path, where: str, states: np.ndarray, pulses: np.ndarray) -> None:
+    """states: float [T, rows, cols]; pulses: integer [T - 1] (or fewer, cut short)."""
+    if states.dtype.kind != "f" or states.ndim != 3 or 0 in states.shape[1:]:
+        raise ConfigError(str(path), f"{where}/states",
+                          f"must be a float array (reads, rows, cols), got {states.dtype} "
+                          f"{tuple(states.shape)}")
+    if np.isinf(states).any():  # NaN marks a read never written; inf is no reading
+        t, r, c = np.argwhere(np.isinf(states))[0]
+        raise ConfigError(str(path), f"{where}/states",
+                          f"infinite value at read {t}, device ({r}, {c})")
+    if pulses.dtype.kind not in "iu" or pulses.ndim != 1:
+        raise ConfigError(str(path), f"{where}/pulses",
+                          f"must be an integer array (reads - 1,), got {pulses.dtype} "
+                          f"{tuple(pulses.shape)}")
+
+
 def load_measurement(path: Path) -> Measurement:
     """Read a measurement file; a truncated or foreign file is one ConfigError."""
     path = Path(path)
@@ -120,14 +136,24 @@ def load_measurement(path: Path) -> Measurement:
         m = Measurement(path=path, attrs=dict(f.attrs), protocol=protocol)
         for name, grp in f["tiles"].items():
             m.tiles[name] = {}
+            if not isinstance(grp, h5py.Group):
+                raise ConfigError(str(path), f"tiles/{name}", "must be a group of protocols")
             for proto, g in grp.items():
+                if not isinstance(g, h5py.Group):
+                    raise ConfigError(str(path), f"tiles/{name}/{proto}",
+                                      "must be a group with states and pulses")
                 try:
                     st, pu = g["states"][()], g["pulses"][()]
                 except (KeyError, OSError) as exc:
                     raise ConfigError(str(path), f"tiles/{name}/{proto}",
                                       f"unreadable dataset: {exc}") from None
+                _check_datasets(path, f"tiles/{name}/{proto}", st, pu)
                 n = min(st.shape[0], pu.shape[0] + 1)  # a block cut short: keep what pairs up
                 m.tiles[name][proto] = (st[:n], pu[: max(n - 1, 0)])
+            shapes = {st.shape[1:] for st, _ in m.tiles[name].values()}
+            if len(shapes) > 1:
+                raise ConfigError(str(path), f"tiles/{name}",
+                                  f"protocols disagree on the tile shape: {sorted(shapes)}")
     if not m.tiles:
         raise ConfigError(str(path), "tiles", "the file holds no tile")
     return m

@@ -14,7 +14,15 @@ import numpy as np
 import torch
 
 from drivers.interlocked import InterlockedTile
-from drivers.link import E_SEQUENCE, ChipLink, ChipRejected, TileInfo, check_name, next_seq
+from drivers.link import (
+    E_SEQUENCE,
+    MAX_BATCH,
+    ChipLink,
+    ChipRejected,
+    TileInfo,
+    check_name,
+    next_seq,
+)
 from drivers.profile import NUMPY_DTYPES_BY_NAME, Profile, PulseShape
 from drivers.safety import POLARITIES, Interlock, as_counts
 from drivers.transport import LinkDown
@@ -99,9 +107,12 @@ class ChipTile(InterlockedTile):
                           np.full((rows, cols), bl, np.int64))
         both = (da != 0).T.astype(np.int64) @ (xa != 0).astype(np.int64)  # [rows, cols]
         lock.charge(self.info, both * bl if lr_g else np.zeros_like(both))
-        self.chip._sequenced("outer_update", self.name,
-                             lambda seq: self.chip.link.outer(seq, self.name, lr_g, xa, da),
-                             arm=True)
+        for i in range(0, xa.shape[0], MAX_BATCH):  # samples in order, MAX_BATCH a command
+            xp, dp = xa[i:i + MAX_BATCH], da[i:i + MAX_BATCH]
+            self.chip._sequenced(
+                "outer_update", self.name,
+                lambda seq, xp=xp, dp=dp: self.chip.link.outer(seq, self.name, lr_g, xp, dp),
+                arm=True)
 
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         if not self.chip.capabilities.mvm:
@@ -114,9 +125,16 @@ class ChipTile(InterlockedTile):
             raise BackendError(f"mvm input has shape {tuple(x.shape)}, tile takes {n_in}",
                                tile=self.name, op="mvm")
         xa = np.ascontiguousarray(xb.cpu().numpy(), dtype="<f4")
-        y = self.chip._sequenced(
-            "mvm", self.name,
-            lambda seq: self.chip.link.mvm(seq, self.name, transpose, xa, n_out))
+        if not xa.shape[0]:
+            return torch.zeros(0, n_out)
+        parts = []
+        for i in range(0, xa.shape[0], MAX_BATCH):  # a command carries at most MAX_BATCH
+            part = xa[i:i + MAX_BATCH]
+            parts.append(self.chip._sequenced(
+                "mvm", self.name,
+                lambda seq, part=part: self.chip.link.mvm(seq, self.name, transpose, part,
+                                                          n_out)))
+        y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if self.wmap is not None:
             g_ref = np.broadcast_to(self.wmap.g_ref, self.shape)
             ref = xa.astype(np.float64) @ (g_ref if transpose else g_ref.T)
@@ -180,6 +198,7 @@ class ChipBackend(Backend):
             max_pulses_per_command=int(min(p.limits.max_pulses_per_command, caps.max_pulses,
                                            chip_limits["MAXPULSE"])),
             max_pulses_per_step=self.interlock.step_budget)
+        self.interlock.tighten(self.capabilities.max_pulses_per_command)
         self.seq = self._retry("sequence", None, self.link.last_seq)
         for info, dw_min_g in self._retry("tile list", None, self.link.list_tiles):
             self._register(info, dw_min_g)  # tiles an earlier session left on the chip

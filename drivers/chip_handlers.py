@@ -71,16 +71,33 @@ class Faults:
         return reply[:i] + bytes([reply[i] ^ 0x5A]) + reply[i + 1:]
 
 
+MAX_LINE = 4096  # bytes of SCPI command text (before a block or the newline)
+FRAME_ARGS = 128  # bytes of a frame body besides its block: tile name and arguments
+
+
 # -- protocol handlers: parse one request from a buffer, execute it on the firmware -------
 class ScpiHandler:
     """Line-oriented SCPI; TILE:PULS? and TILE:MVM? end with an IEEE 488.2 block."""
 
     def __init__(self, fw: ChipFirmware):
         self.fw = fw
+        self.skip = 0  # bytes still to discard of a refused (oversized) block
+
+    def reset(self) -> None:
+        """Forget a partial request (the inter-byte timeout)."""
+        self.skip = 0
 
     def parse(self, buf: bytearray) -> tuple[tuple[str, bytes | None] | None, int]:
+        if self.skip:  # drop a refused block as it arrives, never buffering it
+            used = min(self.skip, len(buf))
+            self.skip -= used
+            return None, used
         nl = buf.find(b"\n")
         hash_ = buf.find(b"#", 0, nl if nl >= 0 else len(buf))
+        text_end = hash_ if hash_ >= 0 else nl if nl >= 0 else len(buf)
+        if text_end > MAX_LINE:  # a command's text is short: never buffer a runaway line
+            self.fw.push_error(E_COMMAND, f"command text longer than {MAX_LINE} bytes")
+            return None, text_end
         if hash_ < 0:
             if nl < 0:
                 return None, 0
@@ -97,7 +114,13 @@ class ScpiHandler:
         if not length_raw.isdigit():
             return ("", None), (nl + 1 if nl >= 0 else len(buf))
         start = hash_ + 2 + d
-        end = start + int(length_raw)
+        length = int(length_raw)
+        if length > self.fw.max_block:  # refused before a byte of it is buffered
+            self.fw.push_error(E_ILLEGAL, f"block of {length} bytes exceeds the largest this "
+                                          f"chip takes ({self.fw.max_block})")
+            self.skip = length + 1  # the block and its terminating newline
+            return None, start
+        end = start + length
         if len(buf) < end + 1:
             return None, 0
         head = buf[:hash_].decode("ascii", "replace").strip()
@@ -199,8 +222,8 @@ class FrameHandler:
         if len(buf) < start + REQ_HEAD.size:
             return None, start
         _, op, seq, length = REQ_HEAD.unpack_from(buf, start)
-        if length > MAX_BODY:
-            return None, start + 1  # not a real frame start: resynchronise
+        if length > min(MAX_BODY, self.fw.max_block + FRAME_ARGS):
+            return None, start + 1  # not a real frame start (or too large): resynchronise
         end = start + REQ_HEAD.size + length + 4
         if len(buf) < end:
             return None, start
@@ -287,8 +310,11 @@ class Session:
         UART firmware does), so a host interrupted mid-write can resynchronise.
         """
         now = time.monotonic()
-        if self.buf and now - self.last_input > INTERBYTE_TIMEOUT_S:
+        pending = self.buf or getattr(self.handler, "skip", 0)
+        if pending and now - self.last_input > INTERBYTE_TIMEOUT_S:
             self.buf.clear()
+            if hasattr(self.handler, "reset"):
+                self.handler.reset()
             self.discarded += 1
         self.last_input = now
         self.buf += data

@@ -11,12 +11,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from drivers.frames import MAX_BODY
 from drivers.link import (
     E_DATA_RANGE,
     E_ILLEGAL,
     E_NO_TILE,
     E_SEQUENCE,
     E_SETTINGS_CONFLICT,
+    MAX_BATCH,
     NAME_RE,
     NUMPY_DTYPES,
     TileInfo,
@@ -60,6 +62,11 @@ class ChipFirmware:
         self.arrays = [(a.rows, a.cols) for a in profile.arrays]
         self.pulse_dtype = profile.chip.pulse_dtype
         self.np_dtype = np.dtype(NUMPY_DTYPES[self.pulse_dtype])
+        # the largest binary block a command may carry: a whole array's pulse map, or
+        # MAX_BATCH float32 samples of an MVM or rank-1 update on the largest array
+        self.max_block = min(MAX_BODY, max(
+            max(r * c * self.np_dtype.itemsize, 4 * MAX_BATCH * (r + c))
+            for r, c in self.arrays))
         self.lock = threading.RLock()
         self.outputs = False
         self.shapes: dict[str, tuple[float, float, float] | None] = {"POT": None, "DEP": None}
@@ -70,8 +77,9 @@ class ChipFirmware:
         self.log: list[str] = []  # what the chip did, for tests: 'OUTP ON', 'PULSE name seq', ...
         self.device_pulses = 0  # total |count| applied
         # per-device |counts| of every pulse command, in log order, when a test sets it to a
-        # list: (tile, map [rows, cols]); a rank-1 update logs its bound, batch x train length
-        self.count_log: list[tuple[str, np.ndarray]] | None = None
+        # list: ('PULSE' or 'OUTER', tile, map [rows, cols]), a rank-1 update with its bound
+        # (train length per sample where both lines are driven); mark() adds (text, '', [])
+        self.count_log: list[tuple[str, str, np.ndarray]] | None = None
         self.replayed = 0  # sequenced commands answered from the cache (retries)
         self.active_connection = 0
 
@@ -122,14 +130,17 @@ class ChipFirmware:
         with self.lock:
             self.log.append(text)
             if self.count_log is not None:
-                self.count_log.append((text, np.zeros((0, 0), np.int64)))
+                self.count_log.append((text, "", np.zeros((0, 0), np.int64)))
 
-    def _record(self, name: str, counts: np.ndarray) -> None:
+    def _record(self, kind: str, name: str, counts: np.ndarray) -> None:
         if self.count_log is not None:
-            self.count_log.append((name, np.abs(counts.astype(np.int64))))
+            self.count_log.append((kind, name, np.abs(counts.astype(np.int64))))
 
     def push_error(self, code: int, message: str) -> None:
-        self.errors.append((code, message.replace('"', "'")))
+        """Queue an error for SYST:ERR?: printable ASCII only (anything else becomes '?'),
+        so whatever garbage caused it, the reply can always be sent."""
+        text = "".join(ch if " " <= ch <= "~" else "?" for ch in message[:200])
+        self.errors.append((code, text.replace('"', "'")))
 
     def set_shape(self, polarity: str, args: str) -> None:
         if polarity not in self.shapes:
@@ -229,7 +240,7 @@ class ChipFirmware:
         n = torch.from_numpy(counts.astype(np.int32))
         tile.pulse(n)
         self.device_pulses += int(np.abs(counts, dtype=np.int64).sum())
-        self._record(name, counts)
+        self._record("PULSE", name, counts)
         self.log.append(f"PULSE {name} {seq}")
         return b""
 
@@ -247,7 +258,7 @@ class ChipFirmware:
         n[row, col] = count
         tile.pulse(n)
         self.device_pulses += abs(count)
-        self._record(name, n.numpy())
+        self._record("PULSE", name, n.numpy())
         self.log.append(f"PULSE {name} {seq}")
         return b""
 
@@ -257,7 +268,7 @@ class ChipFirmware:
         rows, cols = tile.shape
         if not self.train_length:
             raise ChipError(E_ILLEGAL, "this chip has no rank-1 update")
-        if batch < 1 or len(data) != 4 * batch * (rows + cols):
+        if not 1 <= batch <= MAX_BATCH or len(data) != 4 * batch * (rows + cols):
             raise ChipError(E_ILLEGAL, f"outer block of {len(data)} bytes for batch {batch}")
         if self.train_length > DTYPE_MAX[self.pulse_dtype]:
             raise ChipError(E_DATA_RANGE, "pulse trains longer than the pulse limit")
@@ -269,7 +280,7 @@ class ChipFirmware:
         tile.outer_update(xd[:, :cols], xd[:, cols:], lr)
         if self.count_log is not None:
             both = (xd[:, cols:] != 0).T.to(torch.int64) @ (xd[:, :cols] != 0).to(torch.int64)
-            self._record(name, both.numpy() * self.train_length * (lr != 0))
+            self._record("OUTER", name, both.numpy() * self.train_length * (lr != 0))
         self.log.append(f"OUTER {name} {seq}")
         return b""
 
@@ -277,7 +288,7 @@ class ChipFirmware:
         tile = self._tile(name)
         rows, cols = tile.shape
         n_in = rows if transpose else cols
-        if batch < 1 or len(data) != 4 * batch * n_in:
+        if not 1 <= batch <= MAX_BATCH or len(data) != 4 * batch * n_in:
             raise ChipError(E_ILLEGAL, f"mvm block of {len(data)} bytes for batch {batch}")
         x = torch.from_numpy(np.frombuffer(data, "<f4").reshape(batch, n_in).copy())
         y = tile.mvm(x, transpose=transpose)

@@ -16,6 +16,7 @@ from hil.errors import BackendError, ProtocolError
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 SEQ_MOD = 2**32
 NUMPY_DTYPES = {"int8": "<i1", "int16": "<i2", "int32": "<i4"}
+MAX_BATCH = 4096  # samples in one MVM or rank-1 update command; the host splits larger ones
 # chip status codes (SCPI error numbers; positive ones are this firmware's own)
 OK = 0
 E_COMMAND = -100

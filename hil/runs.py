@@ -237,6 +237,8 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
                        "epoch_seconds": time.perf_counter() - t0}
                 if test_acc is not None:
                     row["test_acc"] = test_acc
+                if isinstance(opt, AnalogOptimizer):  # pulses the max_pulses clip dropped
+                    row["clipped_pulses"] = opt.clipped_pulses
                 run.append(row)
                 pos.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
                 checkpoint()
