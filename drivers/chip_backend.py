@@ -17,6 +17,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from drivers.interlocked import InterlockedTile
 from drivers.link import (
     E_SEQUENCE,
     MAX_BATCH,
@@ -55,7 +56,7 @@ def this_host() -> str:
     return f"{user}@{socket.gethostname()} pid {os.getpid()}/{secrets.token_hex(3)}"
 
 
-class ChipTile(Tile):
+class ChipTile(InterlockedTile):
     """A tile on a chip: reads and pulses go over the link, in weight units."""
 
     def __init__(self, backend: ChipBackend, info: TileInfo, dw_min_g: float,
@@ -71,14 +72,6 @@ class ChipTile(Tile):
                                  lambda seq: self.chip.link.read(seq, self.name, self.shape))
         w = self.wmap.to_weight(g) if self.wmap is not None else g.copy()
         return torch.from_numpy(w)
-
-    def pulse(self, n: torch.Tensor) -> None:
-        """Signed integer pulse counts; the interlock checks them (per command and against
-        what this step may still apply to each device) before anything is sent."""
-        if not isinstance(n, torch.Tensor) or n.dtype.is_floating_point or n.dtype.is_complex \
-                or n.dtype == torch.bool or tuple(n.shape) != self.shape:
-            self.check_pulses(n)  # the contract's one-line error for the type or shape
-        self._pulse(n)
 
     def _pulse(self, n: torch.Tensor) -> None:
         counts = n.detach().cpu().numpy()

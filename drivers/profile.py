@@ -4,7 +4,7 @@ and the station safety limits, validated by pydantic so a bad file fails in one 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -120,6 +120,15 @@ def profile_path(name_or_path: str) -> Path:
 
 def load_profile(name_or_path: str) -> Profile:
     """Read and validate a profile; ConfigError names the file and the field."""
+    return load_model(name_or_path, Profile)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(name_or_path: str, model: type[M]) -> M:
+    """Read a profile YAML (a name under drivers/profiles/ or a path) into ``model``;
+    ConfigError names the file and the field."""
     path = profile_path(name_or_path)
     try:
         raw = load_yaml(path.read_text())
@@ -135,10 +144,11 @@ def load_profile(name_or_path: str) -> Profile:
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "<top>", "a profile must be a mapping")
     try:
-        return Profile.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "<top>"
         raise ConfigError(str(path), field, err["msg"]) from None
+
 
 NUMPY_DTYPES_BY_NAME = {"int8": "<i1", "int16": "<i2", "int32": "<i4"}

@@ -336,5 +336,6 @@ for _scheme, _target in {
     "visa": "drivers.visa_backend:open_visa",
     "serial": "drivers.serial_backend:open_serial",
     "station": "drivers.station.url:open_station",
+    "arc2": "drivers.arc2.backend:open_arc2",
 }.items():
     register_backend(_scheme, _target)
