@@ -89,12 +89,13 @@ def run_report(calib: Path, out: Path) -> list[Path]:
 SUMMARY_ROWS = (("dw_min", "dw_min"), ("tau_min", "tau_min"), ("tau_max", "tau_max"),
                 ("gamma", "gamma"), ("c2c", "c2c"), ("sym. point", "symmetric_point"),
                 ("R²", "r2"))
-TILES_PER_TABLE = 4  # a quantity column and four tiles fit 80 columns
+TILES_PER_TABLE = 3  # a quantity column and three tiles fit 80 columns
 
 
 def summary_tables(cal: Calibration, zs: list[ZeroShiftResult] | None = None) -> list[Table]:
     """Medians per tile of the fitted parameters (and the zero-shift residual): a row per
-    quantity and a column per tile (at most four tiles a table), so it reads in 80 columns."""
+    quantity and a column per tile (at most three tiles a table; longer names fold), so it
+    reads in 80 columns."""
     by_tile = {z.tile: z for z in zs or []}
     names = list(cal.tiles)
     tables = []
