@@ -24,7 +24,7 @@ MATRIX_GEOMETRY = {"keysight": (14, 12, 4), "keithley": (8, 12, 6)}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Instrument(_Strict):
