@@ -133,6 +133,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pulses", type=int, default=10, help="pulses per direction (1 cycle)")
+    ap.add_argument("--smu-only", action="store_true",
+                    help="only the SMU + switch-matrix stations (not the ArC TWO rows)")
     args = ap.parse_args()
     proto = SweepProtocol(pulses=args.pulses, cycles=1, sympoint_pairs=0, noise_reads=0)
     full = SweepProtocol()  # hil characterize's defaults: 400 pulses, 2 cycles, 200 pairs ...
@@ -169,6 +171,12 @@ def main() -> None:
             ratio = got["naive"]["seconds"] / got["ordered"]["seconds"]
             print(f"{'':28s} naive / ordered instrument time: {ratio:.1f}x "
                   f"({got['ordered']['device_pulses']} device-pulses)")
+    if not args.smu_only:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import station_arc2  # benchmarks/station_arc2.py: the ArC TWO family's rows
+
+        print("\nArC TWO (arc2://sim): grouped pulses vs one pulse_one per device-pulse")
+        station_arc2.main()
 
 
 if __name__ == "__main__":
