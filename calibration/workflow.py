@@ -31,19 +31,23 @@ def _small_ops(devices: int):
     return torch_threads(1 if devices < 16384 else None)
 
 
-def run_characterize(backend_url: str, out: Path, tile: str = "cal", rows: int = 16,
-                     cols: int = 16, proto: SweepProtocol | None = None,
+def run_characterize(backend_url: str, out: Path,
+                     tiles: dict[str, tuple[int, int]] | None = None,
+                     proto: SweepProtocol | None = None,
                      console: Console | None = None) -> Path:
-    """Measure read noise, sweeps and the symmetric-point search into a measurement file."""
+    """Measure read noise, sweeps and the symmetric-point search of ``tiles`` (name ->
+    shape; default one 16x16 tile 'cal') into a measurement file."""
     proto = proto or SweepProtocol()
+    tiles = tiles or {"cal": (16, 16)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _small_ops(rows * cols), open_backend(backend_url) as be, \
+    devices = sum(r * c for r, c in tiles.values())
+    what = ", ".join(f"{n} {r}x{c}" for n, (r, c) in tiles.items())
+    with _small_ops(devices), open_backend(backend_url) as be, \
             MeasurementWriter(out, backend_url, proto.as_dict()) as writer, \
             _progress(console) as bar:
-        task = bar.add_task(f"characterize {tile} {rows}x{cols}", total=proto.n_reads())
-        characterize(be, writer, {tile: (rows, cols)}, proto,
-                     advance=lambda n: bar.advance(task, n))
+        task = bar.add_task(f"characterize {what}", total=proto.n_reads() * len(tiles))
+        characterize(be, writer, tiles, proto, advance=lambda n: bar.advance(task, n))
     return out
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from calibration.calibfile import Calibration
-from calibration.protocols import settled_value, tile_for
-from hil.backend import Backend
+from calibration.protocols import settled_value
+from hil.backend import Backend, claim_tile
 from hil.program import program
 
 
@@ -46,8 +46,8 @@ def zero_shift(backend: Backend, cal: Calibration, pairs: int = 200,
     out = []
     for name, tc in cal.tiles.items():
         rows, cols = tc.shape
-        tile = tile_for(backend, name, rows, cols)
-        ref = tile_for(backend, name + ref_suffix, rows, cols)
+        tile = claim_tile(backend, name, (rows, cols))
+        ref = claim_tile(backend, name + ref_suffix, (rows, cols))
         target = torch.as_tensor(np.nan_to_num(tc.values["symmetric_point"]),
                                  dtype=torch.float32)
         # a tolerance below half a step of the coarsest devices would never be met

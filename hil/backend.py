@@ -252,6 +252,18 @@ class Backend(ABC):
         self.close()
 
 
+def claim_tile(backend: Backend, name: str, shape: tuple[int, int]) -> Tile:
+    """The backend's tile ``name`` where it already holds one of this shape (a chip keeps
+    its tiles across sessions: the tiles ``hil characterize --config`` calibrated are the
+    ones the job trains on), else a newly allocated one."""
+    tile = backend.tiles().get(name)
+    if tile is None:
+        return backend.allocate(name, *shape)
+    if tile.shape != tuple(shape):
+        raise BackendError(f"tile exists with shape {tile.shape}, the job needs "
+                           f"{tuple(shape)}", tile=name, op="allocate")
+    return tile
+
 BackendFactory = Callable[[BackendURL], Backend]
 _REGISTRY: dict[str, BackendFactory | str] = {}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,12 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str = "<config>",
               resume: bool = False, backend_url: str | None = None,
               console: Console | None = None, progress: bool = True,
-              stop_after_steps: int | None = None) -> RunResult:
+              stop_after_steps: int | None = None,
+              wrap_backend: Callable[[Backend], Backend] | None = None) -> RunResult:
     """Train as ``cfg`` says; checkpoint atomically; with ``resume`` continue from the
     checkpoint in ``out_dir``. ``stop_after_steps`` stops abruptly after that many global
-    steps without a final checkpoint (what a kill leaves; used by tests)."""
+    steps without a final checkpoint (what a kill leaves; used by tests). ``wrap_backend``
+    wraps the opened backend (``hil validate`` records the pulses of each step)."""
     console = console or Console()
     if backend_url is not None:
         cfg = parse_config({**cfg.model_dump(), "backend": backend_url}, config_path)
@@ -154,6 +157,8 @@ def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str =
             backend = open_backend(cfg.backend)
         except BackendURLError as exc:
             raise ConfigError(config_path, "backend", str(exc)) from None
+        if wrap_backend is not None:
+            backend = wrap_backend(backend)
     try:
         return _train(cfg, ds, out, backend, ckpt, console, progress, stop_after_steps)
     finally:

@@ -19,7 +19,13 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 # Command modules register themselves on `app` when imported (lazy heavy imports inside).
-from hil.cli import calibration_cmds, chip_cmds, demo_cmds, train_cmds  # noqa: E402,F401
+from hil.cli import (  # noqa: E402,F401
+    calibration_cmds,
+    chip_cmds,
+    demo_cmds,
+    train_cmds,
+    validate_cmds,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,9 @@ def characterize_cmd(
     read_every: Annotated[int, typer.Option(min=1, help="pulses between reads")] = 1,
     sympoint_pairs: Annotated[int, typer.Option(min=0, help="alternating search pairs")] = 200,
     noise_reads: Annotated[int, typer.Option(min=0, help="repeated reads")] = 20,
+    config: Annotated[Path | None, typer.Option(
+        help="characterize every tile this run configuration allocates, under the job's "
+             "tile names (instead of --tile/--rows/--cols)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Measure sweeps, the symmetric-point search and read noise into an HDF5 file."""
@@ -36,9 +39,14 @@ def characterize_cmd(
                               sympoint_pairs=sympoint_pairs, noise_reads=noise_reads)
     except ValueError as exc:
         raise ConfigError("<command line>", "protocol", str(exc)) from None
+    tiles = {tile: (rows, cols)}
+    if config is not None:
+        from calibration.validate import job_tiles
+        from hil.config import load_config
+
+        tiles = job_tiles(load_config(config), str(config))
     console = Console()
-    path = run_characterize(backend, out, tile, rows, cols, proto,
-                            console=None if quiet else console)
+    path = run_characterize(backend, out, tiles, proto, console=None if quiet else console)
     console.print(f"measurement written to {path}", highlight=False)
 
 
