@@ -4,6 +4,10 @@ The same training job (``hil.runs.train_run``, the code of ``hil train``) runs o
 and N times on the twin built from the chip's calibration (``twin://CALIB.h5``, one noise
 seed per run; a population twin draws new devices per seed). Two checks:
 
+The twin runs start from the chip's state at the job's first step (the tiles the job
+does not program, e.g. P, sit wherever the chip left them) and use the chip's nominal
+dw_min (what the algorithms divide by).
+
 1. **Learning curves**: the chip's final test accuracy (test loss for regression) against
    the twin's prediction interval mean +- t_{0.995, N-1} * sd * sqrt(1 + 1/N), widened
    to at least one test sample.
@@ -24,9 +28,18 @@ seed per run; a population twin draws new devices per seed). Two checks:
    - ``noise``: the rms z over moved devices (about 1 under the twin: the calibrated
      cycle-to-cycle noise).
 
-   A device diverges in a quantity when the deviation is both significant (its z beyond
-   the Bonferroni bound for alpha over all devices and quantities) and larger than the
-   tolerance (``step_tol``, ``drift_tol`` in units of dw_min, ``noise_tol``).
+   Pooled over each tile (what a uniform change of the population shows long before
+   single devices do):
+
+   - ``step_out`` / ``step_in``: the ratio of observed to predicted change over the steps
+     that moved devices away from w = 0 (towards their nearer bound) / back towards it.
+     A change of dw_min moves both the same way, a change of the response's shape
+     (gamma) moves them apart.
+
+   A device (a tile) diverges in a quantity when the deviation is both significant (its
+   z beyond the Bonferroni bound for alpha over all devices (tiles) and quantities) and
+   larger than the tolerance (``step_tol``, ``drift_tol`` in units of dw_min,
+   ``noise_tol``; ``tile_step_tol`` for the pooled ratios).
 
 The verdict passes when the final metric lies in the twin's interval and no device
 diverges. Everything lands in OUT: ``validate.h5``, ``report.md``, ``curves.png``,
@@ -56,6 +69,7 @@ from hil.runs import build_model, load_dataset, make_analog, train_run
 from sim_backend import SimTile
 
 QUANTITIES = ("step_up", "step_down", "drift", "noise")
+TILE_QUANTITIES = ("step_out", "step_in")
 
 
 @dataclass(frozen=True)
@@ -63,7 +77,8 @@ class Tolerances:
     """How far a device may stray from its twin before it counts as diverged."""
 
     alpha: float = 0.01  # family-wise false-alarm rate of the per-device tests
-    step_tol: float = 0.1  # |observed / predicted step - 1|
+    step_tol: float = 0.2  # |observed / predicted step - 1| of a device
+    tile_step_tol: float = 0.03  # the same, pooled over a tile
     drift_tol: float = 0.05  # mean relaxation per step of an idle device, in dw_min
     noise_tol: float = 2.0  # rms z of moved devices
     floor: float = 0.05  # sigma floor, in dw_min (float rounding of a driver's weight map)
@@ -117,6 +132,9 @@ class StepPredictor:
                    .expand(*s).numpy().copy() for n, s in tiles.items()}
         self.chip: RecordingBackend | None = None
         self.sync: dict[str, np.ndarray] | None = None
+        self.initial: dict[str, np.ndarray] | None = None
+        self.prev: dict[str, np.ndarray] | None = None
+        self.nominal: dict[str, float] = {}
         self.steps = 0
         self.acc = {n: _Accumulator(s) for n, s in tiles.items()}
         self.step_rms: list[float] = []
@@ -137,8 +155,26 @@ class StepPredictor:
                 for n in self.tiles}
 
     def _before_step(self) -> None:
-        if self.sync is None:
+        if self.sync is None:  # the job's first step: the chip's state the twin starts from
+            assert self.chip is not None
             self.sync = self._read_chip()
+            self.initial = dict(self.sync)
+            self.nominal = {n: self.chip.inner.tile(n).dw_min for n in self.tiles}
+            for be in self.replicas:
+                for n, dw in self.nominal.items():
+                    be.tile(n).dw_min = dw
+
+    def preload(self, backend: Backend) -> Backend:
+        """A twin run's backend holding the job's tiles in the chip's state at its first
+        step, with the chip's nominal dw_min (the job then claims these tiles)."""
+        if self.initial is None:
+            raise ConfigError("<chip run>", "steps", "the chip run took no step")
+        for n, w in self.initial.items():
+            tile = backend.allocate(n, *w.shape)
+            assert isinstance(tile, SimTile)
+            tile.w.copy_(torch.as_tensor(w, dtype=torch.float32))
+            tile.dw_min = self.nominal[n]
+        return backend
 
     def _after_step(self, calls: list[PulseCall]) -> None:
         obs = self._read_chip()
@@ -160,13 +196,17 @@ class StepPredictor:
             mean, var = p.mean(0), p.var(0, ddof=1)
             moved = pulsed[n]
             sigma2 = var + 2 * self.read_noise ** 2 + (self.tol.floor * self.dw[n]) ** 2
-            z = self.acc[n].add(self.sync[n], obs[n], mean, sigma2, moved)
+            prev = self.prev[n] if self.prev is not None else np.zeros_like(mean)
+            # the direction towards w = 0 from the read before the sync read: the sync
+            # read's own noise would bias it (regression to the mean)
+            side = np.where(np.abs(prev) > 3 * np.sqrt(sigma2), np.sign(prev), 0.0)
+            z = self.acc[n].add(side, self.sync[n], obs[n], mean, sigma2, moved)
             zs.append(z.ravel())
         z_all = np.concatenate(zs)
         self.step_rms.append(float(np.sqrt(np.mean(z_all ** 2))))
         if self.steps % 4 == 0:
             self.z_sample.append(z_all.astype(np.float32))
-        self.sync = obs
+        self.prev, self.sync = self.sync, obs
         self.steps += 1
 
 
@@ -197,23 +237,28 @@ class _Accumulator:
 
     def __post_init__(self) -> None:
         for k in ("up_op", "up_pp", "up_var", "dn_op", "dn_pp", "dn_var",
-                  "moved_z2", "moved_n", "idle_rel", "idle_rel_z", "idle_n"):
+                  "out_op", "out_pp", "out_var", "in_op", "in_pp", "in_var", "moved_z2",
+                  "moved_n", "idle_rel", "idle_rel_z", "idle_n"):
             self.sums[k] = np.zeros(self.shape)
 
-    def add(self, sync: np.ndarray, obs: np.ndarray, mean: np.ndarray, sigma2: np.ndarray,
-            moved: np.ndarray) -> np.ndarray:
+    def add(self, side: np.ndarray, sync: np.ndarray, obs: np.ndarray, mean: np.ndarray,
+            sigma2: np.ndarray, moved: np.ndarray) -> np.ndarray:
+        """One step: ``side`` the sign of w (0 where unknown), ``sync`` the read the
+        twin started from, ``obs`` the chip's read after the step, ``mean`` / ``sigma2``
+        the prediction, ``moved`` the devices the step pulsed; returns z."""
         s = self.sums
         sigma = np.sqrt(sigma2)
         z = (obs - mean) / sigma
         dp, do = mean - sync, obs - sync
-        for key, sel in (("up", moved & (dp > 0)), ("dn", moved & (dp < 0))):
+        for key, sel in (("up", moved & (dp > 0)), ("dn", moved & (dp < 0)),
+                         ("out", moved & (dp * side > 0)), ("in", moved & (dp * side < 0))):
             s[f"{key}_op"] += np.where(sel, do * dp, 0)
             s[f"{key}_pp"] += np.where(sel, dp * dp, 0)
             s[f"{key}_var"] += np.where(sel, sigma2 * dp * dp, 0)
         s["moved_z2"] += np.where(moved, z * z, 0)
         s["moved_n"] += moved
-        idle = ~moved
-        towards_zero = -np.sign(sync) * do  # > 0: relaxed towards w = 0
+        idle = ~moved & (side != 0)
+        towards_zero = -side * do  # > 0: relaxed towards w = 0
         s["idle_rel"] += np.where(idle, towards_zero, 0)
         s["idle_rel_z"] += np.where(idle, towards_zero / sigma, 0)
         s["idle_n"] += idle
@@ -237,6 +282,19 @@ class _Accumulator:
             out["noise"] = (rms, (rms ** 2 - 1) / np.sqrt(2 / m))
         return out
 
+    def pooled(self) -> dict[str, tuple[float, float]]:
+        """Tile-level (value, z) of the pooled step ratios away from / towards w = 0."""
+        s = self.sums
+        out = {}
+        for key, name in (("out", "step_out"), ("in", "step_in")):
+            pp = float(s[f"{key}_pp"].sum())
+            if pp <= 0:
+                out[name] = (math.nan, math.nan)
+                continue
+            ratio = float(s[f"{key}_op"].sum()) / pp
+            out[name] = (ratio, (ratio - 1) / (math.sqrt(float(s[f"{key}_var"].sum())) / pp))
+        return out
+
 
 def _t_quantile(p: float, dof: int) -> float:
     """Student-t quantile by the Cornish-Fisher expansion around the normal one."""
@@ -250,12 +308,18 @@ def _t_quantile(p: float, dof: int) -> float:
 
 @dataclass
 class Divergence:
+    """One device (row, col) or a whole tile (row = col = -1) that left its twin."""
+
     tile: str
     row: int
     col: int
     quantity: str
     value: float
     z: float
+
+    @property
+    def where(self) -> str:
+        return self.tile if self.row < 0 else f"{self.tile}[{self.row},{self.col}]"
 
 
 @dataclass
@@ -269,6 +333,7 @@ class ValidationResult:
     devices: int
     out_dir: Path
     counts: dict[str, int]
+    pooled: dict[str, dict[str, tuple[float, float]]]  # tile -> quantity -> (value, z)
 
 
 def _metric(metrics: dict[str, Any]) -> tuple[str, np.ndarray]:
@@ -277,7 +342,7 @@ def _metric(metrics: dict[str, Any]) -> tuple[str, np.ndarray]:
     return "test_loss", np.asarray(metrics["test_loss"], float)
 
 
-def validate(cfg: RunConfig, chip_url: str, calib: Path, out: Path, *, seeds: int = 3,
+def validate(cfg: RunConfig, chip_url: str, calib: Path, out: Path, *, seeds: int = 4,
              config_path: str = "<config>", tol: Tolerances | None = None,
              console: Console | None = None, progress: bool = True) -> ValidationResult:
     """Run the job on the chip (with the one-step-ahead prediction) and ``seeds`` times on
@@ -307,7 +372,8 @@ def validate(cfg: RunConfig, chip_url: str, calib: Path, out: Path, *, seeds: in
         url, _ = twin_url(calib, tiles, k)
         console.print(f"twin run {k + 1}/{seeds} on {url}", highlight=False)
         twins.append(train_run(cfg, out / f"twin-{k}", config_path=config_path,
-                               backend_url=url, console=console, progress=progress))
+                               backend_url=url, console=console, progress=progress,
+                               wrap_backend=predictor.preload))
     metric, chip_curve = _metric(chip.metrics)
     twin_curves = np.stack([_metric(t.metrics)[1] for t in twins])
     finals = twin_curves[:, -1]
@@ -338,25 +404,35 @@ def validate(cfg: RunConfig, chip_url: str, calib: Path, out: Path, *, seeds: in
             for r, c in zip(*np.nonzero(bad), strict=True):
                 divergences.append(Divergence(name, int(r), int(c), qname,
                                               float(value[r, c]), float(z[r, c])))
-    divergences.sort(key=lambda d: -abs(d.z))
-    counts = {qn: sum(d.quantity == qn for d in divergences) for qn in QUANTITIES}
+    z_tile = NormalDist().inv_cdf(1 - tol.alpha / (2 * len(tiles) * len(TILE_QUANTITIES)))
+    pooled = {name: acc.pooled() for name, acc in predictor.acc.items()}
+    for name, q in pooled.items():
+        for qname, (value, z) in q.items():
+            if abs(value - 1) > tol.tile_step_tol and abs(z) > z_tile:
+                divergences.append(Divergence(name, -1, -1, qname, value, z))
+    divergences.sort(key=lambda d: (d.row >= 0, -abs(d.z)))
+    counts = {qn: sum(d.quantity == qn for d in divergences)
+              for qn in (*TILE_QUANTITIES, *QUANTITIES)}
     passed = metric_ok and not divergences
     label = "accuracy" if metric == "test_acc" else "test loss"
     fmt = (lambda v: f"{100 * v:.1f}%") if metric == "test_acc" else (lambda v: f"{v:.4g}")
     where = (f"final {label} {fmt(chip_final)} "
              f"{'in' if metric_ok else 'OUTSIDE'} the twin's [{fmt(interval[0])}, "
              f"{fmt(interval[1])}]")
-    if divergences:
-        parts = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-        worst = divergences[0]
-        dev = (f"{len({(d.tile, d.row, d.col) for d in divergences})} of {n_dev} devices "
-               f"diverged ({parts}; worst {worst.tile}[{worst.row},{worst.col}] "
-               f"{worst.quantity} {worst.value:.3g}, z {worst.z:.1f})")
-    else:
-        dev = f"0 of {n_dev} devices diverged"
+    devs = [d for d in divergences if d.row >= 0]
+    tile_divs = [d for d in divergences if d.row < 0]
+    dev = f"{len({(d.tile, d.row, d.col) for d in devs})} of {n_dev} devices diverged"
+    if devs:
+        parts = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k in QUANTITIES)
+        worst = max(devs, key=lambda d: abs(d.z))
+        dev += (f" ({parts}; worst {worst.where} {worst.quantity} {worst.value:.3g}, "
+                f"z {worst.z:.1f})")
+    if tile_divs:
+        dev += "; tiles: " + ", ".join(f"{d.tile} {d.quantity} {d.value:.3f} (z {d.z:.1f})"
+                                       for d in tile_divs)
     verdict = f"{'PASS' if passed else 'FAIL'}: {where}; {dev}"
     result = ValidationResult(passed, verdict, metric, chip_final, interval, divergences,
-                              n_dev, out, counts)
+                              n_dev, out, counts, pooled)
     _write(out, result, cfg, chip_url, calib, kind, tol, z_crit, chip_curve, twin_curves,
            predictor, maps)
     return result
@@ -386,6 +462,9 @@ def _write(out: Path, res: ValidationResult, cfg: RunConfig, chip_url: str, cali
         f["prediction/z_sample"] = z_all
         for name, q in maps.items():
             g = f.create_group(f"tiles/{name}")
+            for qname, (value, z) in res.pooled[name].items():
+                g.attrs[qname] = value
+                g.attrs[f"{qname}_z"] = z
             for qname, (value, z) in q.items():
                 g[f"{qname}/value"] = value
                 g[f"{qname}/z"] = z

@@ -52,7 +52,7 @@ def write_figures(out: Path, metric: str, chip: np.ndarray, twins: np.ndarray, m
         rms = maps[name]["noise"][0]
         im = ax.imshow(rms, cmap="magma", vmin=0, vmax=max(3.0, float(np.nanmax(rms))
                                                             if np.isfinite(rms).any() else 3.0))
-        bad = [(d.row, d.col) for d in divergences if d.tile == name]
+        bad = [(d.row, d.col) for d in divergences if d.tile == name and d.row >= 0]
         if bad:
             r, c = zip(*bad, strict=True)
             ax.scatter(c, r, marker="x", color="cyan", s=14, lw=1)
@@ -101,6 +101,11 @@ def write_markdown(path: Path, res: ValidationResult, chip_url: str, calib: Path
              f"![map]({figs['map'].name}) ![hist]({figs['hist'].name})", "",
              "| tile | quantity | median value | median z | diverged |",
              "| --- | --- | --- | --- | --- |"]
+    for name, q in res.pooled.items():
+        for qname, (value, z) in q.items():
+            bad = any(d.tile == name and d.quantity == qname for d in res.divergences)
+            lines.append(f"| {name} | {qname} (pooled) | {value:.4g} | {z:.3g} | "
+                         f"{'tile' if bad else 0} |")
     for name, q in maps.items():
         for qname, (value, z) in q.items():
             n_bad = sum(d.tile == name and d.quantity == qname for d in res.divergences)
@@ -111,13 +116,14 @@ def write_markdown(path: Path, res: ValidationResult, chip_url: str, calib: Path
     lines += ["", "Quantities: `step_up` / `step_down` observed over predicted change of the "
               "steps that moved a device (1 under the twin), `drift` the relaxation towards "
               "w = 0 of unmoved devices per step in dw_min (0), `noise` the rms z of moved "
-              "devices (1).", ""]
+              "devices (1); pooled over the tile, `step_out` / `step_in` the ratio of the "
+              "steps away from / towards w = 0 (1; dw_min moves both, gamma moves them "
+              "apart).", ""]
     if res.divergences:
-        lines += ["## Diverged devices", "", "| tile | row | col | quantity | value | z |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["## Diverged devices and tiles", "", "| where | quantity | value | z |",
+                  "| --- | --- | --- | --- |"]
         for d in res.divergences[:200]:
-            lines.append(f"| {d.tile} | {d.row} | {d.col} | {d.quantity} | {d.value:.4g} | "
-                         f"{d.z:.1f} |")
+            lines.append(f"| {d.where} | {d.quantity} | {d.value:.4g} | {d.z:.1f} |")
         if len(res.divergences) > 200:
             lines.append(f"\n... and {len(res.divergences) - 200} more (validate.h5).")
     path.write_text("\n".join(lines) + "\n")

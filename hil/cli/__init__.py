@@ -31,7 +31,9 @@ from hil.cli import (  # noqa: E402,F401
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script: bad input is one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(code)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except (ConfigError, HilError, FileNotFoundError) as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -16,14 +16,17 @@ def validate_cmd(
     config: Annotated[Path, typer.Argument(help="YAML run configuration (as hil train)")],
     chip: Annotated[str, typer.Option(help="backend URL of the chip")],
     twin: Annotated[Path, typer.Option(help="the chip's calibration file (HDF5)")],
-    seeds: Annotated[int, typer.Option(min=2, help="twin runs (noise seeds)")] = 3,
+    seeds: Annotated[int, typer.Option(min=2, help="twin runs (noise seeds)")] = 4,
     out: Annotated[Path, typer.Option(help="directory for report, figures, HDF5")] = Path(
         "validate"),
     replicas: Annotated[int, typer.Option(min=2, help="twin replicas per predicted step")] = 8,
     alpha: Annotated[float, typer.Option(min=1e-9, max=0.5, help="family-wise false-alarm "
                                          "rate of the per-device tests")] = 0.01,
     step_tol: Annotated[float, typer.Option(min=0.0, help="tolerated |observed/predicted "
-                                            "step - 1|")] = 0.1,
+                                            "step - 1| of a device")] = 0.2,
+    tile_step_tol: Annotated[float, typer.Option(min=0.0, help="tolerated |observed/"
+                                                 "predicted step - 1| pooled over a tile")
+                             ] = 0.03,
     drift_tol: Annotated[float, typer.Option(min=0.0, help="tolerated relaxation per step "
                                              "of idle devices, in dw_min")] = 0.05,
     noise_tol: Annotated[float, typer.Option(min=0.0, help="tolerated rms z of moved "
@@ -38,8 +41,8 @@ def validate_cmd(
 
     cfg = load_config(config)
     console = Console()
-    tol = Tolerances(alpha=alpha, step_tol=step_tol, drift_tol=drift_tol, noise_tol=noise_tol,
-                     replicas=replicas)
+    tol = Tolerances(alpha=alpha, step_tol=step_tol, tile_step_tol=tile_step_tol,
+                     drift_tol=drift_tol, noise_tol=noise_tol, replicas=replicas)
     res = validate(cfg, chip, twin, out, seeds=seeds, config_path=str(config), tol=tol,
                    console=console, progress=not quiet)
     console.print(res.verdict, highlight=False, style="bold green" if res.passed else "bold red")

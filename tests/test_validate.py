@@ -1,0 +1,99 @@
+"""hil validate end to end on visa:// to the virtual chip: characterize --config -> fit ->
+twin -> validate passes on the unchanged chip and fails, naming devices and quantities,
+on the same chip with drift switched on or after ageing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import pytest
+
+from calibration.validate import Tolerances, job_tiles, validate
+from drivers.virtual_chip import VirtualChip
+from hil.cli import main
+from hil.config import load_config
+
+CHIP = ("sim://?model=power&gamma=0.5&tau=0.6&dw_min=0.01&d2d=0.2&c2c=0.1&read_noise=0.001"
+        "&seed=4")
+JOB = """name: validate-small
+seed: 0
+model: {hidden: [], activation: tanh}
+data: {name: least_squares, n_inputs: 16, n_outputs: 8, limit_train: 320}
+algorithm: {name: rlv2, lr: 0.05, transfer_lr: 0.2, gamma: 0.2, update: pulse, io: digital}
+train: {epochs: 3, batch_size: 16}
+"""
+FAST = Tolerances(replicas=6)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> tuple[Path, Path]:
+    """The job's tiles characterized under their names on a virtual chip, and fitted."""
+    tmp = tmp_path_factory.mktemp("validate")
+    job = tmp / "job.yaml"
+    job.write_text(JOB)
+    with VirtualChip(CHIP) as chip:
+        main(["characterize", "--backend", chip.url, "--config", str(job), "--out",
+              str(tmp / "meas.h5"), "--pulses", "100", "--sympoint-pairs", "50", "--quiet"])
+    main(["fit", str(tmp / "meas.h5"), "--out", str(tmp / "calib.h5")])
+    return job, tmp / "calib.h5"
+
+
+def test_characterize_config_uses_the_jobs_tile_names(calibrated):
+    job, calib = calibrated
+    tiles = job_tiles(load_config(job))
+    assert tiles == {"0.W": (8, 16), "0.P": (8, 16)}
+    with h5py.File(calib) as f:
+        assert sorted(f["tiles"]) == sorted(tiles)
+
+
+def test_unchanged_chip_passes(calibrated, tmp_path):
+    job, calib = calibrated
+    with VirtualChip(CHIP) as chip:
+        res = validate(load_config(job), chip.url, calib, tmp_path / "v", seeds=3, tol=FAST,
+                       progress=False)
+    assert res.passed, res.verdict
+    assert res.verdict.startswith("PASS") and "0 of 256 devices diverged" in res.verdict
+    for name in ("report.md", "curves.png", "prediction_map.png", "prediction_hist.png"):
+        assert (tmp_path / "v" / name).stat().st_size > 0
+    with h5py.File(tmp_path / "v" / "validate.h5") as f:
+        assert bool(f.attrs["passed"])
+        assert f["curves/twin"].shape == (3, 3)
+        noise = f["tiles/0.W/noise/value"][:]
+        # the calibrated c2c noise explains the chip's steps: rms z about 1
+        assert 0.6 < float(abs(noise[noise == noise]).mean()) < 1.5
+        assert f["divergences"].shape == (0,)
+
+
+def test_chip_with_drift_fails_naming_drift(calibrated, tmp_path):
+    job, calib = calibrated
+    with VirtualChip(CHIP + "&drift=0.05") as chip:
+        res = validate(load_config(job), chip.url, calib, tmp_path / "v", seeds=2, tol=FAST,
+                       progress=False)
+    assert not res.passed and res.verdict.startswith("FAIL")
+    assert res.counts["drift"] > 10, res.verdict
+    report = (tmp_path / "v" / "report.md").read_text()
+    assert "| drift |" in report and "0.W[" in report
+
+
+def test_aged_chip_fails_naming_step_sizes(calibrated, tmp_path):
+    job, calib = calibrated
+    with VirtualChip(CHIP + "&age_dw=0.1&aged=1e6") as chip:  # dw_min 10% larger
+        res = validate(load_config(job), chip.url, calib, tmp_path / "v", seeds=2, tol=FAST,
+                       progress=False)
+    assert not res.passed
+    tiles = {(d.tile, d.quantity) for d in res.divergences if d.row < 0}
+    assert ("0.W", "step_out") in tiles or ("0.P", "step_out") in tiles, res.verdict
+    assert res.counts["drift"] == 0
+    assert "step_out" in res.verdict
+
+
+def test_cli_bad_input_is_one_line_exit_2(calibrated, tmp_path, capsys):
+    job, calib = calibrated
+    for args, field in ((["--twin", str(tmp_path / "none.h5")], "--twin"),
+                        (["--twin", str(calib), "--seeds", "1"], "seeds")):
+        with pytest.raises(SystemExit) as e:
+            main(["validate", str(job), "--chip", CHIP, "--out", str(tmp_path / "o"), *args])
+        assert e.value.code == 2
+        assert field in capsys.readouterr().err
+    assert not (tmp_path / "o" / "validate.h5").exists()
