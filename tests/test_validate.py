@@ -16,13 +16,7 @@ from hil.config import load_config
 
 CHIP = ("sim://?model=power&gamma=0.5&tau=0.6&dw_min=0.01&d2d=0.2&c2c=0.1&read_noise=0.001"
         "&seed=4")
-JOB = """name: validate-small
-seed: 0
-model: {hidden: [], activation: tanh}
-data: {name: least_squares, n_inputs: 16, n_outputs: 8, limit_train: 320}
-algorithm: {name: rlv2, lr: 0.05, transfer_lr: 0.2, gamma: 0.2, update: pulse, io: digital}
-train: {epochs: 3, batch_size: 16}
-"""
+JOB = Path(__file__).parents[1] / "experiments" / "validate_small.yaml"
 FAST = Tolerances(replicas=6)
 
 
@@ -30,8 +24,7 @@ FAST = Tolerances(replicas=6)
 def calibrated(tmp_path_factory) -> tuple[Path, Path]:
     """The job's tiles characterized under their names on a virtual chip, and fitted."""
     tmp = tmp_path_factory.mktemp("validate")
-    job = tmp / "job.yaml"
-    job.write_text(JOB)
+    job = JOB
     with VirtualChip(CHIP) as chip:
         main(["characterize", "--backend", chip.url, "--config", str(job), "--out",
               str(tmp / "meas.h5"), "--pulses", "100", "--sympoint-pairs", "50", "--quiet"])
