@@ -8,11 +8,11 @@ from rich.console import Console
 
 from calibration.protocols import SweepProtocol
 from calibration.workflow import (
+    print_summary,
     run_characterize,
     run_fit,
     run_report,
     run_zero_shift,
-    summary_table,
 )
 
 DEMO_ROWS, DEMO_COLS = 16, 16
@@ -29,7 +29,7 @@ def demo_calibration(console: Console, out_dir: pathlib.Path, backend_url: str) 
     cal = run_fit(calib, meas=meas, console=console)
     zs = run_zero_shift(backend_url, calib, pairs=100, console=console)
     pngs = run_report(calib, out_dir / "report")
-    console.print(summary_table(cal, zs))
+    print_summary(console, cal, zs)
     for z in zs:
         console.print(f"zero-shift {z.tile}: reference converged {z.converged:.1%}, differential "
                       f"symmetric point residual {z.median_abs:.4g} "

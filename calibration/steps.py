@@ -57,26 +57,135 @@ class _Binner:
         return out.scatter_add_(0, self.flat.reshape(-1), (v * self.okf).reshape(-1))
 
 
-def _noise(y: Tensor, ok: Tensor, npulse: Tensor, binner: _Binner) -> tuple[Tensor, ...]:
-    """Bin means, read-noise variance (lag-1 covariance of residuals) and relative c2c variance.
+@dataclass
+class _Local:
+    """Per-step local mean step: a straight line through each bin's steps (x, y)."""
 
-    The within-bin variation of the mean step (slope between neighbour bins times the
-    spread of states in the bin) is taken out of the residual variance before c2c.
-    """
+    cnt: Tensor  # [cells] steps per bin
+    ybar: Tensor  # [cells] mean step
+    fit: Tensor  # [T-1, D] the bin's line at each step's state
+    r: Tensor  # [T-1, D] residual of each step (0 where not ok)
+    v: Tensor  # [cells] residual variance (n - 2 degrees of freedom)
+    u: Tensor  # [T-1, D] (x - xbar) / sqrt(Sxx) of each step in its bin (0: no line)
+    lev: Tensor  # [T-1, D] leverage 1/n + u^2 of each step
+
+
+def _local_lines(x: Tensor, y: Tensor, ok: Tensor, binner: _Binner) -> _Local:
+    """Least-squares line of the steps against their states within each bin.
+
+    A bin's mean step alone leaves the change of the response across the bin in the
+    residuals (it reads as extra c2c, more so the larger the steps against the range);
+    a line per bin removes it to first order."""
     cnt = binner.add(torch.ones_like(y))
-    ybar = binner.add(y) / cnt.clamp_min(1)
-    f_own = ybar[binner.flat]
-    r = torch.where(ok, y - f_own, torch.zeros_like(y))
+    n = cnt.clamp_min(1)
+    xbar, ybar = binner.add(x) / n, binner.add(y) / n
+    dx = x - xbar[binner.flat]
+    dy = y - ybar[binner.flat]
+    sxx, sxy = binner.add(dx * dx), binner.add(dx * dy)
+    slope = torch.where((cnt >= 3) & (sxx > 0), sxy / sxx.clamp_min(1e-300), 0.0)
+    fit = ybar[binner.flat] + slope[binner.flat] * dx
+    r = torch.where(ok, y - fit, torch.zeros_like(y))
+    dof = (cnt - torch.where(cnt >= 3, 2.0, 1.0)).clamp_min(1)
+    v = binner.add(r * r) / dof
+    s_own = sxx[binner.flat]
+    u = torch.where((cnt[binner.flat] >= 3) & (s_own > 0), dx / s_own.clamp_min(1e-300).sqrt(),
+                    0.0)
+    return _Local(cnt=cnt, ybar=ybar, fit=fit, r=r, v=v, u=u,
+                  lev=1 / n[binner.flat] + u * u)
+
+
+def _lag_cov(loc: _Local, ok: Tensor, npulse: Tensor, flat: Tensor, lag: int) -> Tensor:
+    """Mean product of residuals ``lag`` steps apart (in pulse-count-scaled units), with
+    the correlation their shared bin line gives them (-v h_ij) added back."""
+    r = loc.r
+    pair = ok[:-lag] & ok[lag:]
+    for j in range(1, lag):
+        pair = pair & ok[j:j - lag]
+    rr = r[:-lag] * r[lag:]
+    same = flat[:-lag] == flat[lag:]
+    h = 1 / loc.cnt[flat[:-lag]].clamp_min(1) + loc.u[:-lag] * loc.u[lag:]
+    rr = rr + torch.where(same, loc.v[flat[:-lag]] * h, 0.0)
+    rr = torch.where(pair, rr * npulse[:-lag] * npulse[lag:], torch.zeros_like(rr))
+    return rr.sum(0) / pair.sum(0).clamp_min(1).to(r.dtype)
+
+
+def _noise(x: Tensor, y: Tensor, ok: Tensor, npulse: Tensor,
+           binner: _Binner) -> tuple[_Local, Tensor]:
+    """Local lines per bin and the read-noise variance before its c2c correction.
+
+    Read noise makes neighbouring steps anti-correlated (-s^2 at lag 1, nothing at lag 2);
+    a step's c2c noise moves the state of the next ones, which correlates them by
+    g c^2 f^2 at both lags (g the local slope of the step against the state). The lag-1
+    less the lag-2 covariance leaves -s^2 - g^2 c^2 f^2; returns s^2 + g^2 c^2 f^2, for
+    :func:`_c2c_var` to solve."""
+    loc = _local_lines(x, y, ok, binner)
+    c1 = _lag_cov(loc, ok, npulse, binner.flat, 1)
+    c2 = _lag_cov(loc, ok, npulse, binner.flat, 2)
+    return loc, c2 - c1  # unclamped: a clamp here would bias c2c
+
+
+def _trend(x: Tensor, y: Tensor, ok: Tensor,
+           direction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Step f, its slope g = df/dx and curvature f'' at each step from one least-squares
+    quadratic in the state per device and direction: smooth (pooled over all of a
+    direction's steps) where a bin's own line through a handful of noisy steps is not."""
+    okf = ok.to(y.dtype)
+    powers = torch.stack([torch.ones_like(x), x, x * x, x ** 3, x ** 4])  # [5, T-1, D]
+    out_f, out_g, out_c = torch.zeros_like(y), torch.zeros_like(y), torch.zeros_like(y)
+    for j in (0, 1):
+        w = okf * (direction == j).to(y.dtype)
+        s = (powers * w).sum(1)  # [5, D]
+        t = (powers[:3] * (w * y)).sum(1)  # [3, D]
+        a = torch.stack([s[i:i + 3] for i in range(3)]).permute(2, 0, 1)  # [D, 3, 3]
+        a = a + 1e-9 * torch.eye(3, dtype=y.dtype, device=y.device) * (s[0].view(-1, 1, 1) + 1)
+        coef = torch.linalg.solve(a, t.t().unsqueeze(2)).squeeze(2)  # [D, 3]
+        coef = torch.nan_to_num(coef)
+        f = coef[:, 0] + coef[:, 1] * x + coef[:, 2] * x * x
+        g = coef[:, 1] + 2 * coef[:, 2] * x
+        sel = direction == j
+        out_f, out_g = torch.where(sel, f, out_f), torch.where(sel, g, out_g)
+        out_c = torch.where(sel, 2 * coef[:, 2].expand_as(x), out_c)
+    return out_f, out_g, out_c
+
+
+def _c2c_var(y: Tensor, ok: Tensor, d: Tensor, npulse: Tensor, f: Tensor, slope: Tensor,
+             r1: Tensor) -> tuple[Tensor, Tensor]:
+    """Relative c2c variance and read-noise variance from second differences of the steps'
+    residuals about a smooth trend.
+
+    A step's residual about the trend at its own (measured) state, e_k = y_k - f(x_k), is
+    its c2c noise (the noise of earlier steps only moved the state, which f(x_k) follows),
+    so residuals of different steps are independent. The second difference
+    D = e_k - 2 e_(k+1) + e_(k+2) of three consecutive steps of one direction cancels what
+    the trend misses (smooth in the state) to second order: E[D^2] = c^2 (f_k^2
+    + 4 f_(k+1)^2 + f_(k+2)^2) / n + 20 s^2 / n^2 (read noise s). The f^2 come from
+    y_k y_(k+2) (free of both noises but for the state feedback, E = f_k f_(k+2)
+    (1 + g (1 + g) c^2), g = n df/dx) and the trend's ratios; the lag covariances of
+    :func:`_noise` give r1 = s^2 + G c^2. The pooled sums solve for c^2 and s^2."""
+    trip = ok[:-2] & ok[1:-1] & ok[2:] & (d[:-2] == d[1:-1]).unsqueeze(1) \
+        & (d[1:-1] == d[2:]).unsqueeze(1)
+    n = npulse[:-2]
+    e = y - f
+    dd = e[:-2] - 2 * e[1:-1] + e[2:]
+    tf = trip.to(y.dtype)
+    a = (tf * n * dd * dd).sum(0) / 6
+    k = (tf * 20 / (6 * n)).sum(0)
+    # y_k y_(k+2) estimates f_k f_(k+2); the trend's ratio turns it into the mean of
+    # (f_k^2 + 4 f_(k+1)^2 + f_(k+2)^2) / 6 (which differ where steps are large)
+    fk, fm = f[:-2] * f[2:], (f[:-2] ** 2 + 4 * f[1:-1] ** 2 + f[2:] ** 2) / 6
+    rho = torch.where(fk > 0, fm / fk.clamp_min(1e-300), 1.0).clamp(0.2, 5.0)
+    b = (tf * rho * y[:-2] * y[2:]).sum(0)
+    g = slope[1:-1] * n
+    h = (tf * rho * g * (1 + g) * fk).sum(0)
     pair = ok[:-1] & ok[1:]
-    rr = r[:-1] * r[1:]
-    # residuals of one bin share its mean: a same-bin pair is correlated by -v / n even
-    # without read noise; add that back (v estimated by r^2 n / (n - 1))
-    n_own = cnt[binner.flat]
-    same = binner.flat[:-1] == binner.flat[1:]
-    rr = rr + torch.where(same, r[:-1] ** 2 / (n_own[:-1] - 1).clamp_min(1), 0.0)
-    rr = torch.where(pair, rr * npulse[:-1] * npulse[1:], torch.zeros_like(rr))
-    read_var = (-rr.sum(0) / pair.sum(0).clamp_min(1).to(y.dtype)).clamp_min(0)
-    return cnt, ybar, f_own, r, read_var
+    gf2 = torch.where(pair, (slope[:-1] * f[:-1] * npulse[:-1]) ** 2, 0.0)
+    g_term = gf2.sum(0) / pair.sum(0).clamp_min(1).to(y.dtype)
+    c2 = torch.zeros_like(a)
+    for _ in range(4):  # fixed point of the (nearly linear) equation in c^2
+        den = (b - k * g_term - h * c2).clamp_min(0.25 * b.abs() + 1e-300)
+        c2 = ((a - k * r1) / den).clamp_min(0)
+    c2 = torch.where(trip.any(0) & (b > 0), torch.nan_to_num(c2, nan=0.0), 0.0)
+    return c2, (r1 - g_term * c2).clamp_min(0)
 
 
 def _chunk(s: Tensor, d: Tensor, bins: int, window: int) -> tuple[Tensor, ...]:
@@ -99,9 +208,9 @@ def _chunk(s: Tensor, d: Tensor, bins: int, window: int) -> tuple[Tensor, ...]:
     # pass A: states as read; is the read noise large against a step?
     s_k = sf[:-1]
     bin_a = _Binner(s_k, base_ok, direction, bins)
-    _, _, _, _, read_a = _noise(y, base_ok, npulse, bin_a)
+    _, read_a = _noise(s_k, y, base_ok, npulse, bin_a)
     typical = (y.abs() * base_ok).sum(0) / base_ok.sum(0).clamp_min(1)
-    use_lag = read_a.sqrt() > 0.25 * typical  # [D]
+    use_lag = read_a.clamp_min(0).sqrt() > 0.25 * typical  # [D]
     ok = base_ok & ((mk >= 1) | ~use_lag)
     if bool(use_lag.any()):
         mkf = mk.clamp_min(1).to(s.dtype)
@@ -122,23 +231,18 @@ def _chunk(s: Tensor, d: Tensor, bins: int, window: int) -> tuple[Tensor, ...]:
         lag = [torch.zeros_like(s_k), torch.zeros_like(s_k)]
         x_b = s_k
     binner = _Binner(x_b, ok, direction, bins)
-    cnt, y1, f_own, r, read_var = _noise(y, ok, npulse, binner)
+    cnt = binner.add(torch.ones_like(y))
+    y1 = binner.add(y) / cnt.clamp_min(1)
     cnt3, y13 = cnt.view(n_dev, 2, bins), y1.view(n_dev, 2, bins)
     dir_mean = (y13 * cnt3).sum(2) / cnt3.sum(2).clamp_min(1)  # [D, 2]
     fill = torch.where(cnt3 > 0, y13, dir_mean.unsqueeze(2)).reshape(-1)
     base = (binner.dev * 2) * bins + binner.bin
     x_c = x_b + lag[0] * fill[base] + lag[1] * fill[base + bins]
     sx = binner.add(x_c)
-    okf = binner.okf
-    # c2c: per bin, residual variance less read noise over the squared mean step; the
-    # median over bins ignores the few bins where the mean step changes a lot within the bin
-    rss = binner.add(r * r).view(n_dev, 2, bins)
-    nbar = (npulse * okf).sum(0) / okf.sum(0).clamp_min(1)
-    v_b = rss / (cnt3 - 1).clamp_min(1) - (2 * read_var / nbar**2).view(-1, 1, 1)
-    c2c_b = v_b * nbar.view(-1, 1, 1) / (y13 * y13).clamp_min(1e-300)
-    c2c_b = torch.where((cnt3 >= 5) & (y13 != 0), c2c_b, torch.nan)
-    c2c_var = torch.nan_to_num(torch.nanmedian(c2c_b.flatten(1), 1).values, nan=0.0)
-    c2c_var = c2c_var.clamp_min(0)
+    # noise from lines through the lag-corrected states (the binning stays on x_b)
+    _, r1 = _noise(x_c, y, ok, npulse, binner)
+    f_trend, g_trend, _ = _trend(x_c, y, ok, direction)
+    c2c_var, read_var = _c2c_var(y, ok, d, npulse, f_trend, g_trend, r1)
     # contiguous runs of steps in one (direction, bin): read noise telescopes within a run
     flat = binner.flat
     prev_same = torch.zeros_like(ok)

@@ -90,27 +90,51 @@ def run_report(calib: Path, out: Path) -> list[Path]:
     return write_report(load_calibration(calib), Path(out))
 
 
-def summary_table(cal: Calibration, zs: list[ZeroShiftResult] | None = None) -> Table:
-    """Medians per tile of the fitted parameters (and the zero-shift residual)."""
-    table = Table(title=f"calibration {cal.path.name}")
-    for col in ("tile", "devices", "families", "dw_min", "tau_min", "tau_max", "gamma",
-                "c2c", "sym. point", "R²"):
-        table.add_column(col, justify="right")
-    if zs:
-        table.add_column("zero-shift |res|/range", justify="right")
+SUMMARY_ROWS = (("dw_min", "dw_min"), ("tau_min", "tau_min"), ("tau_max", "tau_max"),
+                ("gamma", "gamma"), ("c2c", "c2c"), ("sym. point", "symmetric_point"),
+                ("R²", "r2"))
+TILES_PER_TABLE = 4  # a quantity column and four tiles fit 80 columns
+
+
+def summary_tables(cal: Calibration, zs: list[ZeroShiftResult] | None = None) -> list[Table]:
+    """Medians per tile of the fitted parameters (and the zero-shift residual): a row per
+    quantity and a column per tile (at most four tiles a table), so it reads in 80 columns."""
     by_tile = {z.tile: z for z in zs or []}
-    for name, tc in cal.tiles.items():
-        v = tc.values
-        fams, counts = np.unique(tc.model, return_counts=True)
-        row = [name, str(tc.shape[0] * tc.shape[1]),
-               " ".join(f"{f}:{c}" for f, c in zip(fams, counts, strict=True))]
-        row += [f"{np.nanmedian(v[k]):.4g}" for k in ("dw_min", "tau_min", "tau_max", "gamma",
-                                                       "c2c", "symmetric_point", "r2")]
+    names = list(cal.tiles)
+    tables = []
+    for first in range(0, len(names), TILES_PER_TABLE):
+        chunk = names[first:first + TILES_PER_TABLE]
+        table = Table(title=f"calibration {cal.path.name} (medians over devices)")
+        table.add_column("quantity", justify="left")
+        for name in chunk:
+            table.add_column(name, justify="right", overflow="fold")
+        rows: list[list[str]] = [["devices"], ["families"]]
+        rows += [[label] for label, _ in SUMMARY_ROWS]
         if zs:
-            z = by_tile.get(name)
-            row.append(f"{z.median_rel:.2%}" if z else "-")
-        table.add_row(*row)
-    return table
+            rows.append(["zero-shift |res|/range"])
+        for name in chunk:
+            tc = cal.tiles[name]
+            v = tc.values
+            fams, counts = np.unique(tc.model, return_counts=True)
+            order = np.argsort(-counts, kind="stable")
+            rows[0].append(str(tc.shape[0] * tc.shape[1]))
+            rows[1].append("\n".join(f"{fams[i]} {counts[i]}" for i in order))
+            for row, (_, key) in zip(rows[2:], SUMMARY_ROWS, strict=False):
+                row.append(f"{np.nanmedian(v[key]):.4g}")
+            if zs:
+                z = by_tile.get(name)
+                rows[-1].append(f"{z.median_rel:.2%}" if z else "-")
+        for row in rows:
+            table.add_row(*row)
+        tables.append(table)
+    return tables
+
+
+def print_summary(console: Console, cal: Calibration,
+                  zs: list[ZeroShiftResult] | None = None) -> None:
+    """Print :func:`summary_tables` to ``console``."""
+    for table in summary_tables(cal, zs):
+        console.print(table)
 
 
 def check_writable(out: Path) -> None:

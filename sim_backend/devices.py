@@ -21,6 +21,7 @@ class DeviceArray:
     stuck: torch.Tensor | None  # bool mask of devices that never move, or None
     c2c: torch.Tensor | float  # relative cycle-to-cycle noise of each pulse step
     w0: torch.Tensor  # initial weights
+    read_noise: torch.Tensor | None = None  # per-device read-noise std (None: the config's)
     _fused: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def fused(self) -> FusedParams | None:

@@ -69,10 +69,15 @@ class SimTile(Tile):
     def read_columns(self, cols: slice) -> torch.Tensor:
         self.backend._check_open("read", self.name)
         first, width = self.column_range(cols)
-        return self._with_read_noise(self.w[:, first:first + width])
+        return self._with_read_noise(self.w[:, first:first + width], first)
 
-    def _with_read_noise(self, w: torch.Tensor) -> torch.Tensor:
-        """A copy of (a view of) the weights as a read returns it: plus the read noise."""
+    def _with_read_noise(self, w: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """A copy of (a view of columns ``first``.. of) the weights as a read returns it:
+        plus the read noise (per device where the population has its own, e.g. a twin)."""
+        per_device = self.devices.read_noise
+        if per_device is not None:
+            noise = torch.randn(w.shape, generator=self.gen, device=w.device)
+            return w + per_device[:, first:first + w.shape[1]] * noise
         if self.cfg.read_noise > 0:
             noise = torch.randn(w.shape, generator=self.gen, device=w.device)
             return w + self.cfg.read_noise * noise

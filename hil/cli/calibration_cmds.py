@@ -62,7 +62,7 @@ def fit_cmd(
     """Fit every device's response (all families, model selection) into a calibration file."""
     from rich.console import Console
 
-    from calibration.workflow import run_fit, summary_table
+    from calibration.workflow import print_summary, run_fit
     from hil.errors import ConfigError
 
     if criterion not in ("bic", "aic"):
@@ -70,7 +70,7 @@ def fit_cmd(
     console = Console()
     cal = run_fit(out, meas=meas, csv=csv, bins=bins, window=window, criterion=criterion,
                   console=console)
-    console.print(summary_table(cal))
+    print_summary(console, cal)
     console.print(f"calibration written to {out}", highlight=False)
 
 
@@ -85,11 +85,11 @@ def zero_shift_cmd(
     from rich.console import Console
 
     from calibration.calibfile import load_calibration
-    from calibration.workflow import run_zero_shift, summary_table
+    from calibration.workflow import print_summary, run_zero_shift
 
     console = Console()
     zs = run_zero_shift(backend, calib, pairs, console=None if quiet else console)
-    console.print(summary_table(load_calibration(calib), zs))
+    print_summary(console, load_calibration(calib), zs)
     for z in zs:
         console.print(f"tile {z.tile}: reference converged {z.converged:.1%}, residual "
                       f"median |w - w_ref| = {z.median_abs:.4g} ({z.median_rel:.2%} of range)",
