@@ -18,7 +18,7 @@ dw_min (what the algorithms divide by).
    (pulse / pulse_columns / outer_update, as the chip got them) and give the predicted
    mean and variance of each device's next read. Per device and step the residual
    z = (obs - mean) / sigma, sigma^2 = var_replicas + 2 rn^2 + floor^2 (rn: the twin's
-   read noise, read twice; floor: ``floor`` x the device's calibrated dw_min), is
+   read noise of the device, read twice; floor: ``floor`` x the device's calibrated dw_min), is
    summarized by quantities whose expected values under the twin are known:
 
    - ``step_up`` / ``step_down``: the ratio of observed to predicted change over the
@@ -61,7 +61,7 @@ import torch
 from rich.console import Console
 
 from calibration.calibfile import load_calibration
-from hil.backend import Backend, open_backend
+from hil.backend import Backend, Tile, open_backend
 from hil.config import RunConfig
 from hil.errors import BackendURLError, ConfigError
 from hil.recording import PulseCall, RecordingBackend
@@ -126,8 +126,7 @@ class StepPredictor:
             for name, shape in tiles.items():
                 be.allocate(name, *shape)
             self.replicas.append(be)
-        t0 = self.replicas[0].tile(next(iter(tiles)))
-        self.read_noise = float(t0.cfg.read_noise)
+        self.read_noise = {n: self._read_noise(self.replicas[0].tile(n)) for n in tiles}
         self.dw = {n: self.replicas[0].tile(n).devices.dw_min.detach().cpu().double()
                    .expand(*s).numpy().copy() for n, s in tiles.items()}
         self.chip: RecordingBackend | None = None
@@ -139,6 +138,15 @@ class StepPredictor:
         self.acc = {n: _Accumulator(s) for n, s in tiles.items()}
         self.step_rms: list[float] = []
         self.z_sample: list[np.ndarray] = []
+
+    @staticmethod
+    def _read_noise(tile: Tile) -> np.ndarray:
+        """The twin's read noise of each device (its own, else the tile's one value)."""
+        assert isinstance(tile, SimTile)
+        per_device = getattr(tile.devices, "read_noise", None)
+        if per_device is not None:
+            return per_device.detach().cpu().double().expand(*tile.shape).numpy().copy()
+        return np.full(tile.shape, float(tile.cfg.read_noise))
 
     def close(self) -> None:
         for be in self.replicas:
@@ -195,7 +203,7 @@ class StepPredictor:
             p = np.stack(preds[n])
             mean, var = p.mean(0), p.var(0, ddof=1)
             moved = pulsed[n]
-            sigma2 = var + 2 * self.read_noise ** 2 + (self.tol.floor * self.dw[n]) ** 2
+            sigma2 = var + 2 * self.read_noise[n] ** 2 + (self.tol.floor * self.dw[n]) ** 2
             prev = self.prev[n] if self.prev is not None else np.zeros_like(mean)
             # the direction towards w = 0 from the read before the sync read: the sync
             # read's own noise would bias it (regression to the mean)
