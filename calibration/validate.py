@@ -83,6 +83,7 @@ class Tolerances:
     noise_tol: float = 2.0  # rms z of moved devices
     floor: float = 0.05  # sigma floor, in dw_min (float rounding of a driver's weight map)
     replicas: int = 8  # twin replicas of the one-step-ahead prediction
+    twin_options: str = ""  # more twin:// URL parameters, e.g. 'io=paper' (the periphery)
 
 
 def job_tiles(cfg: RunConfig, config_path: str = "<config>") -> dict[str, tuple[int, int]]:
@@ -97,14 +98,17 @@ def job_tiles(cfg: RunConfig, config_path: str = "<config>") -> dict[str, tuple[
         return {name: t.shape for name, t in be.tiles().items()}
 
 
-def twin_url(calib: Path, tiles: dict[str, tuple[int, int]], seed: int) -> tuple[str, str]:
+def twin_url(calib: Path, tiles: dict[str, tuple[int, int]], seed: int,
+             options: str = "") -> tuple[str, str]:
     """The twin's URL for one seed and its kind: 'exact' where the calibration holds every
-    job tile by name and shape, else 'population' (the calibrated population twin)."""
+    job tile by name and shape, else 'population' (the calibrated population twin);
+    ``options``: more twin:// parameters ('io=paper', ...)."""
     cal = load_calibration(calib)
     exact = all(n in cal.tiles and cal.tiles[n].shape == s for n, s in tiles.items())
+    extra = f"&{options.lstrip('&')}" if options else ""
     if exact:
-        return f"twin://{calib}?seed={seed}", "exact"
-    return f"twin://{calib}?devices=population&seed={seed}", "population"
+        return f"twin://{calib}?seed={seed}{extra}", "exact"
+    return f"twin://{calib}?devices=population&seed={seed}{extra}", "population"
 
 
 class StepPredictor:
@@ -116,7 +120,7 @@ class StepPredictor:
         base = 100_000
         self.replicas: list[Backend] = []
         for k in range(tol.replicas):
-            url, _ = twin_url(calib, tiles, base + k)
+            url, _ = twin_url(calib, tiles, base + k, tol.twin_options)
             try:
                 be = open_backend(url)
             except BackendURLError as exc:
@@ -377,7 +381,7 @@ def validate(cfg: RunConfig, chip_url: str, calib: Path, out: Path, *, seeds: in
         predictor.close()
     twins = []
     for k in range(seeds):
-        url, _ = twin_url(calib, tiles, k)
+        url, _ = twin_url(calib, tiles, k, tol.twin_options)
         console.print(f"twin run {k + 1}/{seeds} on {url}", highlight=False)
         twins.append(train_run(cfg, out / f"twin-{k}", config_path=config_path,
                                backend_url=url, console=console, progress=progress,

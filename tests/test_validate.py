@@ -69,16 +69,22 @@ def test_chip_with_drift_fails_naming_drift(calibrated, tmp_path):
     assert "| drift |" in report and "0.W[" in report
 
 
-def test_aged_chip_fails_naming_step_sizes(calibrated, tmp_path):
+def test_aged_chip_fails_naming_step_sizes_exit_1(calibrated, tmp_path, capsys):
     job, calib = calibrated
+    out = tmp_path / "v"
     with VirtualChip(CHIP + "&age_dw=0.1&aged=1e6") as chip:  # dw_min 10% larger
-        res = validate(load_config(job), chip.url, calib, tmp_path / "v", seeds=2, tol=FAST,
-                       progress=False)
-    assert not res.passed
-    tiles = {(d.tile, d.quantity) for d in res.divergences if d.row < 0}
-    assert ("0.W", "step_out") in tiles or ("0.P", "step_out") in tiles, res.verdict
-    assert res.counts["drift"] == 0
-    assert "step_out" in res.verdict
+        with pytest.raises(SystemExit) as e:
+            main(["validate", str(job), "--chip", chip.url, "--twin", str(calib), "--seeds",
+                  "2", "--replicas", "6", "--out", str(out), "--quiet"])
+    assert e.value.code == 1
+    assert "FAIL" in capsys.readouterr().out
+    with h5py.File(out / "validate.h5") as f:
+        assert not bool(f.attrs["passed"])
+        div = f["divergences"][:]
+        tiles = {(d["tile"].decode(), d["quantity"].decode()) for d in div if d["row"] < 0}
+        assert ("0.W", "step_out") in tiles or ("0.P", "step_out") in tiles, tiles
+        assert not any(d["quantity"].decode() == "drift" for d in div)
+    assert "step_out" in (out / "report.md").read_text()
 
 
 def test_cli_bad_input_is_one_line_exit_2(calibrated, tmp_path, capsys):

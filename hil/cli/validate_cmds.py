@@ -31,6 +31,9 @@ def validate_cmd(
                                              "of idle devices, in dw_min")] = 0.05,
     noise_tol: Annotated[float, typer.Option(min=0.0, help="tolerated rms z of moved "
                                              "devices")] = 2.0,
+    twin_options: Annotated[str, typer.Option(
+        help="more twin:// URL parameters, e.g. 'io=paper' where the chip's MVMs have "
+             "that periphery")] = "",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Is the chip's run within what its twin predicts? Exit 0 on PASS, 1 on FAIL."""
@@ -42,7 +45,8 @@ def validate_cmd(
     cfg = load_config(config)
     console = Console()
     tol = Tolerances(alpha=alpha, step_tol=step_tol, tile_step_tol=tile_step_tol,
-                     drift_tol=drift_tol, noise_tol=noise_tol, replicas=replicas)
+                     drift_tol=drift_tol, noise_tol=noise_tol, replicas=replicas,
+                     twin_options=twin_options)
     res = validate(cfg, chip, twin, out, seeds=seeds, config_path=str(config), tol=tol,
                    console=console, progress=not quiet)
     console.print(res.verdict, highlight=False, style="bold green" if res.passed else "bold red")
