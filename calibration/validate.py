@@ -41,8 +41,10 @@ dw_min (what the algorithms divide by).
    larger than the tolerance (``step_tol``, ``drift_tol`` in units of dw_min,
    ``noise_tol``; ``tile_step_tol`` for the pooled ratios).
 
-The verdict passes when the final metric lies in the twin's interval and no device
-diverges. Everything lands in OUT: ``validate.h5``, ``report.md``, ``curves.png``,
+The verdict passes when the final metric lies in the twin's interval, no tile diverges
+and at most ``max_diverged`` of the devices do (a device the calibration fitted badly is
+named in the report without failing the chip; a changed chip moves many). Everything
+lands in OUT: ``validate.h5``, ``report.md``, ``curves.png``,
 ``prediction_map.png``, ``prediction_hist.png``, and the run directories chip/, twin-K/.
 """
 
@@ -83,6 +85,7 @@ class Tolerances:
     noise_tol: float = 2.0  # rms z of moved devices
     floor: float = 0.05  # sigma floor, in dw_min (float rounding of a driver's weight map)
     replicas: int = 8  # twin replicas of the one-step-ahead prediction
+    max_diverged: float = 0.01  # fraction of devices that may diverge (misfit devices)
     twin_options: str = ""  # more twin:// URL parameters, e.g. 'io=paper' (the periphery)
 
 
@@ -425,20 +428,22 @@ def validate(cfg: RunConfig, chip_url: str, calib: Path, out: Path, *, seeds: in
     divergences.sort(key=lambda d: (d.row >= 0, -abs(d.z)))
     counts = {qn: sum(d.quantity == qn for d in divergences)
               for qn in (*TILE_QUANTITIES, *QUANTITIES)}
-    passed = metric_ok and not divergences
+    devs = [d for d in divergences if d.row >= 0]
+    tile_divs = [d for d in divergences if d.row < 0]
+    n_diverged = len({(d.tile, d.row, d.col) for d in devs})
+    allowed = int(tol.max_diverged * n_dev)
+    passed = metric_ok and not tile_divs and n_diverged <= allowed
     label = "accuracy" if metric == "test_acc" else "test loss"
     fmt = (lambda v: f"{100 * v:.1f}%") if metric == "test_acc" else (lambda v: f"{v:.4g}")
     where = (f"final {label} {fmt(chip_final)} "
              f"{'in' if metric_ok else 'OUTSIDE'} the twin's [{fmt(interval[0])}, "
              f"{fmt(interval[1])}]")
-    devs = [d for d in divergences if d.row >= 0]
-    tile_divs = [d for d in divergences if d.row < 0]
-    dev = f"{len({(d.tile, d.row, d.col) for d in devs})} of {n_dev} devices diverged"
+    dev = f"{n_diverged} of {n_dev} devices diverged (tolerated {allowed})"
     if devs:
         parts = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k in QUANTITIES)
         worst = max(devs, key=lambda d: abs(d.z))
-        dev += (f" ({parts}; worst {worst.where} {worst.quantity} {worst.value:.3g}, "
-                f"z {worst.z:.1f})")
+        dev += (f": {parts}; worst {worst.where} {worst.quantity} {worst.value:.3g}, "
+                f"z {worst.z:.1f}")
     if tile_divs:
         dev += "; tiles: " + ", ".join(f"{d.tile} {d.quantity} {d.value:.3f} (z {d.z:.1f})"
                                        for d in tile_divs)

@@ -32,7 +32,7 @@ from hil.config import load_config
 CHIP = "sim://?model=power&gamma=0.5&tau=0.6&dw_min=0.01&d2d=0.2&c2c=0.1&read_noise=0.001"
 JOB = Path(__file__).with_name("validate_small.yaml")
 DW_CHANGES = (0.02, 0.05, 0.1)
-GAMMA_CHANGES = (0.2, 0.4, 0.8)
+GAMMA_CHANGES = (0.4, 0.8)
 
 
 def main() -> None:

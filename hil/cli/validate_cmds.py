@@ -31,6 +31,8 @@ def validate_cmd(
                                              "of idle devices, in dw_min")] = 0.05,
     noise_tol: Annotated[float, typer.Option(min=0.0, help="tolerated rms z of moved "
                                              "devices")] = 2.0,
+    max_diverged: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of devices "
+                                                "that may diverge and still PASS")] = 0.01,
     twin_options: Annotated[str, typer.Option(
         help="more twin:// URL parameters, e.g. 'io=paper' where the chip's MVMs have "
              "that periphery")] = "",
@@ -46,7 +48,7 @@ def validate_cmd(
     console = Console()
     tol = Tolerances(alpha=alpha, step_tol=step_tol, tile_step_tol=tile_step_tol,
                      drift_tol=drift_tol, noise_tol=noise_tol, replicas=replicas,
-                     twin_options=twin_options)
+                     max_diverged=max_diverged, twin_options=twin_options)
     res = validate(cfg, chip, twin, out, seeds=seeds, config_path=str(config), tol=tol,
                    console=console, progress=not quiet)
     console.print(res.verdict, highlight=False, style="bold green" if res.passed else "bold red")
