@@ -14,10 +14,13 @@ from drivers.virtual_chip import VirtualChip
 from hil.cli import main
 from hil.config import load_config
 
+pytestmark = pytest.mark.slow  # whole training jobs on a virtual chip (seconds each)
+
 CHIP = ("sim://?model=power&gamma=0.5&tau=0.6&dw_min=0.01&d2d=0.2&c2c=0.1&read_noise=0.001"
         "&seed=4")
 JOB = Path(__file__).parents[1] / "experiments" / "validate_small.yaml"
 FAST = Tolerances(replicas=6)
+FASTER = Tolerances(replicas=4)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_unchanged_chip_passes(calibrated, tmp_path):
 def test_chip_with_drift_fails_naming_drift(calibrated, tmp_path):
     job, calib = calibrated
     with VirtualChip(CHIP + "&drift=0.05") as chip:
-        res = validate(load_config(job), chip.url, calib, tmp_path / "v", seeds=2, tol=FAST,
+        res = validate(load_config(job), chip.url, calib, tmp_path / "v", seeds=2, tol=FASTER,
                        progress=False)
     assert not res.passed and res.verdict.startswith("FAIL")
     assert res.counts["drift"] > 10, res.verdict
@@ -76,7 +79,7 @@ def test_aged_chip_fails_naming_step_sizes_exit_1(calibrated, tmp_path, capsys):
     with VirtualChip(CHIP + "&age_dw=0.1&aged=1e6") as chip:  # dw_min 10% larger
         with pytest.raises(SystemExit) as e:
             main(["validate", str(job), "--chip", chip.url, "--twin", str(calib), "--seeds",
-                  "2", "--replicas", "6", "--out", str(out), "--quiet"])
+                  "2", "--replicas", "4", "--out", str(out), "--quiet"])
     assert e.value.code == 1
     assert "FAIL" in capsys.readouterr().out
     with h5py.File(out / "validate.h5") as f:
