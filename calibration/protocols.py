@@ -57,23 +57,24 @@ def _read(tile: Tile) -> np.ndarray:
 
 def _run(tile: Tile, protocol: str, schedule: list[int], writer: MeasurementWriter,
          block: int, advance: Advance | None) -> None:
-    """Read, then for each entry of ``schedule`` pulse it (signed, all devices) and read."""
+    """Read, then for each entry of ``schedule`` pulse it (signed, all devices) and read;
+    each block of the schedule goes to the tile as one ``pulse_read`` program."""
     reads, pulses = [_read(tile)], [0]
     ones = torch.ones(tile.shape, dtype=torch.int32)
-    for n in schedule:
-        if n:
-            tile.pulse(ones * int(n))
-        reads.append(_read(tile))
-        pulses.append(int(n))
-        if len(reads) >= block:
+    start = 0
+    while start < len(schedule) or reads:
+        room = max(1, block - len(reads))
+        chunk = schedule[start:start + room]
+        start += len(chunk)
+        if chunk:
+            got = tile.pulse_read([ones * int(n) for n in chunk])
+            reads += list(got.detach().to("cpu", torch.float32).numpy())
+            pulses += [int(n) for n in chunk]
+        if len(reads) >= block or start >= len(schedule):
             writer.append(tile.name, protocol, np.stack(reads), np.array(pulses))
             if advance:
                 advance(len(reads))
             reads, pulses = [], []
-    if reads:
-        writer.append(tile.name, protocol, np.stack(reads), np.array(pulses))
-        if advance:
-            advance(len(reads))
 
 
 def sweep(tile: Tile, proto: SweepProtocol, writer: MeasurementWriter,
@@ -103,6 +104,24 @@ def settled_value(reads: np.ndarray, tail: float = 0.5) -> np.ndarray:
     start = int(reads.shape[0] * (1 - tail))
     start -= start % 2  # keep whole up/down pairs, so the half-step offsets cancel
     return np.nanmean(reads[start:], axis=0)
+
+
+def estimate_seconds(tile: Tile, proto: SweepProtocol) -> float | None:
+    """Instrument seconds :func:`characterize` would take on ``tile``: each protocol run is
+    one read, then its steps as pulse_read calls of ``block`` reads (the tile's own estimate;
+    None: no instrument time)."""
+    runs = [(proto.noise_reads - 1, 0), (2 * proto.cycles * proto.pulses // proto.read_every,
+                                        proto.read_every), (2 * proto.sympoint_pairs, 1)]
+    total = 0.0
+    for steps, count in runs:
+        if steps < 0 or (steps == 0 and count):
+            continue
+        calls = -(-(steps + 1) // proto.block)
+        part = tile.estimate_seconds(reads=1, pulse_reads=steps, count=count, calls=calls)
+        if part is None:
+            return None
+        total += part
+    return total
 
 
 def characterize(backend: Backend, writer: MeasurementWriter, tiles: dict[str, tuple[int, int]],

@@ -16,7 +16,7 @@ from calibration.fit import torch_threads
 from calibration.measfile import MeasurementWriter
 from calibration.protocols import SweepProtocol, characterize
 from calibration.zeroshift import ZeroShiftResult, zero_shift
-from hil.backend import open_backend
+from hil.backend import claim_tile, open_backend
 from hil.errors import ConfigError
 
 
@@ -49,6 +49,22 @@ def run_characterize(backend_url: str, out: Path,
         task = bar.add_task(f"characterize {what}", total=proto.n_reads() * len(tiles))
         characterize(be, writer, tiles, proto, advance=lambda n: bar.advance(task, n))
     return out
+
+
+def estimate_characterize(backend_url: str, tiles: dict[str, tuple[int, int]],
+                          proto: SweepProtocol) -> float | None:
+    """Modelled instrument seconds of :func:`run_characterize` (None: no instrument time).
+    Opens the backend and places the tiles; measures nothing."""
+    from calibration.protocols import estimate_seconds
+
+    total = 0.0
+    with open_backend(backend_url) as be:
+        for name, shape in tiles.items():
+            part = estimate_seconds(claim_tile(be, name, shape), proto)
+            if part is None:
+                return None
+            total += part
+    return total
 
 
 def run_fit(out: Path, meas: Path | None = None, csv: Path | None = None,

@@ -82,6 +82,26 @@ class Tile(ABC):
         """Apply signed integer pulse counts per device: + potentiates, - depresses, 0 nothing."""
         self._pulse(self.check_pulses(n))
 
+    def pulse_read(self, schedule: Sequence[torch.Tensor]) -> torch.Tensor:
+        """For each pulse-count map of ``schedule``: pulse it (an all-zero map pulses
+        nothing), then read; the reads stacked [T, rows, cols]. This default loops over
+        :meth:`pulse` and :meth:`read`; an instrument station overrides it to run each
+        device's whole schedule while that device is routed (one route, not two per step)."""
+        out = []
+        for n in schedule:
+            if bool(torch.as_tensor(n).any()):
+                self.pulse(n)
+            out.append(self.read())
+        return torch.stack(out) if out else torch.empty((0, *self.shape))
+
+    def estimate_seconds(self, reads: int = 0, pulses: int = 0, pulse_reads: int = 0,
+                         count: int = 1, calls: int = 1) -> float | None:
+        """Instrument seconds of ``reads`` whole-tile reads, ``pulses`` whole-tile pulse maps
+        of ``count`` on every device and ``pulse_reads`` steps of :meth:`pulse_read` split
+        into ``calls`` calls; None (this default) where operations take no instrument time
+        worth planning (emulators)."""
+        return None
+
     def read_columns(self, cols: slice) -> torch.Tensor:
         """The columns ``cols`` of :meth:`read`, [rows, width] (a column transfer needs one).
         This default reads the whole tile; a backend that can read fewer devices overrides it."""
@@ -225,6 +245,12 @@ class Backend(ABC):
         optimizer enter it around each update; this default (an emulator) does nothing."""
         yield
 
+    def estimate_seconds(self, job: Callable[[Backend], object]) -> float | None:
+        """Instrument seconds ``job(backend)`` would take here, measured by running it on a
+        simulated copy of this backend's instruments (nothing reaches the real ones); None
+        (this default) where there is no instrument time to plan (emulators)."""
+        return None
+
     def mvm_sum(self, terms: Sequence[tuple[Tile, float]], x: torch.Tensor,
                 transpose: bool = False) -> torch.Tensor:
         """Analog MVM of the weighted sum of tiles sum_k c_k W_k (same shape) as one array:
@@ -308,5 +334,6 @@ for _scheme, _target in {
     "twin": "calibration.twin:open_twin",
     "visa": "drivers.visa_backend:open_visa",
     "serial": "drivers.serial_backend:open_serial",
+    "station": "drivers.station.url:open_station",
 }.items():
     register_backend(_scheme, _target)

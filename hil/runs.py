@@ -257,6 +257,29 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
     return RunResult(out, True, pos["global_step"], read_metrics(out / RUN_FILE))
 
 
+def estimate_train_seconds(cfg: RunConfig, backend: Backend) -> float | None:
+    """Instrument seconds the whole run would take on ``backend`` (None: no instrument time):
+    one training step measured on the backend's simulated twin, times the run's steps (the
+    initial write-verify of the weights is not included)."""
+    from hil.optim import AnalogOptimizer
+
+    ds = load_dataset(cfg)
+    t = cfg.train
+    steps = t.epochs * ((ds.x_train.shape[0] + t.batch_size - 1) // t.batch_size)
+
+    def one_step(twin: Backend) -> None:
+        model = build_model(cfg, ds)
+        make_analog(model, cfg, twin, program_init=False)
+        opt = AnalogOptimizer(model, cfg.algorithm.digital_lr or cfg.algorithm.lr)
+        idx = torch.arange(min(t.batch_size, ds.x_train.shape[0]))
+        opt.zero_grad()
+        _loss(model(ds.x_train[idx]), ds.y_train[idx], ds.task).backward()
+        opt.step()
+
+    per_step = backend.estimate_seconds(one_step)
+    return None if per_step is None else per_step * steps
+
+
 def demo_training(console: Console, out_dir: Path, backend_url: str) -> RunResult:
     """A short run for ``hil demo``: digits (400 training samples, 2 epochs, 80 steps),
     64-32-10 tanh FCN, RLv2 on any ``backend_url``, through the same code as ``hil train``;

@@ -10,6 +10,15 @@ import typer
 from hil.cli import app
 
 
+def format_seconds(seconds: float) -> str:
+    """'2 h 05 min', '3 min 12 s' or '4.2 s'."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{seconds:.1f} s"
+
+
 @app.command("characterize")
 def characterize_cmd(
     backend: Annotated[str, typer.Option(help="backend URL, e.g. 'sim://?model=power'")],
@@ -26,8 +35,12 @@ def characterize_cmd(
         help="characterize every tile this run configuration allocates, under the job's "
              "tile names (instead of --tile/--rows/--cols)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        help="print the modelled instrument time of the job and stop")] = False,
 ) -> None:
-    """Measure sweeps, the symmetric-point search and read noise into an HDF5 file."""
+    """Measure sweeps, the symmetric-point search and read noise into an HDF5 file.
+
+    On an instrument station the modelled instrument time is printed before starting."""
     from rich.console import Console
 
     from calibration.protocols import SweepProtocol
@@ -46,6 +59,15 @@ def characterize_cmd(
 
         tiles = job_tiles(load_config(config), str(config))
     console = Console()
+    from calibration.workflow import estimate_characterize
+
+    seconds = estimate_characterize(backend, tiles, proto)
+    if seconds is not None:
+        console.print(f"modelled instrument time: {format_seconds(seconds)}", highlight=False)
+    elif dry_run:
+        console.print("this backend has no instrument time to model", highlight=False)
+    if dry_run:
+        return
     path = run_characterize(backend, out, tiles, proto, console=None if quiet else console)
     console.print(f"measurement written to {path}", highlight=False)
 

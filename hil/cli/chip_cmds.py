@@ -31,10 +31,17 @@ def serve_virtual_chip(
     fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the fault injection."),
     duration: float | None = typer.Option(None, "--duration", min=0.0,
                                           help="Stop after this many seconds (default: Ctrl-C)."),
+    station: str | None = typer.Option(
+        None, "--station", help="Serve a station profile's simulated SMU and matrix instead "
+        "(two VISA TCPIP SOCKET resources; --port is the SMU's, the matrix's the next)."),
 ) -> None:
     """Serve BACKEND as a virtual crossbar test chip until Ctrl-C; prints the URL to open."""
     from drivers.virtual_chip import Faults, VirtualChip
     from hil.errors import ConfigError
+
+    if station is not None:
+        _serve_station(station, backend, port, duration)
+        return
 
     if pty == (port is not None):
         raise ConfigError("serve-virtual-chip", "--port/--pty", "give exactly one of them")
@@ -59,3 +66,31 @@ def serve_virtual_chip(
         fw = chip.firmware
         typer.echo(f"stopped: {fw.device_pulses} device-pulses applied, outputs "
                    f"{'on' if fw.outputs else 'off'}", err=True)
+
+
+def _serve_station(name: str, backend: str, port: int | None, duration: float | None) -> None:
+    """The simulated instruments of a station profile on loopback sockets until Ctrl-C."""
+    from drivers.station.backend import station_interlock
+    from drivers.station.profile import load_station_profile
+    from drivers.station.sim.server import StationServer
+
+    profile = load_station_profile(name)
+    station_interlock(profile)
+    ports = (port, port + 1) if port else (0, 0)
+    server = StationServer(profile, name, backend, ports)
+    try:
+        for which, resource in server.resources.items():
+            typer.echo(f"{which}: {resource}", err=True)
+        typer.echo(server.url)
+        typer.echo(f"simulated {profile.dialect} station serving {backend}; Ctrl-C stops it",
+                   err=True)
+        deadline = None if duration is None else time.monotonic() + duration
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        clock = server.sim.clock
+        typer.echo(f"stopped: {server.sim.chip.device_pulses} device-pulses, modelled "
+                   f"instrument time {clock.seconds:.3f} s", err=True)

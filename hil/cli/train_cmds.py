@@ -18,15 +18,37 @@ def train(
         help="run directory (default: the config's out_dir or runs/NAME)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's checkpoint")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        help="print the modelled instrument time of the run and stop")] = False,
 ) -> None:
     """Train a model on any backend as CONFIG says; metrics to run.h5, curves.png, checkpoints."""
     from rich.console import Console
 
-    from hil.config import load_config
-    from hil.runs import CURVES, RUN_FILE, train_run
+    from hil.backend import open_backend
+    from hil.cli.calibration_cmds import format_seconds
+    from hil.config import load_config, parse_config
+    from hil.errors import BackendURLError, ConfigError
+    from hil.runs import CURVES, RUN_FILE, estimate_train_seconds, train_run
 
     cfg = load_config(config)
+    if backend is not None:
+        cfg = parse_config({**cfg.model_dump(), "backend": backend}, str(config))
     console = Console()
+    seconds = None
+    if cfg.backend:
+        try:
+            be = open_backend(cfg.backend)
+        except BackendURLError as exc:
+            raise ConfigError(str(config), "backend", str(exc)) from None
+        with be:
+            seconds = estimate_train_seconds(cfg, be)
+    if seconds is not None:
+        console.print(f"modelled instrument time: {format_seconds(seconds)} (one step on the "
+                      "simulated station, times the run's steps)", highlight=False)
+    elif dry_run:
+        console.print("this backend has no instrument time to model", highlight=False)
+    if dry_run:
+        return
     result = train_run(cfg, out, config_path=str(config), resume=resume, backend_url=backend,
                        console=console, progress=not quiet)
     acc = result.final_accuracy

@@ -1,0 +1,232 @@
+"""What a station dialect does, whatever the command language: open and configure the two
+instruments, route one device, run pulse trains and reads on it, check both error queues,
+make the station safe; and the connections (pyvisa resources, or simulated instruments
+in-process) it does that over."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from drivers.station.profile import StationProfile
+from drivers.station.timing import TIMINGS, StationTiming, period_of
+from hil.errors import BackendError, InstrumentTimeout, ProtocolError
+
+
+@dataclass(frozen=True)
+class Route:
+    """The matrix outputs of one device's row and column lines."""
+
+    row: int
+    col: int
+
+
+class InstrumentError(BackendError):
+    """An instrument reported an error (its own code and message)."""
+
+
+class ComplianceTrip(BackendError):
+    """The SMU hit its current compliance on a device (named in the message)."""
+
+
+class Connection(ABC):
+    """A line-oriented connection to one instrument."""
+
+    name: str = "instrument"
+
+    @abstractmethod
+    def write(self, line: str) -> None: ...
+
+    @abstractmethod
+    def read(self) -> str: ...
+
+    def query(self, line: str) -> str:
+        self.write(line)
+        return self.read()
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release the connection."""
+
+
+class VisaConnection(Connection):
+    """A pyvisa resource (pyvisa-py '@py' by default: TCPIP SOCKET/INSTR, GPIB, USB)."""
+
+    def __init__(self, resource: str, timeout_s: float = 10.0, library: str = "@py"):
+        import pyvisa
+
+        self.name = resource
+        self._errors = (pyvisa.errors.VisaIOError, OSError)
+        try:
+            self._rm = pyvisa.ResourceManager(library)
+            self._inst = self._rm.open_resource(resource, open_timeout=int(timeout_s * 1000))
+        except Exception as exc:  # noqa: BLE001 - pyvisa-py raises plain Exception on refusal
+            raise BackendError(f"cannot open {resource}: {exc}", op="connect") from None
+        self._inst.timeout = int(timeout_s * 1000)
+        self._inst.read_termination = "\n"
+        self._inst.write_termination = "\n"
+
+    def write(self, line: str) -> None:
+        try:
+            self._inst.write(line)
+        except self._errors as exc:
+            raise InstrumentTimeout(f"{self.name}: {exc}", op="write") from None
+
+    def read(self) -> str:
+        try:
+            return self._inst.read().strip()
+        except self._errors as exc:
+            raise InstrumentTimeout(f"{self.name}: {exc}", op="read") from None
+
+    def close(self) -> None:
+        for thing in (self._inst, self._rm):
+            try:
+                thing.close()
+            except Exception:  # noqa: BLE001 - a dead session may fail to close
+                pass
+
+
+class LocalConnection(Connection):
+    """A simulated instrument in-process: ``serve(line) -> reply or None``."""
+
+    def __init__(self, serve: Callable[[str], str | None], name: str = "sim"):
+        self.name = name
+        self._serve = serve
+        self._replies: list[str] = []
+        self.sent: list[str] = []  # every program message, in order (tests replay them)
+
+    def write(self, message: str) -> None:
+        for line in message.split("\n"):  # a message of several lines: one command each
+            self.sent.append(line)
+            reply = self._serve(line)
+            if reply is not None:
+                self._replies.extend(reply.split("\n"))
+
+    def read(self) -> str:
+        if not self._replies:
+            raise InstrumentTimeout(f"{self.name}: no reply", op="read")
+        return self._replies.pop(0)
+
+
+Program = tuple[Route, list[int]]
+NOT_A_NUMBER = 9.9e37  # SCPI's NaN / overflow reading is 9.91E37 (SCPI-1999 Vol. 1, 7.2.1.5)
+
+
+def current(text: str, where: str) -> float:
+    """A current reading; a non-number, NaN or the SCPI overflow value is a ProtocolError."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ProtocolError(f"malformed reading {text!r} ({where})", op="read") from None
+    if not math.isfinite(value) or abs(value) >= NOT_A_NUMBER:
+        raise ProtocolError(f"the SMU returned no valid reading ({text}) on {where}",
+                            op="read")
+    return value
+
+
+class Dialect(ABC):
+    """One station family's command language over two connections (SMU, matrix)."""
+
+    def __init__(self, profile: StationProfile, smu: Connection, matrix: Connection):
+        self.profile = profile
+        self.smu = smu
+        self.matrix = matrix
+        self.timing: StationTiming = TIMINGS[profile.dialect]
+        self.routed: Route | None = None  # what the matrix holds now (None: all open)
+        self.armed = False  # SMU output on (after open(); off again after safe())
+        self.messages = 0  # program messages sent (benchmarks)
+        self.relay_commands = 0
+
+    def period(self, polarity: str) -> float:
+        return period_of(self.profile.pulses[polarity].width_s, self.profile.pulse_period_s,
+                         self.timing)
+
+    @abstractmethod
+    def open(self) -> None:
+        """Identify both instruments, reset, configure them, check both error queues."""
+
+    @abstractmethod
+    def _route(self, route: Route, where: str) -> None:
+        """Only this device's row on force and its column on ground (break before make),
+        confirmed by the matrix before returning."""
+
+    @abstractmethod
+    def exchange(self, steps: list[tuple[int, bool]], where: str) -> list[float]:
+        """On the routed device, in one SMU message: for each (count, read) a train of the
+        signed count (if nonzero), then a read (if asked); the currents read, in order."""
+
+    @abstractmethod
+    def arm(self) -> None:
+        """SMU output on at 0 V, confirmed (after open() and after every safe())."""
+
+    def ensure_armed(self) -> None:
+        if not self.armed:
+            self.arm()
+            self.armed = True
+
+    @abstractmethod
+    def idle(self) -> None:
+        """The SMU back to 0 V after a series of reads (output stays on)."""
+
+    def read_devices(self, routes: list[Route], where: list[str]) -> list[float]:
+        """Route each device in turn and measure its current at the read voltage."""
+        return [c[0] for c in self.run_programs([(r, [0]) for r in routes], where)]
+
+    def pulse_devices(self, trains: list[tuple[Route, int]], where: list[str]) -> None:
+        """Route each device in turn and apply its signed pulse count as one train."""
+        self.ensure_armed()
+        for (route, count), at in zip(trains, where, strict=True):
+            self._route(route, at)
+            self.exchange([(count, False)], at)
+
+    def run_programs(self, programs: list[Program], where: list[str]) -> list[list[float]]:
+        """Route each device once; for each count of its program: train (if any), read;
+        ``profile.batch`` steps per SMU message."""
+        out = []
+        batch = self.profile.batch
+        self.ensure_armed()
+        for (route, counts), at in zip(programs, where, strict=True):
+            self._route(route, at)
+            currents: list[float] = []
+            for start in range(0, len(counts), batch):
+                currents += self.exchange([(n, True) for n in counts[start:start + batch]], at)
+            out.append(currents)
+        self.idle()  # after an error the caller makes the station safe instead
+        return out
+
+    @abstractmethod
+    def safe(self) -> None:
+        """SMU output off, every relay open; raises unless both instruments confirm it."""
+
+    def close(self) -> None:
+        self.smu.close()
+        self.matrix.close()
+
+    # -- the time model (the same timings the simulated instruments' clock uses) -----------
+    def access_seconds(self, same_row: bool) -> float:
+        """One route change: a column step (row kept) or a new row and column, break before
+        make; plus the message that does it."""
+        t = self.timing
+        return t.relay_open_s + t.relay_close_s + t.message_s
+
+    def read_seconds(self) -> float:
+        t = self.timing
+        return self.profile.read.aperture_s + t.measure_overhead_s
+
+    def estimate(self, shape: tuple[int, int], reads: int, pulses: int, pulse_reads: int,
+                 count: int, calls: int = 1) -> float:
+        """Modelled seconds for whole-tile reads, pulse maps and pulse_read steps."""
+        rows, cols = shape
+        n = rows * cols
+        route = self.access_seconds(True)
+        train = abs(count) * self.period("potentiate") + self.timing.message_s
+        read = self.read_seconds() + self.timing.message_s
+        t = reads * n * (route + read) + pulses * n * (route + train)
+        if pulse_reads:
+            calls = max(1, min(calls, pulse_reads))
+            msgs = calls * -(-(pulse_reads // calls) // max(1, self.profile.batch))
+            t += n * (calls * route + pulse_reads * (abs(count) * self.period("potentiate")
+                                                     + self.read_seconds())
+                      + msgs * self.timing.message_s)
+        return t

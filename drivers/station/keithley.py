@@ -1,0 +1,196 @@
+"""The Keithley station dialect: a 2600B SMU (TSP, 2600B Reference Manual "TSP command
+reference": smua.source, smua.measure, the smua.trigger model, errorqueue) and a 707B/708B
+matrix (TSP, 707B Reference Manual Section 7: channel.exclusiveclose, channel.open,
+channel.connectrule). Every program message is one Lua chunk that ends by printing what the
+host needs (readings, the compliance flag, the error count), so each reply confirms it ran."""
+
+from __future__ import annotations
+
+from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route, current
+from drivers.station.profile import MATRIX_GEOMETRY
+from hil.errors import BackendError, ProtocolError
+
+COLS = MATRIX_GEOMETRY["keithley"][1]
+MARK = "ERRCOUNT"  # what the error-count chunk prints first
+LINE_HZ = 50.0  # power-line frequency of the lab (NPLC = aperture x line frequency)
+
+
+def channel(output: int, inp: int) -> str:
+    """Matrix output (1-based, slot-major) on row ``inp`` (1 = A) as a 707B channel 'SRCC'."""
+    slot, col = (output - 1) // COLS + 1, (output - 1) % COLS + 1
+    return f"{slot}{chr(64 + inp)}{col:02d}"
+
+
+class KeithleyDialect(Dialect):
+    """2600B + 707B over TSP."""
+
+    def open(self) -> None:
+        p = self.profile
+        for conn, inst in ((self.smu, p.smu), (self.matrix, p.matrix)):
+            idn = conn.query("*IDN?")
+            if inst.idn_contains not in idn:
+                raise BackendError(f"{conn.name} identifies as {idn!r}, profile {p.name!r} "
+                                   f"expects {inst.idn_contains!r}", op="identify")
+        self.s = "smub" if str(p.smu.channel) in ("b", "2") else "smua"
+        self._message(self.matrix, 'reset() errorqueue.clear() channel.open("allslots") '
+                                   "channel.connectrule = channel.BREAK_BEFORE_MAKE",
+                      "configure matrix")
+        self.routed = None
+        s, rd = self.s, p.read
+        self._message(self.smu, f"reset() errorqueue.clear() "
+                                f"{s}.source.func = {s}.OUTPUT_DCVOLTS {s}.source.levelv = 0 "
+                                f"{s}.source.limiti = {rd.compliance_a:.6g} "
+                                f"{s}.measure.nplc = {rd.aperture_s * LINE_HZ:.6g} "
+                                f"{s}.trigger.measure.action = {s}.DISABLE "
+                                f"{s}.trigger.endpulse.action = {s}.SOURCE_IDLE "
+                                f"{s}.trigger.endpulse.stimulus = trigger.timer[1].EVENT_ID "
+                                f"trigger.timer[1].count = 1 "
+                                f"trigger.timer[1].stimulus = {s}.trigger.SOURCE_COMPLETE_EVENT_ID "
+                                f"{s}.trigger.source.stimulus = trigger.timer[2].EVENT_ID "
+                                f"{s}.trigger.source.action = {s}.ENABLE", "configure SMU")
+        self.state: dict[str, object] = {"volt": 0.0, "limit": rd.compliance_a}
+
+    def arm(self) -> None:
+        s, rd = self.s, self.profile.read
+        self.state = {}
+        chunk = self._settings({"volt": 0.0, "limit": rd.compliance_a})
+        on = self._message(self.smu, f"{chunk} {s}.source.output = {s}.OUTPUT_ON "
+                                     f"print({s}.source.output)", "output on", 1)
+        if float(on[0]) != 1:
+            raise BackendError(f"{self.smu.name}: the output did not switch on", op="output")
+
+    # -- messages ----------------------------------------------------------------------------
+    def _message(self, conn, chunk: str, where: str, replies: int = 0) -> list[str]:
+        """Run ``chunk`` (which prints ``replies`` lines), then, as a chunk of its own (a
+        failing chunk stops at its error and prints nothing more), the error count."""
+        self.messages += 1
+        conn.write(f'{chunk}\nwaitcomplete() print("{MARK}", errorqueue.count)')
+        lines: list[str] = []
+        while True:
+            line = conn.read()
+            if line.startswith(MARK + "\t"):
+                break
+            lines.append(line)
+            if len(lines) > replies + 1000:
+                raise ProtocolError(f"no error count after {len(lines)} lines ({where})",
+                                    op="instrument")
+        count = int(float(line.split("\t")[1]))
+        if count != 0:
+            errors = []
+            for _ in range(32):
+                code, _, rest = conn.query("print(errorqueue.next())").partition("\t")
+                if int(float(code)) == 0:
+                    break
+                errors.append(f"{int(float(code))},{rest.split(chr(9))[0]}")
+            raise InstrumentError(f"{conn.name} reported {'; '.join(errors)} ({where})",
+                                  op="instrument")
+        if len(lines) != replies:
+            raise ProtocolError(f"{len(lines)} reply lines, expected {replies} ({where})",
+                                op="instrument")
+        return lines
+
+    def _route(self, route: Route, where: str) -> None:
+        m = self.profile.matrix
+        if self.routed == route:
+            return
+        chans = [channel(route.row, m.force_input), channel(route.col, m.ground_input)]
+        if m.sense_input:
+            chans.append(channel(route.row, m.sense_input))
+        self.routed = None
+        self.relay_commands += 1
+        self._message(self.matrix, f'channel.exclusiveclose("{",".join(chans)}")', where)
+        self.routed = route
+
+    def _settings(self, want: dict[str, object]) -> str:
+        s, out = self.s, []
+        spell = {"volt": f"{s}.source.levelv = {{:.6g}}", "limit": f"{s}.source.limiti = {{:.6g}}",
+                 "listv": f"{s}.trigger.source.listv({{{{{{:.6g}}}}}})",
+                 "tlimit": f"{s}.trigger.source.limiti = {{:.6g}}",
+                 "width": "trigger.timer[1].delay = {:.6g}",
+                 "period": "trigger.timer[2].delay = {:.6g}",
+                 "count": f"{s}.trigger.count = {{}}"}
+        for key, value in want.items():
+            if self.state.get(key) != value:
+                out.append(spell[key].format(value))
+                self.state[key] = value
+        return " ".join(out)
+
+    def _train(self, count: int) -> str:
+        polarity = "potentiate" if count > 0 else "depress"
+        shape = self.profile.pulses[polarity]
+        return (self._settings({"listv": shape.amplitude_v, "tlimit": shape.compliance_a,
+                                "width": shape.width_s, "period": self.period(polarity),
+                                "count": abs(count)})
+                + f" {self.s}.trigger.initiate() waitcomplete() print({self.s}.source.compliance)")
+
+    def _read(self) -> str:
+        rd = self.profile.read
+        return (self._settings({"volt": rd.voltage_v, "limit": rd.compliance_a})
+                + f" print({self.s}.measure.i(), {self.s}.source.compliance)")
+
+    def _smu(self, chunk: str, replies: int, where: str) -> list[str]:
+        try:
+            return self._message(self.smu, chunk, where, replies)
+        except BaseException:
+            self.state = {}
+            raise
+
+    @staticmethod
+    def _trip(flag: str, where: str, what: str) -> None:
+        flag = flag.strip()
+        if flag not in ("true", "false"):
+            raise ProtocolError(f"malformed compliance flag {flag!r} ({where})", op=what)
+        if flag == "true":
+            raise ComplianceTrip(f"SMU compliance reached on {where}", op=what)
+
+    def _reading(self, line: str, where: str) -> float:
+        value, _, flag = line.partition("\t")
+        self._trip(flag, where, "read")
+        return current(value, where)
+
+    # -- operations ----------------------------------------------------------------------------
+    def exchange(self, steps: list[tuple[int, bool]], where: str) -> list[float]:
+        parts: list[str] = []
+        kinds: list[str] = []
+        for n, read in steps:
+            if n:
+                parts.append(self._train(n))
+                kinds.append("trip")
+            if read:
+                parts.append(self._read())
+                kinds.append("current")
+        lines = self._smu(" ".join(parts), len(kinds), where)
+        currents = []
+        for kind, line in zip(kinds, lines, strict=True):
+            if kind == "trip":
+                self._trip(line, where, "exchange")
+            else:
+                currents.append(self._reading(line, where))
+        return currents
+
+    def idle(self) -> None:
+        if self.state.get("volt"):
+            self._smu(self._settings({"volt": 0.0}), 0, "idle")
+
+    def safe(self) -> None:
+        errors = []
+        s = getattr(self, "s", "smua")
+        self.state = {}
+        self.armed = False
+        try:
+            state = self.smu.query(f"{s}.source.output = {s}.OUTPUT_OFF waitcomplete() "
+                                   f"print({s}.source.output)")
+            if float(state) != 0:
+                errors.append("SMU output still on")
+        except (BackendError, ValueError) as exc:
+            errors.append(f"SMU: {exc}")
+        try:
+            closed = self.matrix.query('channel.open("allslots") waitcomplete() '
+                                       'print(channel.getclose("allslots"))')
+            self.routed = None
+            if closed.strip() != "nil":
+                errors.append(f"matrix still has {closed} closed")
+        except BackendError as exc:
+            errors.append(f"matrix: {exc}")
+        if errors:
+            raise BackendError("station not confirmed safe: " + "; ".join(errors), op="safe")

@@ -1,0 +1,207 @@
+"""Station profiles (drivers/profiles/<instruments>.yaml): which instruments, how the chip's
+lines are wired to the matrix, the physical SET/RESET pulses, the read, the conductance map
+and the station limits; validated by pydantic so a bad file fails in one line (file, field)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from drivers.profile import PulseShape, StationLimits, profile_path
+from hil.errors import ConfigError
+
+DIALECTS = ("keysight", "keithley")
+# Matrix geometry per dialect: (instrument inputs per card, DUT outputs per card, max cards).
+# Keysight B2200A: 14 inputs x 12 outputs per B2210A card, 4 card slots (B2200A User's Guide,
+# "Specifications"; E5250A with E5252A cards: 10 x 12, 4 slots, E5250A User's Guide ch. 1).
+# Keithley 707B with 7174A cards: rows A-H (8) x columns 1-12 per card, 6 slots
+# (707B Reference Manual 707B-901-01, Section 2 "Channel identification"; 708B: 1 slot).
+MATRIX_GEOMETRY = {"keysight": (14, 12, 4), "keithley": (8, 12, 6)}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Instrument(_Strict):
+    """One instrument: its VISA resource and what its *IDN? must contain."""
+
+    resource: str = Field(min_length=1)
+    idn_contains: str = Field(min_length=1)
+
+
+class Smu(Instrument):
+    channel: Literal["a", "b", 1, 2] = 1  # B2902: channel 1/2; 2602B: smua/smub
+
+
+class Matrix(Instrument):
+    """Which matrix inputs (1-based; Keithley rows A=1, B=2, ...) carry the SMU's force line,
+    the ground (GNDU or a grounded SMU) and optionally the SMU's sense line."""
+
+    cards: int = Field(ge=1)
+    force_input: int = Field(ge=1)
+    ground_input: int = Field(ge=1)
+    sense_input: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Matrix:
+        used = [i for i in (self.force_input, self.ground_input, self.sense_input) if i]
+        if len(set(used)) != len(used):
+            raise ValueError("force_input, ground_input and sense_input must differ")
+        return self
+
+
+def _lines(value: object) -> object:
+    """'1-8' or [1, 2, ...]: matrix outputs (1-based, card-major: card 2 output 1 is 13)."""
+    if isinstance(value, str):
+        first, sep, last = value.partition("-")
+        if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+            raise ValueError("lines must be 'FIRST-LAST' or a list of outputs")
+        return list(range(int(first), int(last) + 1))
+    return value
+
+
+class StationArray(_Strict):
+    """One crossbar array: the matrix output wired to each row line and each column line."""
+
+    rows: int = Field(ge=1, le=4096)
+    cols: int = Field(ge=1, le=4096)
+    row_lines: list[int]
+    col_lines: list[int]
+
+    _split = field_validator("row_lines", "col_lines", mode="before")(_lines)
+
+    @model_validator(mode="after")
+    def _count(self) -> StationArray:
+        if len(self.row_lines) != self.rows or len(self.col_lines) != self.cols:
+            raise ValueError(f"{len(self.row_lines)} row lines / {len(self.col_lines)} column "
+                             f"lines for a {self.rows}x{self.cols} array")
+        return self
+
+
+class TilePlace(_Strict):
+    array: int = Field(ge=0)
+    row: int = Field(ge=0)
+    col: int = Field(ge=0)
+
+
+class ReadSpec(_Strict):
+    """The read: a DC voltage below every device's switching threshold, measured for the
+    aperture (integration time) under a current compliance."""
+
+    voltage_v: float
+    aperture_s: float = Field(gt=0)
+    compliance_a: float = Field(gt=0)
+
+
+class Conductance(_Strict):
+    """Conductance-to-weight map: G_min..G_max as weights -1..1 (w = (G - G_ref)/scale),
+    or the map a calibration file wrote (``calib``)."""
+
+    g_min_s: float | None = Field(default=None, gt=0)
+    g_max_s: float | None = Field(default=None, gt=0)
+    calib: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Conductance:
+        pair = self.g_min_s is not None and self.g_max_s is not None
+        if pair == (self.calib is not None):
+            raise ValueError("give g_min_s and g_max_s, or calib")
+        if pair and self.g_max_s <= self.g_min_s:
+            raise ValueError("g_max_s must exceed g_min_s")
+        return self
+
+    @property
+    def g_ref(self) -> float:
+        return 0.5 * (self.g_min_s + self.g_max_s)
+
+    @property
+    def weight_scale(self) -> float:
+        return 0.5 * (self.g_max_s - self.g_min_s)
+
+
+class SimSettings(_Strict):
+    """The simulated instruments' device physics (only ``?sim=`` and serve-virtual-chip)."""
+
+    switching_threshold_v: float = Field(default=0.5, gt=0)  # |V| below it moves nothing
+    current_noise_a: float = Field(default=0.0, ge=0)  # SMU current measurement noise (std)
+
+
+class StationProfile(_Strict):
+    """A station profile: SMU + switch matrix wired to a chip's crossbar arrays."""
+
+    name: str
+    description: str = ""
+    dialect: Literal["keysight", "keithley"]
+    smu: Smu
+    matrix: Matrix
+    arrays: list[StationArray] = Field(min_length=1)
+    tiles: dict[str, TilePlace] = Field(default_factory=dict)
+    pulses: dict[Literal["potentiate", "depress"], PulseShape]
+    pulse_period_s: float = Field(gt=0)
+    dw_min: float = Field(gt=0)  # nominal weight change of one pulse (from calibration)
+    read: ReadSpec
+    conductance: Conductance
+    limits: StationLimits
+    batch: int = Field(default=64, ge=1, le=4096)  # devices per message before an error check
+    sim: SimSettings = SimSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StationProfile:
+        inputs, per_card, max_cards = MATRIX_GEOMETRY[self.dialect]
+        if self.matrix.cards > max_cards:
+            raise ValueError(f"matrix.cards={self.matrix.cards}: a {self.dialect} matrix "
+                             f"holds at most {max_cards}")
+        for name in ("force_input", "ground_input", "sense_input"):
+            value = getattr(self.matrix, name)
+            if value is not None and value > inputs:
+                raise ValueError(f"matrix.{name}={value}: the matrix has {inputs} inputs")
+        outputs = per_card * self.matrix.cards
+        seen: set[int] = set()
+        for k, a in enumerate(self.arrays):
+            for line in (*a.row_lines, *a.col_lines):
+                if not 1 <= line <= outputs:
+                    raise ValueError(f"arrays.{k}: line {line} outside the matrix outputs "
+                                     f"1..{outputs}")
+                if line in seen:
+                    raise ValueError(f"arrays.{k}: matrix output {line} wired twice")
+                seen.add(line)
+        if set(self.pulses) != {"potentiate", "depress"}:
+            raise ValueError("pulses needs potentiate and depress")
+        for name, p in self.tiles.items():
+            if p.array >= len(self.arrays):
+                raise ValueError(f"tiles.{name}.array={p.array} but there are "
+                                 f"{len(self.arrays)} arrays")
+        return self
+
+
+def load_station_profile(name_or_path: str) -> StationProfile:
+    """Read and validate a station profile; ConfigError names the file and the field."""
+    path = profile_path(name_or_path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(str(path), "profile", f"no such profile file (shipped: {known})") \
+            from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), "yaml", str(exc).replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "<top>", "a profile must be a mapping")
+    return station_profile(raw, str(path))
+
+
+def station_profile(raw: dict, where: str = "<profile>") -> StationProfile:
+    """Validate a profile mapping (files, tests and benchmarks build them)."""
+    if "dialect" not in raw:
+        raise ConfigError(where, "dialect", "not a station profile: give dialect "
+                          f"({' or '.join(DIALECTS)}), smu, matrix, arrays, pulses, read, ...")
+    try:
+        return StationProfile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "<top>"
+        raise ConfigError(where, field, err["msg"]) from None

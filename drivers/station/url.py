@@ -1,0 +1,93 @@
+"""``station://PROFILE`` (real instruments over VISA) and ``station://PROFILE?sim=URL`` (the
+same driver against simulated instruments in-process, driven by the backend at URL)."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from drivers.station.backend import StationBackend, station_interlock
+from drivers.station.dialect import Connection, LocalConnection, VisaConnection
+from drivers.station.profile import StationProfile, load_station_profile
+from drivers.weight_map import WeightMap
+from hil.errors import BackendURLError
+from hil.url import BackendURL
+
+
+def dialect_class(profile: StationProfile):
+    if profile.dialect == "keysight":
+        from drivers.station.keysight import KeysightDialect
+
+        return KeysightDialect
+    from drivers.station.keithley import KeithleyDialect
+
+    return KeithleyDialect
+
+
+def open_station(url: BackendURL) -> StationBackend:
+    """Every parameter and every limit is checked before a connection is opened.
+
+    ``sim=`` must be the last parameter: everything after it is the simulated chip's URL
+    (so ``station://P?sim=sim://?model=power&seed=1`` needs no escaping)."""
+    raw = url.url
+    sim_url = None
+    if "sim=" in raw.partition("?")[2]:
+        sim_url = unquote(raw.partition("?")[2].split("sim=", 1)[1]) or "sim://"
+        before = raw.partition("?")[2].split("sim=", 1)[0]
+        keep = {kv.split("=", 1)[0] for kv in before.split("&") if kv}
+        for key in list(url.params):
+            if key not in keep:
+                url._raw(key)  # part of the simulated chip's URL
+    if not url.location:
+        raise BackendURLError(f"backend URL {raw!r}: give a station profile, e.g. "
+                              "station://keysight-b2900-b2200")
+    profile = load_station_profile(url.location)
+    timeout = url.get_float("timeout", 10.0, lo=0.001, hi=600.0)
+    library = url.get_str("library", "@py") or "@py"
+    calib = url.get_str("calib") or profile.conductance.calib
+    smu = url.get_str("smu")  # VISA resources overriding the profile's (e.g. a served sim)
+    matrix = url.get_str("matrix")
+    if smu or matrix:
+        profile = profile.model_copy(update={
+            "smu": profile.smu.model_copy(update={"resource": smu or profile.smu.resource}),
+            "matrix": profile.matrix.model_copy(
+                update={"resource": matrix or profile.matrix.resource})})
+    url.finish()
+    station_interlock(profile)  # refuse a bad profile before any byte
+    weight_map = WeightMap.load(calib) if calib else None
+    return connect(raw, profile, sim_url, weight_map, timeout, library)
+
+
+def connect(url: str, profile: StationProfile, sim_url: str | None = None,
+            weight_map: WeightMap | None = None, timeout_s: float = 10.0,
+            library: str = "@py") -> StationBackend:
+    """The backend on real instruments (``sim_url`` None) or on a simulated station."""
+    chip = None
+    if sim_url is not None:
+        from drivers.station.sim.station import SimStation
+
+        sim = SimStation(profile, sim_url)
+        chip = sim.chip
+        smu: Connection = LocalConnection(sim.server("smu"), "sim-smu")
+        matrix: Connection = LocalConnection(sim.server("matrix"), "sim-matrix")
+        sim.chip.station = sim
+    else:
+        smu = VisaConnection(profile.smu.resource, timeout_s, library)
+        try:
+            matrix = VisaConnection(profile.matrix.resource, timeout_s, library)
+        except BaseException:
+            smu.close()
+            raise
+    try:
+        dialect = dialect_class(profile)(profile, smu, matrix)
+    except BaseException:
+        smu.close()
+        matrix.close()
+        if chip is not None:
+            chip.close()
+        raise
+    try:
+        return StationBackend(url, profile, dialect, weight_map, chip)
+    except BaseException:
+        if chip is not None:
+            chip.close()
+        raise
