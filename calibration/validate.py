@@ -42,9 +42,9 @@ dw_min (what the algorithms divide by).
    ``noise_tol``; ``tile_step_tol`` for the pooled ratios).
 
 The verdict passes when the final metric lies in the twin's interval, no tile diverges
-and at most ``max_diverged`` of the devices do (a device the calibration fitted badly is
-named in the report without failing the chip; a changed chip moves many). Everything
-lands in OUT: ``validate.h5``, ``report.md``, ``curves.png``,
+and at most ``max_diverged`` of the devices do (at least one; a device the calibration
+fitted badly is named in the report without failing the chip; a changed chip moves
+many). Everything lands in OUT: ``validate.h5``, ``report.md``, ``curves.png``,
 ``prediction_map.png``, ``prediction_hist.png``, and the run directories chip/, twin-K/.
 """
 
@@ -431,7 +431,7 @@ def validate(cfg: RunConfig, chip_url: str, calib: Path, out: Path, *, seeds: in
     devs = [d for d in divergences if d.row >= 0]
     tile_divs = [d for d in divergences if d.row < 0]
     n_diverged = len({(d.tile, d.row, d.col) for d in devs})
-    allowed = int(tol.max_diverged * n_dev)
+    allowed = max(1, int(tol.max_diverged * n_dev)) if tol.max_diverged > 0 else 0
     passed = metric_ok and not tile_divs and n_diverged <= allowed
     label = "accuracy" if metric == "test_acc" else "test loss"
     fmt = (lambda v: f"{100 * v:.1f}%") if metric == "test_acc" else (lambda v: f"{v:.4g}")

@@ -32,7 +32,8 @@ def validate_cmd(
     noise_tol: Annotated[float, typer.Option(min=0.0, help="tolerated rms z of moved "
                                              "devices")] = 2.0,
     max_diverged: Annotated[float, typer.Option(min=0.0, max=1.0, help="fraction of devices "
-                                                "that may diverge and still PASS")] = 0.01,
+                                                "that may diverge and still PASS (at least "
+                                                "one; 0: none)")] = 0.01,
     twin_options: Annotated[str, typer.Option(
         help="more twin:// URL parameters, e.g. 'io=paper' where the chip's MVMs have "
              "that periphery")] = "",
