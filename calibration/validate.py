@@ -370,8 +370,9 @@ def validate(cfg: RunConfig, chip_url: str, calib: Path, out: Path, *, seeds: in
     if not calib.is_file():
         raise ConfigError(str(calib), "--twin", "no such calibration file")
     out = Path(out)
-    if (out / "validate.h5").exists():
-        raise ConfigError(str(out), "--out", "already holds a validation (choose another)")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(str(out), "--out", "is not empty (a validation writes a new "
+                                             "directory)")
     tiles = job_tiles(cfg, config_path)
     _, kind = twin_url(calib, tiles, 0)
     predictor = StepPredictor(calib, tiles, tol)
