@@ -38,6 +38,7 @@ def write_figures(out: Path, metric: str, chip: np.ndarray, twins: np.ndarray, m
     ax.plot(epochs, scale * twins.mean(0), color="tab:blue", lw=1)
     ax.plot(epochs, scale * chip, "o-", color="tab:red", lw=1.5, ms=3, label="chip")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy (%)" if metric == "test_acc" else "test loss")
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()

@@ -18,25 +18,33 @@ CHIP = ("sim://?model=power&gamma=0.5&tau=0.6&dw_min=0.01&d2d=0.2&c2c=0.1&read_n
 STATION = "station://keysight-b2900-b2200?sim="
 JOB = {"name": "validate-station", "seed": 0,
        "model": {"hidden": [], "activation": "tanh"},
-       "data": {"name": "least_squares", "n_inputs": 8, "n_outputs": 8, "limit_train": 128},
+       "data": {"name": "least_squares", "n_inputs": 8, "n_outputs": 8, "limit_train": 96},
        "algorithm": {"name": "analog_sgd", "lr": 0.05, "update": "pulse", "io": "digital"},
        "train": {"epochs": 2, "batch_size": 16}}
+TOL = Tolerances(replicas=4)
 
 
-def test_validate_on_a_station(tmp_path):
-    job = tmp_path / "job.yaml"
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("station")
+    job = tmp / "job.yaml"
     job.write_text(yaml.safe_dump(JOB))
     main(["characterize", "--backend", STATION + CHIP, "--config", str(job), "--out",
-          str(tmp_path / "m.h5"), "--pulses", "60", "--sympoint-pairs", "20",
+          str(tmp / "m.h5"), "--pulses", "60", "--sympoint-pairs", "20",
           "--noise-reads", "10", "--quiet"])
-    main(["fit", str(tmp_path / "m.h5"), "--out", str(tmp_path / "c.h5")])
-    cfg = parse_config(JOB)
-    tol = Tolerances(replicas=4)
-    ok = validate(cfg, STATION + CHIP, tmp_path / "c.h5", tmp_path / "ok", seeds=2, tol=tol,
-                  progress=False)
+    main(["fit", str(tmp / "m.h5"), "--out", str(tmp / "c.h5")])
+    return tmp / "c.h5"
+
+
+def test_unchanged_chip_passes_on_a_station(calibrated, tmp_path):
+    ok = validate(parse_config(JOB), STATION + CHIP, calibrated, tmp_path / "ok", seeds=2,
+                  tol=TOL, progress=False)
     assert ok.passed, ok.verdict
-    drifting = validate(cfg, STATION + CHIP + "&drift=0.05", tmp_path / "c.h5",
-                        tmp_path / "drift", seeds=2, tol=tol, progress=False)
+
+
+def test_drifting_chip_fails_on_a_station(calibrated, tmp_path):
+    drifting = validate(parse_config(JOB), STATION + CHIP + "&drift=0.05", calibrated,
+                        tmp_path / "drift", seeds=2, tol=TOL, progress=False)
     assert not drifting.passed
     assert drifting.counts["drift"] >= 5, drifting.verdict
     assert "| drift |" in (tmp_path / "drift" / "report.md").read_text()
