@@ -122,17 +122,21 @@ class StepPredictor:
         self.tiles = tiles
         base = 100_000
         self.replicas: list[Backend] = []
-        for k in range(tol.replicas):
-            url, _ = twin_url(calib, tiles, base + k, tol.twin_options)
-            try:
-                be = open_backend(url)
-            except BackendURLError as exc:
-                raise ConfigError(str(calib), "tiles", f"the calibration does not hold the "
-                                  f"job's tiles {sorted(tiles)} and no population twin "
-                                  f"opens ({exc}); run hil characterize --config") from None
-            for name, shape in tiles.items():
-                be.allocate(name, *shape)
-            self.replicas.append(be)
+        try:
+            for k in range(tol.replicas):
+                url, _ = twin_url(calib, tiles, base + k, tol.twin_options)
+                try:
+                    be = open_backend(url)
+                except BackendURLError as exc:
+                    raise ConfigError(str(calib), "tiles", f"no twin of the job's tiles "
+                                      f"{sorted(tiles)} opens ({exc}); run hil characterize "
+                                      "--config") from None
+                self.replicas.append(be)
+                for name, shape in tiles.items():
+                    be.allocate(name, *shape)
+        except BaseException:
+            self.close()
+            raise
         self.read_noise = {n: self._read_noise(self.replicas[0].tile(n)) for n in tiles}
         self.dw = {n: self.replicas[0].tile(n).devices.dw_min.detach().cpu().double()
                    .expand(*s).numpy().copy() for n, s in tiles.items()}
