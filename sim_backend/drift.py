@@ -3,7 +3,8 @@ operations and ageing with the pulses a device has taken. Both are off by defaul
 
 Time is a modelled clock, never wall time, so seeded runs stay bit-identical: every tile
 operation (read, read_columns, pulse, pulse_columns, mvm, outer_update) advances the
-backend's clock by ``clock`` seconds before it acts.
+backend's clock by ``clock`` seconds before it acts (``Backend.mvm_sum``, the weighted
+sum of tiles read as one array, reads the weights as they stand without a tick).
 
 Drift (a power law in time, as aihwkit's PCM drift model, relaxing towards w = 0, the
 reference conductance): a device last pulsed at t_p holds at time t
