@@ -21,7 +21,9 @@ JOB = {"name": "validate-station", "seed": 0,
        "data": {"name": "least_squares", "n_inputs": 8, "n_outputs": 8, "limit_train": 96},
        "algorithm": {"name": "analog_sgd", "lr": 0.05, "update": "pulse", "io": "digital"},
        "train": {"epochs": 2, "batch_size": 16}}
-TOL = Tolerances(replicas=4)
+# a short characterization (60 pulses, 10 noise reads) leaves a few devices' c2c and read
+# noise misfit: up to 5 % of the 64 devices may diverge on the unchanged chip
+TOL = Tolerances(replicas=4, max_diverged=0.05)
 
 
 @pytest.fixture(scope="module")
