@@ -113,3 +113,17 @@ def test_recording_backend_logs_the_pulses_of_steps_only():
         for call in steps[0]:
             call.replay(t)
         assert torch.equal(t.read(), after)
+
+
+def test_a_job_trains_on_the_chips_existing_tiles_but_layers_never_share_one():
+    from hil.algorithms import AnalogSGD
+
+    with open_backend(BASE) as be:
+        calibrated = be.allocate("fc1.W", 2, 2)  # left on the chip by a characterization
+        alg = AnalogSGD(be, (2, 2), lr=0.1, prefix="fc1")
+        assert alg.tiles["W"] is calibrated
+        with pytest.raises(Exception, match="already allocated"):
+            AnalogSGD(be, (2, 2), lr=0.1, prefix="fc1")
+        be.allocate("fc2.W", 3, 3)
+        with pytest.raises(Exception, match="shape"):
+            AnalogSGD(be, (2, 2), lr=0.1, prefix="fc2")

@@ -107,7 +107,8 @@ class AnalogAlgorithm(ABC):
         self.gen = torch.Generator(device="cpu")
         self.gen.manual_seed(int(seed))
         self.tiles: dict[str, Tile] = {
-            role: claim_tile(backend, f"{prefix}.{role}", self.shape) for role in self.roles
+            role: claim_tile(backend, f"{prefix}.{role}", self.shape, exclusive=True)
+            for role in self.roles
         }
 
     # -- reading ---------------------------------------------------------------------

@@ -94,7 +94,7 @@ class _TwoTile(AnalogAlgorithm):
         self.column = 0  # next column of the 'column' schedule
         self.zero_shift = bool(zero_shift)
         if self.zero_shift:
-            self.tiles["P_ref"] = claim_tile(backend, f"{prefix}.P_ref", self.shape)
+            self.tiles["P_ref"] = claim_tile(backend, f"{prefix}.P_ref", self.shape, exclusive=True)
             self._setup_zero_shift(int(zero_shift_cycles))
 
     def _setup_zero_shift(self, cycles: int) -> None:
