@@ -42,6 +42,10 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0, help="first chip seed")
     ap.add_argument("--detect-seeds", type=int, default=1)
     ap.add_argument("--twin-seeds", type=int, default=3)
+    ap.add_argument("--dw", type=float, nargs="*", default=list(DW_CHANGES),
+                    help="relative dw_min changes of the detection runs")
+    ap.add_argument("--gamma", type=float, nargs="*", default=list(GAMMA_CHANGES),
+                    help="relative gamma changes of the detection runs")
     args = ap.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -83,9 +87,9 @@ def main() -> None:
         run(f"unchanged-{s}", *calibrated(s))
     for s in range(args.detect_seeds):
         chip, calib = calibrated(s)
-        for c in DW_CHANGES:
+        for c in args.dw:
             run(f"dw{c:+g}-{s}", f"{chip}&age_dw={c}&aged=1e6", calib)
-        for c in GAMMA_CHANGES:
+        for c in args.gamma:
             run(f"gamma{c:+g}-{s}", f"{chip}&age_gamma={c}&aged=1e6", calib)
     summarize(log)
 
