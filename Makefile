@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)  # pinned CPU torch first: never a multi-GB CUDA build
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,sweep]'  # sweep: Ray, so the tests cover hil sweep
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/emulator.py
 	$(PY) benchmarks/calibration.py
 	$(PY) benchmarks/drivers.py
+	$(PY) benchmarks/sweep.py
 
 clean:
 	rm -rf $(VENV) out runs

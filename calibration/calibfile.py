@@ -142,13 +142,66 @@ def write_calibration(path: Path, tiles: list[TileCalibration],
         raise
 
 
+def _check_tile(path: str, where: str, shape: tuple[int, int], values: dict[str, np.ndarray],
+                fams: dict[str, dict[str, np.ndarray]], scale: float) -> None:
+    """The values a twin, zero-shifting, a report and the drivers rely on: every per-device
+    map [rows, cols], family_index an integer index into FAMILIES (or -1), and for every
+    fitted device a finite positive dw_min and finite bounds tau_min < tau_max."""
+    if min(shape) < 1:
+        raise ConfigError(path, f"{where}.rows/cols", f"bad tile shape {shape}")
+    if not np.isfinite(scale) or scale == 0:
+        raise ConfigError(path, f"{where}.weight_scale", "must be one finite nonzero number")
+    for key in (*PER_DEVICE, "family_index"):
+        v = np.asarray(values[key])
+        if v.shape != shape or v.dtype.kind not in "iuf":
+            raise ConfigError(path, f"{where}/{key}", f"must be a numeric array of the tile's "
+                              f"shape {shape}, got {v.dtype} {tuple(v.shape)}")
+    g_ref = np.asarray(values["G_ref"])
+    if g_ref.shape not in ((), shape) or g_ref.dtype.kind not in "iuf" \
+            or not np.isfinite(g_ref).all():
+        raise ConfigError(path, f"{where}/G_ref", "must be a finite scalar or a finite array "
+                          f"of the tile's shape {shape}")
+    idx = values["family_index"]
+    if idx.dtype.kind not in "iu":
+        raise ConfigError(path, f"{where}/family_index", f"must be integers, got {idx.dtype}")
+    bad = (idx < -1) | (idx >= len(FAMILIES))
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise ConfigError(path, f"{where}/family_index",
+                          f"{int(idx[r, c])} at device ({r}, {c}) is not -1 (no steps) or an "
+                          f"index into the {len(FAMILIES)} families {', '.join(FAMILIES)}")
+    fitted = idx >= 0
+    with np.errstate(invalid="ignore"):
+        checks = (("dw_min", values["dw_min"] > 0, "a finite positive step"),
+                  ("tau_min", np.isfinite(values["tau_min"]), "finite"),
+                  ("tau_max", values["tau_max"] > values["tau_min"], "finite and > tau_min"))
+    for key, ok, want in checks:
+        broken = fitted & ~(ok & np.isfinite(values[key]))
+        if broken.any():
+            r, c = np.argwhere(broken)[0]
+            raise ConfigError(path, f"{where}/{key}",
+                              f"{float(values[key][r, c])} at fitted device ({r}, {c}) must be "
+                              f"{want}")
+    for fam, p in fams.items():
+        for key, v in p.items():
+            if np.asarray(v).shape[:2] != shape:
+                raise ConfigError(path, f"{where}/families/{fam}/{key}",
+                                  f"leading shape {tuple(np.asarray(v).shape[:2])} is not the "
+                                  f"tile's {shape}")
+
+
 def load_calibration(path: Path | str) -> Calibration:
     """Read a calibration file; anything missing or unreadable is one ConfigError."""
     path = Path(path)
     with open_hdf5(path) as f:
         if f.attrs.get("kind") != KIND:
             raise ConfigError(str(path), "kind", "not an analog-hil calibration file")
-        order = json.loads(f.attrs.get("tile_order", "[]"))
+        try:
+            order = json.loads(f.attrs.get("tile_order", "[]"))
+        except (TypeError, ValueError):
+            order = None
+        if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
+            raise ConfigError(str(path), "tile_order", "must be a JSON list of tile names")
         cal = Calibration(path=path, attrs=dict(f.attrs), tiles={})
         for name in order:
             where = f"tiles/{name}"
@@ -161,10 +214,11 @@ def load_calibration(path: Path | str) -> Calibration:
                         for fam, grp in g["families"].items()}
                 bins = {k: d[()] for k, d in g["bins"].items()} if "bins" in g else {}
                 scale = float(g.attrs["weight_scale"])
-            except (KeyError, OSError) as exc:
+            except (KeyError, OSError, TypeError, ValueError, AttributeError) as exc:
                 raise ConfigError(str(path), where, f"missing or unreadable: {exc}") from None
             if "tabulated" not in fams:
                 raise ConfigError(str(path), f"{where}/families", "no tabulated family")
+            _check_tile(str(path), where, shape, values, fams, scale)
             cal.tiles[name] = TileCalibration(name, shape, values, fams, bins, scale)
     if not cal.tiles:
         raise ConfigError(str(path), "tiles", "the file holds no tile")

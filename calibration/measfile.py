@@ -4,11 +4,17 @@ Layout: ``/tiles/<tile>/<protocol>/states`` float32 [T, rows, cols] (chunked, re
 NaN fill so a row never written reads as NaN) and ``.../pulses`` int32 [T - 1] (signed
 pulses applied between consecutive reads). Root attributes: backend URL, package
 version, protocol parameters (JSON), ``complete``. Flushed after every block.
+
+The file is written as ``NAME.partial.h5`` beside its final path and renamed into place
+only when the measurement is complete: an existing measurement is never overwritten by
+a run that does not finish, and a stopped or crashed run leaves its blocks readable in the
+partial file (``complete`` false; fitting it needs ``--allow-partial``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -29,12 +35,20 @@ def package_version() -> str:
         return "unknown"
 
 
+def partial_path(path: Path) -> Path:
+    """Where a measurement is written until it is complete."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix or '.h5'}")
+
+
 class MeasurementWriter:
-    """Appends read blocks to a measurement file; a crash loses at most the block in flight."""
+    """Appends read blocks to a measurement file; a crash loses at most the block in flight.
+    Written to :func:`partial_path` and renamed to ``path`` when closed complete."""
 
     def __init__(self, path: Path, backend_url: str, protocol: dict[str, object]):
         self.path = Path(path)
-        self.file = h5py.File(self.path, "w")
+        self.partial = partial_path(self.path)
+        self.file = h5py.File(self.partial, "w")
         self.file.attrs.update({
             "kind": "analog-hil measurement", "backend_url": backend_url,
             "package_version": package_version(), "protocol": json.dumps(protocol),
@@ -74,6 +88,8 @@ class MeasurementWriter:
         if self.file.id.valid:
             self.file.attrs["complete"] = bool(complete)
             self.file.close()
+            if complete:
+                os.replace(self.partial, self.path)
 
     def __enter__(self) -> MeasurementWriter:
         return self
@@ -107,6 +123,22 @@ def open_hdf5(path: Path) -> h5py.File:
                           f"not a readable HDF5 file (truncated or corrupt?): {exc}") from None
 
 
+def _check_datasets(path: Path, where: str, states: np.ndarray, pulses: np.ndarray) -> None:
+    """states: float [T, rows, cols]; pulses: integer [T - 1] (or fewer, cut short)."""
+    if states.dtype.kind != "f" or states.ndim != 3 or 0 in states.shape[1:]:
+        raise ConfigError(str(path), f"{where}/states",
+                          f"must be a float array (reads, rows, cols), got {states.dtype} "
+                          f"{tuple(states.shape)}")
+    if np.isinf(states).any():  # NaN marks a read never written; inf is no reading
+        t, r, c = np.argwhere(np.isinf(states))[0]
+        raise ConfigError(str(path), f"{where}/states",
+                          f"infinite value at read {t}, device ({r}, {c})")
+    if pulses.dtype.kind not in "iu" or pulses.ndim != 1:
+        raise ConfigError(str(path), f"{where}/pulses",
+                          f"must be an integer array (reads - 1,), got {pulses.dtype} "
+                          f"{tuple(pulses.shape)}")
+
+
 def load_measurement(path: Path) -> Measurement:
     """Read a measurement file; a truncated or foreign file is one ConfigError."""
     path = Path(path)
@@ -120,14 +152,24 @@ def load_measurement(path: Path) -> Measurement:
         m = Measurement(path=path, attrs=dict(f.attrs), protocol=protocol)
         for name, grp in f["tiles"].items():
             m.tiles[name] = {}
+            if not isinstance(grp, h5py.Group):
+                raise ConfigError(str(path), f"tiles/{name}", "must be a group of protocols")
             for proto, g in grp.items():
+                if not isinstance(g, h5py.Group):
+                    raise ConfigError(str(path), f"tiles/{name}/{proto}",
+                                      "must be a group with states and pulses")
                 try:
                     st, pu = g["states"][()], g["pulses"][()]
                 except (KeyError, OSError) as exc:
                     raise ConfigError(str(path), f"tiles/{name}/{proto}",
                                       f"unreadable dataset: {exc}") from None
+                _check_datasets(path, f"tiles/{name}/{proto}", st, pu)
                 n = min(st.shape[0], pu.shape[0] + 1)  # a block cut short: keep what pairs up
                 m.tiles[name][proto] = (st[:n], pu[: max(n - 1, 0)])
+            shapes = {st.shape[1:] for st, _ in m.tiles[name].values()}
+            if len(shapes) > 1:
+                raise ConfigError(str(path), f"tiles/{name}",
+                                  f"protocols disagree on the tile shape: {sorted(shapes)}")
     if not m.tiles:
         raise ConfigError(str(path), "tiles", "the file holds no tile")
     return m

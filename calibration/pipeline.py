@@ -38,9 +38,14 @@ def fit_measurement(meas: Measurement, **fit_kw: object) -> list[TileCalibration
     return out
 
 
-def fit_file(path: Path, **fit_kw: object) -> tuple[list[TileCalibration], dict[str, object]]:
-    """Fit a measurement file; returns the tiles and the provenance to store."""
+def fit_file(path: Path, allow_partial: bool = False,
+             **fit_kw: object) -> tuple[list[TileCalibration], dict[str, object]]:
+    """Fit a measurement file; returns the tiles and the provenance to store. A partial
+    measurement (a run that stopped before its end) is refused unless ``allow_partial``."""
     meas = load_measurement(path)
+    if not meas.attrs.get("complete", False) and not allow_partial:
+        raise ConfigError(str(path), "complete", "a partial measurement (the run stopped "
+                          "before its end); fit it anyway with --allow-partial")
     prov = {"source": str(path), "source_kind": "measurement",
             "backend_url": meas.attrs.get("backend_url"), "protocol": meas.protocol,
             "measurement_complete": bool(meas.attrs.get("complete", False)),

@@ -149,7 +149,7 @@ def _trend(x: Tensor, y: Tensor, ok: Tensor,
 
 
 def _c2c_var(y: Tensor, ok: Tensor, d: Tensor, npulse: Tensor, f: Tensor, slope: Tensor,
-             r1: Tensor) -> tuple[Tensor, Tensor]:
+             r1: Tensor, small_read: Tensor) -> tuple[Tensor, Tensor]:
     """Relative c2c variance and read-noise variance from second differences of the steps'
     residuals about a smooth trend.
 
@@ -161,7 +161,10 @@ def _c2c_var(y: Tensor, ok: Tensor, d: Tensor, npulse: Tensor, f: Tensor, slope:
     + 4 f_(k+1)^2 + f_(k+2)^2) / n + 20 s^2 / n^2 (read noise s). The f^2 come from
     y_k y_(k+2) (free of both noises but for the state feedback, E = f_k f_(k+2)
     (1 + g (1 + g) c^2), g = n df/dx) and the trend's ratios; the lag covariances of
-    :func:`_noise` give r1 = s^2 + G c^2. The pooled sums solve for c^2 and s^2."""
+    :func:`_noise` give r1 = s^2 + G c^2. The pooled sums solve for c^2 and s^2.
+    Where the reads alone showed the read noise small against the steps (``small_read``),
+    its share of D's variance is capped at half: large, fast-changing steps can leave
+    structure in the lag covariances that would otherwise read as read noise."""
     trip = ok[:-2] & ok[1:-1] & ok[2:] & (d[:-2] == d[1:-1]).unsqueeze(1) \
         & (d[1:-1] == d[2:]).unsqueeze(1)
     n = npulse[:-2]
@@ -180,6 +183,7 @@ def _c2c_var(y: Tensor, ok: Tensor, d: Tensor, npulse: Tensor, f: Tensor, slope:
     pair = ok[:-1] & ok[1:]
     gf2 = torch.where(pair, (slope[:-1] * f[:-1] * npulse[:-1]) ** 2, 0.0)
     g_term = gf2.sum(0) / pair.sum(0).clamp_min(1).to(y.dtype)
+    r1 = torch.where(small_read, torch.minimum(r1, 0.5 * a / k.clamp_min(1e-300)), r1)
     c2 = torch.zeros_like(a)
     for _ in range(4):  # fixed point of the (nearly linear) equation in c^2
         den = (b - k * g_term - h * c2).clamp_min(0.25 * b.abs() + 1e-300)
@@ -242,7 +246,7 @@ def _chunk(s: Tensor, d: Tensor, bins: int, window: int) -> tuple[Tensor, ...]:
     # noise from lines through the lag-corrected states (the binning stays on x_b)
     _, r1 = _noise(x_c, y, ok, npulse, binner)
     f_trend, g_trend, _ = _trend(x_c, y, ok, direction)
-    c2c_var, read_var = _c2c_var(y, ok, d, npulse, f_trend, g_trend, r1)
+    c2c_var, read_var = _c2c_var(y, ok, d, npulse, f_trend, g_trend, r1, ~use_lag)
     # contiguous runs of steps in one (direction, bin): read noise telescopes within a run
     flat = binner.flat
     prev_same = torch.zeros_like(ok)

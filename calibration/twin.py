@@ -29,7 +29,7 @@ import torch
 from calibration.calibfile import Calibration, TileCalibration, load_calibration
 from calibration.fit import FAMILIES, GAMMA_LIMITS
 from hil.errors import BackendError, BackendURLError, ConfigError
-from hil.response import RESPONSE_CLASSES
+from hil.response import RESPONSE_CLASSES, MixedResponse
 from hil.url import BackendURL
 from sim_backend import DeviceArray, SimBackend, SimConfig
 
@@ -50,6 +50,10 @@ def devices_from_calibration(tc: TileCalibration, c2c: float | None = None,
     v = tc.values
     ok = v["family_index"] >= 0
     response = tc.response(torch.float32).to(device)
+    families = np.unique(v["family_index"][ok])
+    if isinstance(response, MixedResponse) and families.size == 1 and families[0] < 3:
+        # one parametric family: its own response runs the emulator's fused kernels
+        response = response.members[int(families[0])]
 
     def t(a: np.ndarray, fill: float) -> torch.Tensor:
         return torch.as_tensor(np.where(ok & np.isfinite(a), a, fill), dtype=torch.float32,

@@ -18,6 +18,7 @@ from calibration.protocols import SweepProtocol, characterize
 from calibration.zeroshift import ZeroShiftResult, zero_shift
 from hil.backend import claim_tile, open_backend
 from hil.errors import ConfigError
+from hil.outpath import check_dir, check_new_file
 
 
 def _progress(console: Console | None) -> Progress:
@@ -34,13 +35,17 @@ def _small_ops(devices: int):
 def run_characterize(backend_url: str, out: Path,
                      tiles: dict[str, tuple[int, int]] | None = None,
                      proto: SweepProtocol | None = None,
-                     console: Console | None = None) -> Path:
+                     console: Console | None = None, force: bool = False) -> Path:
     """Measure read noise, sweeps and the symmetric-point search of ``tiles`` (name ->
-    shape; default one 16x16 tile 'cal') into a measurement file."""
+    shape; default one 16x16 tile 'cal') into a measurement file (renamed into place when
+    complete; an existing one is replaced only with ``force``)."""
     proto = proto or SweepProtocol()
     tiles = tiles or {"cal": (16, 16)}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_new_file(Path(out), force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(str(out), "--out", f"cannot create its directory: {exc}") from None
     devices = sum(r * c for r, c in tiles.values())
     what = ", ".join(f"{n} {r}x{c}" for n, (r, c) in tiles.items())
     with _small_ops(devices), open_backend(backend_url) as be, \
@@ -69,21 +74,31 @@ def estimate_characterize(backend_url: str, tiles: dict[str, tuple[int, int]],
 
 def run_fit(out: Path, meas: Path | None = None, csv: Path | None = None,
             bins: int | None = None, window: int | None = None,
-            criterion: str = "bic", console: Console | None = None) -> Calibration:
+            criterion: str = "bic", console: Console | None = None,
+            allow_partial: bool = False) -> Calibration:
     """Fit a measurement file (or a CSV) and write the calibration file atomically."""
     from calibration.pipeline import fit_csv, fit_file
 
     if (meas is None) == (csv is None):
         raise ConfigError("<command line>", "input",
                           "give exactly one input: a measurement file or --csv FILE")
+    check_dir(Path(out).parent)
+    if Path(out).is_dir():
+        raise ConfigError(str(out), "--out", "is a directory; give a file name")
     kw: dict[str, object] = {"criterion": criterion}
     if bins is not None:
         kw["bins"] = bins
     if window is not None:
         kw["window"] = window
     if console:
-        console.print(f"fitting {meas or csv} ...", highlight=False)
-    tiles, prov = fit_csv(Path(csv), **kw) if csv is not None else fit_file(Path(meas), **kw)
+        console.print(f"fitting {meas or csv} ...", highlight=False, markup=False)
+    if csv is not None:
+        tiles, prov = fit_csv(Path(csv), **kw)
+    else:
+        tiles, prov = fit_file(Path(meas), allow_partial=allow_partial, **kw)
+        if not prov["measurement_complete"] and console:
+            console.print(f"warning: {meas} is a partial measurement (fitted as asked with "
+                          "--allow-partial)", highlight=False, markup=False)
     write_calibration(Path(out), tiles, prov)
     return load_calibration(out)
 
@@ -103,18 +118,20 @@ def run_report(calib: Path, out: Path) -> list[Path]:
     """Write the PNG report of a calibration file."""
     from calibration.report import write_report
 
-    return write_report(load_calibration(calib), Path(out))
+    cal = load_calibration(calib)
+    return write_report(cal, check_dir(Path(out)))
 
 
 SUMMARY_ROWS = (("dw_min", "dw_min"), ("tau_min", "tau_min"), ("tau_max", "tau_max"),
                 ("gamma", "gamma"), ("c2c", "c2c"), ("sym. point", "symmetric_point"),
                 ("R²", "r2"))
-TILES_PER_TABLE = 4  # a quantity column and four tiles fit 80 columns
+TILES_PER_TABLE = 3  # a quantity column and three tiles fit 80 columns
 
 
 def summary_tables(cal: Calibration, zs: list[ZeroShiftResult] | None = None) -> list[Table]:
     """Medians per tile of the fitted parameters (and the zero-shift residual): a row per
-    quantity and a column per tile (at most four tiles a table), so it reads in 80 columns."""
+    quantity and a column per tile (at most three tiles a table; longer names fold), so it
+    reads in 80 columns."""
     by_tile = {z.tile: z for z in zs or []}
     names = list(cal.tiles)
     tables = []

@@ -17,6 +17,7 @@ import torch
 from calibration.calibfile import Calibration
 from calibration.protocols import settled_value
 from hil.backend import Backend, claim_tile
+from hil.errors import ConfigError
 from hil.program import program
 
 
@@ -46,6 +47,10 @@ def zero_shift(backend: Backend, cal: Calibration, pairs: int = 200,
     out = []
     for name, tc in cal.tiles.items():
         rows, cols = tc.shape
+        if not (tc.values["family_index"] >= 0).any():
+            raise ConfigError(str(cal.path), f"tiles/{name}/family_index",
+                              "no device of this tile has a fitted response: nothing to "
+                              "zero-shift")
         tile = claim_tile(backend, name, (rows, cols))
         ref = claim_tile(backend, name + ref_suffix, (rows, cols))
         target = torch.as_tensor(np.nan_to_num(tc.values["symmetric_point"]),

@@ -4,7 +4,11 @@ made safe on close, on any error and on Ctrl-C."""
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,7 +17,17 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from drivers.link import E_SEQUENCE, ChipLink, ChipRejected, TileInfo, check_name, next_seq
+from drivers.interlocked import InterlockedTile
+from drivers.link import (
+    E_SEQUENCE,
+    MAX_BATCH,
+    ChipLink,
+    ChipRejected,
+    SessionRefused,
+    TileInfo,
+    check_name,
+    next_seq,
+)
 from drivers.profile import NUMPY_DTYPES_BY_NAME, Profile, PulseShape
 from drivers.safety import POLARITIES, Interlock, as_counts
 from drivers.transport import LinkDown
@@ -32,7 +46,17 @@ T = TypeVar("T")
 RETRYABLE = (InstrumentTimeout, ProtocolError, LinkDown)
 
 
-class ChipTile(Tile):
+def this_host() -> str:
+    """What this host announces when it takes a chip: user, host name, pid and a nonce
+    (the nonce makes a retried session request recognisable as the same host's)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}/{secrets.token_hex(3)}"
+
+
+class ChipTile(InterlockedTile):
     """A tile on a chip: reads and pulses go over the link, in weight units."""
 
     def __init__(self, backend: ChipBackend, info: TileInfo, dw_min_g: float,
@@ -48,14 +72,6 @@ class ChipTile(Tile):
                                  lambda seq: self.chip.link.read(seq, self.name, self.shape))
         w = self.wmap.to_weight(g) if self.wmap is not None else g.copy()
         return torch.from_numpy(w)
-
-    def pulse(self, n: torch.Tensor) -> None:
-        """Signed integer pulse counts; the interlock checks them (per command and against
-        what this step may still apply to each device) before anything is sent."""
-        if not isinstance(n, torch.Tensor) or n.dtype.is_floating_point or n.dtype.is_complex \
-                or n.dtype == torch.bool or tuple(n.shape) != self.shape:
-            self.check_pulses(n)  # the contract's one-line error for the type or shape
-        self._pulse(n)
 
     def _pulse(self, n: torch.Tensor) -> None:
         counts = n.detach().cpu().numpy()
@@ -106,9 +122,12 @@ class ChipTile(Tile):
                           np.full((rows, cols), bl, np.int64))
         both = (da != 0).T.astype(np.int64) @ (xa != 0).astype(np.int64)  # [rows, cols]
         lock.charge(self.info, both * bl if lr_g else np.zeros_like(both))
-        self.chip._sequenced("outer_update", self.name,
-                             lambda seq: self.chip.link.outer(seq, self.name, lr_g, xa, da),
-                             arm=True)
+        for i in range(0, xa.shape[0], MAX_BATCH):  # samples in order, MAX_BATCH a command
+            xp, dp = xa[i:i + MAX_BATCH], da[i:i + MAX_BATCH]
+            self.chip._sequenced(
+                "outer_update", self.name,
+                lambda seq, xp=xp, dp=dp: self.chip.link.outer(seq, self.name, lr_g, xp, dp),
+                arm=True)
 
     def mvm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         if not self.chip.capabilities.mvm:
@@ -121,9 +140,16 @@ class ChipTile(Tile):
             raise BackendError(f"mvm input has shape {tuple(x.shape)}, tile takes {n_in}",
                                tile=self.name, op="mvm")
         xa = np.ascontiguousarray(xb.cpu().numpy(), dtype="<f4")
-        y = self.chip._sequenced(
-            "mvm", self.name,
-            lambda seq: self.chip.link.mvm(seq, self.name, transpose, xa, n_out))
+        if not xa.shape[0]:
+            return torch.zeros(0, n_out)
+        parts = []
+        for i in range(0, xa.shape[0], MAX_BATCH):  # a command carries at most MAX_BATCH
+            part = xa[i:i + MAX_BATCH]
+            parts.append(self.chip._sequenced(
+                "mvm", self.name,
+                lambda seq, part=part: self.chip.link.mvm(seq, self.name, transpose, part,
+                                                          n_out)))
+        y = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if self.wmap is not None:
             g_ref = np.broadcast_to(self.wmap.g_ref, self.shape)
             ref = xa.astype(np.float64) @ (g_ref if transpose else g_ref.T)
@@ -137,8 +163,13 @@ class ChipBackend(Backend):
 
     def __init__(self, url: str, link: ChipLink, profile: Profile,
                  weight_map: WeightMap | None = None, retries: int = 4, backoff_s: float = 0.02,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, take_over: bool = False,
+                 holder: str | None = None):
         super().__init__(url)
+        self.holder = holder or this_host()
+        self.session = 0  # this host's session on the chip (0: none yet)
+        self.left: set[str] = set()  # tiles an earlier session left, not yet re-attached
+        self.joined = False  # whether the current connection is bound to the session
         self.link = link
         self.profile = profile
         self.interlock = Interlock(profile.limits, profile.arrays)
@@ -151,13 +182,16 @@ class ChipBackend(Backend):
         for polarity, shape in self.shapes.items():
             self.interlock.check_shape(polarity, shape)
         try:
-            self._handshake()
+            self._handshake(take_over)
         except BaseException:
-            self.link.transport.close()
+            try:
+                self._end_session()
+            finally:
+                self.link.transport.close()
             raise
 
     # -- opening ---------------------------------------------------------------------------
-    def _handshake(self) -> None:
+    def _handshake(self, take_over: bool) -> None:
         p = self.profile
         idn = self._retry("identify", None, self.link.identify)
         if p.chip.idn_contains not in idn:
@@ -187,9 +221,14 @@ class ChipBackend(Backend):
             max_pulses_per_command=int(min(p.limits.max_pulses_per_command, caps.max_pulses,
                                            chip_limits["MAXPULSE"])),
             max_pulses_per_step=self.interlock.step_budget)
-        self.seq = self._retry("sequence", None, self.link.last_seq)
+        self.interlock.tighten(self.capabilities.max_pulses_per_command)
+        self.session = self._retry(
+            "session", None, lambda: self.link.open_session(0, take_over, self.holder))
+        self.joined = True
+        self.seq = self._retry("sequence", None, self.link.last_seq)  # 0: a new session
         for info, dw_min_g in self._retry("tile list", None, self.link.list_tiles):
             self._register(info, dw_min_g)  # tiles an earlier session left on the chip
+            self.left.add(info.name)
 
     def _register(self, info: TileInfo, dw_min_g: float) -> ChipTile:
         wmap = (self.weight_map.for_tile(info.name, (info.rows, info.cols))
@@ -199,6 +238,21 @@ class ChipBackend(Backend):
         return tile
 
     # -- the contract ----------------------------------------------------------------------
+    def allocate(self, name: str, rows: int, cols: int) -> Tile:
+        """Reserve a new tile, or re-attach the tile of that name and shape that an earlier
+        session left on the chip (the chip keeps its tiles and their devices' state: a
+        resumed or repeated run finds its tiles again); another shape is refused."""
+        self._check_open("allocate", name)
+        if name in self.left:
+            tile = self._tiles[name]
+            if tile.shape != (int(rows), int(cols)):
+                raise BackendError(f"the chip holds this tile as {tile.shape[0]}x"
+                                   f"{tile.shape[1]}, asked for {rows}x{cols}", tile=name,
+                                   op="allocate")
+            self.left.discard(name)
+            return tile
+        return super().allocate(name, rows, cols)
+
     def _allocate(self, name: str, rows: int, cols: int) -> Tile:
         check_name(name)
         info = self._place(name, rows, cols)
@@ -244,14 +298,40 @@ class ChipBackend(Backend):
         self.armed = False
 
     def close(self) -> None:
-        """Outputs off (confirmed), then release the link; safe to call twice."""
+        """Outputs off (confirmed), end the session, then release the link; safe to call
+        twice."""
         if self.closed:
             return
         try:
             self.make_safe()
         finally:
             self.closed = True
-            self.link.transport.close()
+            try:
+                self._end_session()
+            finally:
+                self.link.transport.close()
+
+    # -- the session: one controlling host per chip ----------------------------------------
+    def _join(self) -> None:
+        """Bind a fresh connection to this host's session (SessionRefused if it was taken
+        over meanwhile); the chip grounded the outputs when the old connection dropped."""
+        self.link.open_session(self.session, False, self.holder)
+        self.joined = True
+        self.armed = False
+
+    def _end_session(self) -> None:
+        """Clean close: the chip is free for the next host (best effort, never raises)."""
+        if not self.session:
+            return
+        try:
+            if not self.joined:
+                self._join()
+            self.link.end_session(self.session)
+        except SessionRefused:
+            pass  # taken over or already ended: nothing of ours is left on the chip
+        except Exception as exc:  # noqa: BLE001 - the chip keeps the session; take_over frees it
+            log.warning("could not end the session on the chip: %s", exc)
+        self.session = 0
 
     # -- reliability -----------------------------------------------------------------------
     def _sequenced(self, op: str, tile: str, fn: Callable[[int], T], arm: bool = False) -> T:
@@ -265,6 +345,8 @@ class ChipBackend(Backend):
             seq = next_seq(self.seq)
 
             def attempt(seq: int = seq) -> T:
+                if not self.joined:
+                    self._join()
                 if arm and not self.armed:
                     self.link.arm(self.shapes["potentiate"], self.shapes["depress"])
                     self.armed = True
@@ -308,10 +390,11 @@ class ChipBackend(Backend):
         try:
             if link_down or self.link.transport.resync():
                 self.armed = False  # the chip grounds its outputs when a connection drops
+                self.joined = False  # a fresh connection rejoins the session first
                 if link_down:
                     self.link.transport.reconnect()
         except RETRYABLE as exc:
-            self.armed = False
+            self.armed = self.joined = False
             log.warning("reconnect failed: %s", exc)
 
     def make_safe(self) -> None:
@@ -321,9 +404,17 @@ class ChipBackend(Backend):
             try:
                 if attempt:
                     self.link.transport.reconnect()
-                else:
-                    self.link.transport.resync()
+                    self.joined = False
+                elif self.link.transport.resync():
+                    self.joined = False
+                if not self.joined and self.session:
+                    self._join()
                 self.link.set_output(False)
+                return
+            except SessionRefused as exc:
+                # never held, or taken over (the chip grounded the outputs then): the outputs
+                # are not this host's to switch; the caller hears the session error itself
+                log.debug("outputs not switched: %s", exc)
                 return
             except Exception as exc:  # noqa: BLE001 - report and try once more
                 log.error("could not confirm outputs off (try %d): %s", attempt + 1, exc)

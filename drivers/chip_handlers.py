@@ -8,6 +8,7 @@ import random
 import struct
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 
 from drivers.firmware import ChipError, ChipFirmware
@@ -71,16 +72,94 @@ class Faults:
         return reply[:i] + bytes([reply[i] ^ 0x5A]) + reply[i + 1:]
 
 
+MAX_LINE = 4096  # bytes of SCPI command text (before a block or the newline)
+FRAME_ARGS = 128  # bytes of a frame body besides its block: tile name and arguments
+
+
 # -- protocol handlers: parse one request from a buffer, execute it on the firmware -------
-class ScpiHandler:
+def _ascii(text: str) -> str:
+    """An error text as a reply line carries it: ASCII, no double quotes."""
+    return text.encode("ascii", "replace").decode("ascii").replace('"', "'")
+
+
+class _Connection:
+    """One host connection's view of the chip: its number (for the watchdog), the session
+    it belongs to (0: none), and its own queue for refusals of a host outside the session
+    (so a refused host never reads or clears the controlling host's error queue)."""
+
+    def __init__(self, fw: ChipFirmware | None):
+        self.fw = fw
+        self.ident = fw.connection_opened() if fw is not None else 0
+        self.sid = 0
+        self.refused: deque[tuple[int, str]] = deque(maxlen=8)
+        self.skip = 0  # bytes still to discard of a refused (oversized) block
+
+    def reset(self) -> None:
+        """Forget a partial request (the inter-byte timeout)."""
+        self.skip = 0
+
+    @property
+    def max_block(self) -> int:
+        """The largest binary block this chip takes (a parser without a chip: any frame's)."""
+        return self.fw.max_block if self.fw is not None else MAX_BODY
+
+    def holds(self) -> bool:
+        cur = self.fw.session
+        return cur is not None and self.sid != 0 and cur.id == self.sid
+
+    def open_session(self, args: str) -> str:
+        """The session request's reply line: '0,"id"', or the refusal as an error."""
+        try:
+            self.sid = self.fw.open_session(self.ident, args)
+        except ChipError as exc:
+            return f'{exc.code},"{_ascii(exc.message)}"'
+        return f'0,"{self.sid}"'
+
+    def end_session(self, args: str) -> None:
+        self.fw.end_session(self.ident, args)
+        self.sid = 0
+
+    def control(self) -> None:
+        """Raise the session error unless this connection holds the chip."""
+        self.fw.authorize(self.sid)
+
+    def push(self, exc: ChipError) -> None:
+        """Queue an error: a connection outside the session keeps its own (its refusals and
+        its garbage never reach the controlling host's queue, e.g. in the middle of an
+        arm sequence); the holder, or anyone while the chip is free, the chip's queue."""
+        if self.fw.session is not None and not self.holds():
+            self.refused.append((exc.code, _ascii(exc.message)))
+        else:
+            self.fw.push_error(exc.code, exc.message)
+
+    def next_error(self) -> str:
+        if self.refused:
+            code, msg = self.refused.popleft()
+            return f'{code},"{msg}"'
+        if not self.holds() and self.fw.session is not None:
+            return '0,"No error"'  # the queue is the controlling host's
+        return self.fw.next_error()
+
+    def clear_errors(self) -> None:
+        self.refused.clear()
+        if self.holds() or self.fw.session is None:
+            self.fw.clear_errors()
+
+
+class ScpiHandler(_Connection):
     """Line-oriented SCPI; TILE:PULS? and TILE:MVM? end with an IEEE 488.2 block."""
 
-    def __init__(self, fw: ChipFirmware):
-        self.fw = fw
-
     def parse(self, buf: bytearray) -> tuple[tuple[str, bytes | None] | None, int]:
+        if self.skip:  # drop a refused block as it arrives, never buffering it
+            used = min(self.skip, len(buf))
+            self.skip -= used
+            return None, used
         nl = buf.find(b"\n")
         hash_ = buf.find(b"#", 0, nl if nl >= 0 else len(buf))
+        text_end = hash_ if hash_ >= 0 else nl if nl >= 0 else len(buf)
+        if text_end > MAX_LINE:  # a command's text is short: never buffer a runaway line
+            self.push(ChipError(E_COMMAND, f"command text longer than {MAX_LINE} bytes"))
+            return None, text_end
         if hash_ < 0:
             if nl < 0:
                 return None, 0
@@ -97,7 +176,13 @@ class ScpiHandler:
         if not length_raw.isdigit():
             return ("", None), (nl + 1 if nl >= 0 else len(buf))
         start = hash_ + 2 + d
-        end = start + int(length_raw)
+        length = int(length_raw)
+        if length > self.max_block:  # refused before a byte of it is buffered
+            self.push(ChipError(E_ILLEGAL, f"block of {length} bytes exceeds the largest "
+                                           f"this chip takes ({self.max_block})"))
+            self.skip = length + 1  # the block and its terminating newline
+            return None, start
+        end = start + length
         if len(buf) < end + 1:
             return None, 0
         head = buf[:hash_].decode("ascii", "replace").strip()
@@ -110,50 +195,58 @@ class ScpiHandler:
         verb, _, args = text.partition(" ")
         verb = verb.upper()
         if verb == "*CLS" and not args:
-            fw.clear_errors()
+            self.clear_errors()
             return None, False
         plain = {"*IDN?": fw.idn, "SYST:CAP?": fw.caps, "SYST:LIM?": fw.limits,
                  "TILE:MAP?": fw.tile_map, "SYST:SEQ?": fw.seq, "TILE:LIST?": fw.tile_list,
-                 "SYST:ERR?": fw.next_error, "OUTP?": fw.output_state}
+                 "SYST:ERR?": self.next_error, "OUTP?": fw.output_state,
+                 "SYST:SESS:HOLD?": fw.session_state}
         try:
             if verb in plain and not args:
                 return (plain[verb]() + "\n").encode("ascii"), False
+            if verb == "SYST:SESS?":
+                return (self.open_session(args) + "\n").encode("ascii"), False
+            if verb == "SYST:SESS:END":
+                self.end_session(args)
+                return None, False
             if verb in ("PULS:POT", "PULS:DEP"):
+                self.control()
                 fw.set_shape(verb[5:], args)
                 return None, False
             if verb == "OUTP" and args.upper() in ("ON", "OFF", "1", "0"):
+                self.control()
                 fw.set_output(args.upper() in ("ON", "1"))
                 return None, False
             if verb in ("TILE:ALLOC?", "TILE:READ?", "TILE:PULS?", "TILE:MVM?",
                         "TILE:PULS:DEV?", "TILE:OUTER?"):
                 return self._sequenced(verb, args, block), True
         except ChipError as exc:
-            fw.push_error(exc.code, exc.message)
+            self.push(exc)
             return None, False
-        fw.push_error(E_COMMAND, f"undefined header {text[:40]}")
+        self.push(ChipError(E_COMMAND, f"undefined header {text[:40]}"))
         return None, False
 
     def _sequenced(self, verb: str, args: str, block: bytes | None) -> bytes:
         fw = self.fw
         seq_text, _, rest = args.partition(",")
         if not seq_text.isdigit():
-            fw.push_error(E_COMMAND, f"{verb} without a sequence number")
+            self.push(ChipError(E_COMMAND, f"{verb} without a sequence number"))
             return data_reply(0, E_COMMAND, b"missing sequence number")
         seq = int(seq_text)
         rest = rest.rstrip(",")
         if verb == "TILE:ALLOC?":
-            status, payload = fw.sequenced(seq, lambda: fw.alloc(rest))
+            status, payload = fw.sequenced(self.sid, seq, lambda: fw.alloc(rest))
         elif verb == "TILE:READ?":
-            status, payload = fw.sequenced(seq, lambda: fw.read(rest))
+            status, payload = fw.sequenced(self.sid, seq, lambda: fw.read(rest))
         elif verb == "TILE:PULS?":
-            status, payload = fw.sequenced(seq, lambda: fw.pulse(rest, _need(block), seq))
+            status, payload = fw.sequenced(self.sid, seq, lambda: fw.pulse(rest, _need(block), seq))
         elif verb == "TILE:PULS:DEV?":
             def run_device() -> bytes:
                 parts = rest.split(",")
                 if len(parts) != 4 or not all(p.lstrip("-").isdigit() for p in parts[1:]):
                     raise ChipError(E_ILLEGAL, f"bad device pulse arguments {rest}")
                 return fw.pulse_device(parts[0], *(int(p) for p in parts[1:]), seq)
-            status, payload = fw.sequenced(seq, run_device)
+            status, payload = fw.sequenced(self.sid, seq, run_device)
         elif verb == "TILE:OUTER?":
             def run_outer() -> bytes:
                 parts = rest.split(",")
@@ -164,12 +257,12 @@ class ScpiHandler:
                 except ValueError:
                     raise ChipError(E_ILLEGAL, f"bad learning rate {parts[1]}") from None
                 return fw.outer(parts[0], lr, int(parts[2]), _need(block), seq)
-            status, payload = fw.sequenced(seq, run_outer)
+            status, payload = fw.sequenced(self.sid, seq, run_outer)
         else:
             def run_mvm() -> bytes:
                 name, transpose, batch = _split3(rest)
                 return fw.mvm(name, transpose == "1", int(batch), _need(block))
-            status, payload = fw.sequenced(seq, run_mvm)
+            status, payload = fw.sequenced(self.sid, seq, run_mvm)
         return data_reply(seq, status, payload)
 
 
@@ -186,11 +279,8 @@ def _split3(text: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
-class FrameHandler:
+class FrameHandler(_Connection):
     """Length-prefixed frames with CRC-32; a corrupted request is answered with an error."""
-
-    def __init__(self, fw: ChipFirmware):
-        self.fw = fw
 
     def parse(self, buf: bytearray) -> tuple[tuple[int, int, bytes, bool] | None, int]:
         start = buf.find(bytes([REQ_SYNC]))
@@ -199,8 +289,8 @@ class FrameHandler:
         if len(buf) < start + REQ_HEAD.size:
             return None, start
         _, op, seq, length = REQ_HEAD.unpack_from(buf, start)
-        if length > MAX_BODY:
-            return None, start + 1  # not a real frame start: resynchronise
+        if length > min(MAX_BODY, self.max_block + FRAME_ARGS):
+            return None, start + 1  # not a real frame start (or too large): resynchronise
         end = start + REQ_HEAD.size + length + 4
         if len(buf) < end:
             return None, start
@@ -219,11 +309,19 @@ class FrameHandler:
         except ValueError:
             return reply_frame(op, seq, E_COMMAND, b"unknown opcode"), True
         plain = {Op.IDN: fw.idn, Op.CAP: fw.caps, Op.LIM: fw.limits, Op.MAP: fw.tile_map,
-                 Op.SEQ: fw.seq, Op.LIST: fw.tile_list, Op.ERR: fw.next_error,
-                 Op.OUTQ: fw.output_state}
+                 Op.SEQ: fw.seq, Op.LIST: fw.tile_list, Op.ERR: self.next_error,
+                 Op.OUTQ: fw.output_state, Op.HOLD: fw.session_state}
         try:
             if op in plain:
                 return reply_frame(op, seq, 0, plain[op]().encode("ascii")), True
+            if op == Op.SESS:
+                self.sid = fw.open_session(self.ident, body.decode("ascii", "replace"))
+                return reply_frame(op, seq, 0, str(self.sid).encode("ascii")), True
+            if op == Op.END:
+                self.end_session(body.decode("ascii", "replace"))
+                return reply_frame(op, seq, 0, b""), True
+            if op in (Op.SHAPE, Op.OUT):
+                self.control()
             if op == Op.SHAPE:
                 polarity, _, args = body.decode("ascii", "replace").partition(",")
                 fw.set_shape(polarity, args)
@@ -234,10 +332,10 @@ class FrameHandler:
                 fw.set_output(body == b"\x01")
                 return reply_frame(op, seq, 0, b""), True
         except ChipError as exc:
-            fw.push_error(exc.code, exc.message)
+            self.push(exc)
             return reply_frame(op, seq, exc.code, exc.message.encode()), True
         assert op in SEQUENCED
-        status, payload = fw.sequenced(seq, lambda: self._run(op, seq, body))
+        status, payload = fw.sequenced(self.sid, seq, lambda: self._run(op, seq, body))
         return reply_frame(op, seq, status, payload), True
 
     def _run(self, op: Op, seq: int, body: bytes) -> bytes:
@@ -287,8 +385,11 @@ class Session:
         UART firmware does), so a host interrupted mid-write can resynchronise.
         """
         now = time.monotonic()
-        if self.buf and now - self.last_input > INTERBYTE_TIMEOUT_S:
+        pending = self.buf or getattr(self.handler, "skip", 0)
+        if pending and now - self.last_input > INTERBYTE_TIMEOUT_S:
             self.buf.clear()
+            if hasattr(self.handler, "reset"):
+                self.handler.reset()
             self.discarded += 1
         self.last_input = now
         self.buf += data

@@ -5,23 +5,29 @@ that makes every sequenced operation happen exactly once."""
 from __future__ import annotations
 
 import threading
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from drivers.frames import MAX_BODY
 from drivers.link import (
     E_DATA_RANGE,
     E_ILLEGAL,
     E_NO_TILE,
     E_SEQUENCE,
+    E_SESSION,
     E_SETTINGS_CONFLICT,
+    MAX_BATCH,
     NAME_RE,
     NUMPY_DTYPES,
     TileInfo,
     format_kv,
     format_tiles,
+    holder_text,
     next_seq,
 )
 from drivers.profile import DTYPE_MAX, Profile
@@ -51,8 +57,32 @@ class ChipError(Exception):
         super().__init__(f"{code}: {message}")
 
 
+@dataclass
+class HostSession:
+    """The controlling host: its session id, what it announced, the connection it is bound
+    to (None while that connection is down) and when it opened."""
+
+    id: int
+    holder: str
+    conn: int | None
+    since: float
+
+    def describe(self) -> str:
+        age = time.monotonic() - self.since
+        link = "connected" if self.conn is not None else "connection dropped"
+        return f"{self.holder} (session {self.id}, {age:.0f} s, {link})"
+
+
+ENDED_KEEP = 64  # ended sessions remembered, so their host hears why on its next call
+
+
 class ChipFirmware:
-    """One chip: thread-safe, shared by every connection and both protocols."""
+    """One chip: thread-safe, shared by every connection and both protocols.
+
+    One controlling host at a time (a session): only the session's connection may arm the
+    outputs or run sequenced operations; sequence numbers and the reply cache belong to
+    the session, so a second host can never be answered from another host's cache.
+    """
 
     def __init__(self, backend: Backend, profile: Profile):
         self.backend = backend
@@ -60,6 +90,11 @@ class ChipFirmware:
         self.arrays = [(a.rows, a.cols) for a in profile.arrays]
         self.pulse_dtype = profile.chip.pulse_dtype
         self.np_dtype = np.dtype(NUMPY_DTYPES[self.pulse_dtype])
+        # the largest binary block a command may carry: a whole array's pulse map, or
+        # MAX_BATCH float32 samples of an MVM or rank-1 update on the largest array
+        self.max_block = min(MAX_BODY, max(
+            max(r * c * self.np_dtype.itemsize, 4 * MAX_BATCH * (r + c))
+            for r, c in self.arrays))
         self.lock = threading.RLock()
         self.outputs = False
         self.shapes: dict[str, tuple[float, float, float] | None] = {"POT": None, "DEP": None}
@@ -70,10 +105,15 @@ class ChipFirmware:
         self.log: list[str] = []  # what the chip did, for tests: 'OUTP ON', 'PULSE name seq', ...
         self.device_pulses = 0  # total |count| applied
         # per-device |counts| of every pulse command, in log order, when a test sets it to a
-        # list: (tile, map [rows, cols]); a rank-1 update logs its bound, batch x train length
-        self.count_log: list[tuple[str, np.ndarray]] | None = None
+        # list: ('PULSE' or 'OUTER', tile, map [rows, cols]), a rank-1 update with its bound
+        # (train length per sample where both lines are driven); mark() adds (text, '', [])
+        self.count_log: list[tuple[str, str, np.ndarray]] | None = None
         self.replayed = 0  # sequenced commands answered from the cache (retries)
-        self.active_connection = 0
+        self.connections = 0  # connections ever opened (each gets the next number)
+        self.session: HostSession | None = None
+        self.ended: OrderedDict[int, str] = OrderedDict()  # session id -> why it ended
+        self.session_log: list[str] = []  # 'OPEN 1 holder', 'TAKE-OVER 2 ...', 'END 1'
+        self._next_session = 0
 
     # -- plain queries -------------------------------------------------------------------
     def idn(self) -> str:
@@ -122,14 +162,17 @@ class ChipFirmware:
         with self.lock:
             self.log.append(text)
             if self.count_log is not None:
-                self.count_log.append((text, np.zeros((0, 0), np.int64)))
+                self.count_log.append((text, "", np.zeros((0, 0), np.int64)))
 
-    def _record(self, name: str, counts: np.ndarray) -> None:
+    def _record(self, kind: str, name: str, counts: np.ndarray) -> None:
         if self.count_log is not None:
-            self.count_log.append((name, np.abs(counts.astype(np.int64))))
+            self.count_log.append((kind, name, np.abs(counts.astype(np.int64))))
 
     def push_error(self, code: int, message: str) -> None:
-        self.errors.append((code, message.replace('"', "'")))
+        """Queue an error for SYST:ERR?: printable ASCII only (anything else becomes '?'),
+        so whatever garbage caused it, the reply can always be sent."""
+        text = "".join(ch if " " <= ch <= "~" else "?" for ch in message[:200])
+        self.errors.append((code, text.replace('"', "'")))
 
     def set_shape(self, polarity: str, args: str) -> None:
         if polarity not in self.shapes:
@@ -154,20 +197,106 @@ class ChipFirmware:
 
     def connection_opened(self) -> int:
         with self.lock:
-            self.active_connection += 1
-            return self.active_connection
+            self.connections += 1
+            return self.connections
 
     def connection_closed(self, conn: int) -> None:
-        """Watchdog: the current host went away, so ground the outputs."""
+        """Watchdog: the controlling host's connection went away, so ground the outputs.
+        The session stays (its host may reconnect and rejoin it)."""
         with self.lock:
-            if conn == self.active_connection and self.outputs:
+            cur = self.session
+            if cur is not None and cur.conn == conn:
+                cur.conn = None
+                if self.outputs:
+                    self.outputs = False
+                    self.log.append("OUTP OFF (watchdog)")
+
+    # -- sessions: one controlling host --------------------------------------------------
+    def open_session(self, conn: int, args: str) -> int:
+        """'session,take_over,holder': session 0 opens a new session (refused while another
+        host holds one, unless take_over is 1); a known id rejoins it on this connection."""
+        sid_text, _, rest = args.partition(",")
+        take_text, _, holder = rest.partition(",")
+        if not sid_text.isdigit() or take_text not in ("0", "1") or not holder:
+            raise ChipError(E_ILLEGAL, f"bad session request {args[:80]}")
+        sid, holder = int(sid_text), holder_text(holder)
+        with self.lock:
+            cur = self.session
+            if cur is not None and not sid and cur.holder == holder:
+                sid = cur.id  # the same host retrying a request whose reply it lost
+            if sid:
+                if cur is not None and cur.id == sid:
+                    cur.conn = conn
+                    self.session_log.append(f"REJOIN {sid}")
+                    return sid
+                raise ChipError(E_SESSION, self.why_refused(sid))
+            if cur is not None and take_text != "1":
+                raise ChipError(E_SESSION, f"chip held by {cur.describe()}; take it over "
+                                           "only if that host is gone (--take-over, or "
+                                           "take_over=1 in the URL)")
+            if cur is not None:
+                self._end(cur, f"taken over by {holder}")
+                if self.outputs:
+                    self.outputs = False
+                    self.log.append("OUTP OFF (take-over)")
+            self._next_session += 1
+            self.session = HostSession(self._next_session, holder, conn, time.monotonic())
+            self.last_seq, self._cached = 0, None  # sequence numbers are the session's
+            self.session_log.append(f"OPEN {self._next_session} {holder}")
+            return self._next_session
+
+    def end_session(self, conn: int, args: str) -> None:
+        """Clean close by the holder: outputs off, the chip is free for another host."""
+        if not args.isdigit():
+            raise ChipError(E_ILLEGAL, f"bad session id {args[:20]}")
+        with self.lock:
+            cur = self.session
+            if cur is None or cur.id != int(args):
+                raise ChipError(E_SESSION, self.why_refused(int(args)))
+            if self.outputs:
                 self.outputs = False
-                self.log.append("OUTP OFF (watchdog)")
+                self.log.append("OUTP OFF")
+            self._end(cur, "closed by its host")
+
+    def _end(self, cur: HostSession, why: str) -> None:
+        self.ended[cur.id] = why
+        while len(self.ended) > ENDED_KEEP:
+            self.ended.popitem(last=False)
+        self.session = None
+        self.session_log.append(f"END {cur.id} {why}")
+
+    def why_refused(self, sid: int) -> str:
+        """Why a connection in session ``sid`` (0: none) may not control the chip."""
+        cur = self.session
+        if sid and sid in self.ended:
+            return f"this host's session {sid} has ended: {self.ended[sid]}"
+        if sid:
+            return f"session {sid} is unknown to the chip (restarted?)"
+        if cur is None:
+            return "no session: open one first"
+        return f"chip held by {cur.describe()}"
+
+    def authorize(self, sid: int) -> None:
+        """Raise unless ``sid`` is the controlling host's session."""
+        cur = self.session
+        if cur is None or cur.id != sid or sid == 0:
+            raise ChipError(E_SESSION, self.why_refused(sid))
+
+    def session_state(self) -> str:
+        """'0' when free, else 'id,holder'."""
+        with self.lock:
+            cur = self.session
+            return "0" if cur is None else f"{cur.id},{cur.holder}"
 
     # -- sequenced operations ------------------------------------------------------------
-    def sequenced(self, seq: int, fn: Callable[[], bytes]) -> tuple[int, bytes]:
-        """Run fn once per sequence number: the last one is answered from the cache."""
+    def sequenced(self, sid: int, seq: int, fn: Callable[[], bytes]) -> tuple[int, bytes]:
+        """Run fn once per sequence number of session ``sid``: the last one is answered
+        from the session's cache; a connection outside the session is refused."""
         with self.lock:
+            try:
+                self.authorize(sid)
+            except ChipError as exc:
+                return exc.code, exc.message.encode()
             if seq == self.last_seq and self._cached is not None:
                 self.replayed += 1
                 return self._cached
@@ -229,7 +358,7 @@ class ChipFirmware:
         n = torch.from_numpy(counts.astype(np.int32))
         tile.pulse(n)
         self.device_pulses += int(np.abs(counts, dtype=np.int64).sum())
-        self._record(name, counts)
+        self._record("PULSE", name, counts)
         self.log.append(f"PULSE {name} {seq}")
         return b""
 
@@ -247,7 +376,7 @@ class ChipFirmware:
         n[row, col] = count
         tile.pulse(n)
         self.device_pulses += abs(count)
-        self._record(name, n.numpy())
+        self._record("PULSE", name, n.numpy())
         self.log.append(f"PULSE {name} {seq}")
         return b""
 
@@ -257,7 +386,7 @@ class ChipFirmware:
         rows, cols = tile.shape
         if not self.train_length:
             raise ChipError(E_ILLEGAL, "this chip has no rank-1 update")
-        if batch < 1 or len(data) != 4 * batch * (rows + cols):
+        if not 1 <= batch <= MAX_BATCH or len(data) != 4 * batch * (rows + cols):
             raise ChipError(E_ILLEGAL, f"outer block of {len(data)} bytes for batch {batch}")
         if self.train_length > DTYPE_MAX[self.pulse_dtype]:
             raise ChipError(E_DATA_RANGE, "pulse trains longer than the pulse limit")
@@ -269,7 +398,7 @@ class ChipFirmware:
         tile.outer_update(xd[:, :cols], xd[:, cols:], lr)
         if self.count_log is not None:
             both = (xd[:, cols:] != 0).T.to(torch.int64) @ (xd[:, :cols] != 0).to(torch.int64)
-            self._record(name, both.numpy() * self.train_length * (lr != 0))
+            self._record("OUTER", name, both.numpy() * self.train_length * (lr != 0))
         self.log.append(f"OUTER {name} {seq}")
         return b""
 
@@ -277,7 +406,7 @@ class ChipFirmware:
         tile = self._tile(name)
         rows, cols = tile.shape
         n_in = rows if transpose else cols
-        if batch < 1 or len(data) != 4 * batch * n_in:
+        if not 1 <= batch <= MAX_BATCH or len(data) != 4 * batch * n_in:
             raise ChipError(E_ILLEGAL, f"mvm block of {len(data)} bytes for batch {batch}")
         x = torch.from_numpy(np.frombuffer(data, "<f4").reshape(batch, n_in).copy())
         y = tile.mvm(x, transpose=transpose)

@@ -12,9 +12,9 @@ import numpy as np
 from drivers.link import (
     ChipCaps,
     ChipLink,
-    ChipRejected,
     TileInfo,
     format_shape,
+    holder_text,
     next_seq,
     parse_arrays,
     parse_bool,
@@ -22,7 +22,9 @@ from drivers.link import (
     parse_error,
     parse_limits,
     parse_seq,
+    parse_session,
     parse_tiles,
+    rejected,
 )
 from drivers.profile import PulseShape
 from hil.errors import ProtocolError
@@ -44,6 +46,9 @@ class Op(IntEnum):
     SEQ = 0x05
     LIST = 0x06
     ERR = 0x07
+    SESS = 0x08
+    END = 0x09
+    HOLD = 0x0A
     SHAPE = 0x10
     OUT = 0x11
     OUTQ = 0x12
@@ -113,7 +118,7 @@ class FrameLink(ChipLink):
             if skipped > MAX_SKIP:
                 raise ProtocolError("too many unexpected reply frames", tile=tile, op=what)
         if status != 0:
-            raise ChipRejected(status, body.decode("ascii", "replace"), tile=tile, op=what)
+            raise rejected(status, body.decode("ascii", "replace"), tile=tile, op=what)
         if expect is not None and len(body) != expect:
             raise ProtocolError(f"reply of {len(body)} bytes, expected {expect}", tile=tile,
                                 op=what)
@@ -152,6 +157,14 @@ class FrameLink(ChipLink):
 
     def next_error(self) -> tuple[int, str]:
         return parse_error(self._text(Op.ERR))
+
+    def open_session(self, session: int, take_over: bool, holder: str) -> int:
+        body = f"{session},{int(take_over)},{holder_text(holder)}".encode("ascii")
+        raw = self._request(Op.SESS, body)
+        return parse_session(raw.decode("ascii", "replace"))
+
+    def end_session(self, session: int) -> None:
+        self._request(Op.END, str(session).encode("ascii"), expect=0)
 
     def arm(self, potentiate: PulseShape, depress: PulseShape) -> None:
         self._request(Op.SHAPE, f"POT,{format_shape(potentiate)}".encode("ascii"), expect=0)

@@ -16,6 +16,7 @@ from hil.errors import BackendError, ProtocolError
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 SEQ_MOD = 2**32
 NUMPY_DTYPES = {"int8": "<i1", "int16": "<i2", "int32": "<i4"}
+MAX_BATCH = 4096  # samples in one MVM or rank-1 update command; the host splits larger ones
 # chip status codes (SCPI error numbers; positive ones are this firmware's own)
 OK = 0
 E_COMMAND = -100
@@ -24,6 +25,8 @@ E_DATA_RANGE = -222  # the chip's own interlock refused a value
 E_ILLEGAL = -224
 E_NO_TILE = -241
 E_SEQUENCE = 101  # sequence number neither the last one nor the next one
+E_SESSION = 102  # the chip serves another host, or this host's session has ended
+HOLDER_MAX = 96  # longest holder text a host announces
 
 
 class ChipRejected(BackendError):
@@ -33,6 +36,25 @@ class ChipRejected(BackendError):
                  op: str | None = None):
         self.code = code
         super().__init__(f"chip error {code}: {message}", tile=tile, op=op)
+
+
+class SessionRefused(ChipRejected):
+    """The chip serves another controlling host, or this host's session was taken over or
+    has ended: nothing was applied (the message names the holder)."""
+
+
+def rejected(code: int, message: str, *, tile: str | None = None,
+             op: str | None = None) -> ChipRejected:
+    """The error for a chip's refusal: SessionRefused for a session error."""
+    cls = SessionRefused if code == E_SESSION else ChipRejected
+    return cls(code, message, tile=tile, op=op)
+
+
+def holder_text(text: str) -> str:
+    """A host's self-description as the chip stores it: printable ASCII without quotes or
+    '#' (a SCPI block header), bounded."""
+    clean = "".join(c if (" " <= c <= "~" and c not in '"#') else "?" for c in text)
+    return clean[:HOLDER_MAX] or "?"
 
 
 @dataclass(frozen=True)
@@ -146,6 +168,12 @@ def parse_error(text: str) -> tuple[int, str]:
     return int(m[1]), m[2]
 
 
+def parse_session(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < SEQ_MOD:
+        raise ProtocolError(f"malformed session reply {text!r}", op="session")
+    return int(text)
+
+
 def parse_seq(text: str) -> int:
     if not text.isdigit() or int(text) >= SEQ_MOD:
         raise ProtocolError(f"malformed sequence reply {text!r}", op="sequence")
@@ -185,6 +213,15 @@ class ChipLink(ABC):
 
     @abstractmethod
     def list_tiles(self) -> list[tuple[TileInfo, float]]: ...
+
+    @abstractmethod
+    def open_session(self, session: int, take_over: bool, holder: str) -> int:
+        """Become the chip's controlling host: a new session (``session`` 0), or rejoin
+        ``session`` on a fresh connection; returns the session id, or SessionRefused."""
+
+    @abstractmethod
+    def end_session(self, session: int) -> None:
+        """End this host's session (clean close); another host may then open one."""
 
     @abstractmethod
     def arm(self, potentiate: PulseShape, depress: PulseShape) -> None:

@@ -4,11 +4,12 @@ and the station safety limits, validated by pydantic so a bad file fails in one 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hil.config import load_yaml
 from hil.errors import ConfigError
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
@@ -16,7 +17,7 @@ DTYPE_MAX = {"int8": 127, "int16": 32767, "int32": 2**31 - 1}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class PulseShape(_Strict):
@@ -59,8 +60,8 @@ class StationLimits(_Strict):
     max_compliance_a: float = Field(gt=0)
     max_pulses_per_command: int = Field(ge=1)
     max_pulses_per_step: int = Field(ge=1, le=2**31 - 1)
-    allowed_rows: tuple[int, int]
-    allowed_cols: tuple[int, int]
+    allowed_rows: tuple[int, int] = Field(strict=False)  # a YAML list; its items stay strict
+    allowed_cols: tuple[int, int] = Field(strict=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -119,22 +120,35 @@ def profile_path(name_or_path: str) -> Path:
 
 def load_profile(name_or_path: str) -> Profile:
     """Read and validate a profile; ConfigError names the file and the field."""
+    return load_model(name_or_path, Profile)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(name_or_path: str, model: type[M]) -> M:
+    """Read a profile YAML (a name under drivers/profiles/ or a path) into ``model``;
+    ConfigError names the file and the field."""
     path = profile_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
         raise ConfigError(str(path), "profile",
                           f"no such profile file (shipped: {known})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "profile", getattr(exc, "strerror", None) or str(exc)
+                          ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), "yaml", str(exc).replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "<top>", "a profile must be a mapping")
     try:
-        return Profile.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "<top>"
         raise ConfigError(str(path), field, err["msg"]) from None
+
 
 NUMPY_DTYPES_BY_NAME = {"int8": "<i1", "int16": "<i2", "int32": "<i4"}

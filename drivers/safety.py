@@ -8,6 +8,7 @@ crossbar platforms). A driver holds one :class:`Interlock` built from its profil
   compliance within the limits, all finite);
 - :meth:`Interlock.check_region` when it places a tile (inside its array and the allowed
   rows and columns);
+- :meth:`Interlock.tighten` once it knows what the instrument itself takes per command;
 - :meth:`Interlock.admit` before every pulse command: the counts must be integers, within
   ``max_pulses_per_command``, only on allowed devices, and within what the current
   algorithm step may still apply to each device (``max_pulses_per_step``); the command is
@@ -73,8 +74,15 @@ class Interlock:
     def __init__(self, limits: StationLimits, arrays: list[ArraySpec]):
         self.limits = limits
         self.arrays = arrays
+        self.max_pulses_per_command = limits.max_pulses_per_command
         self._depth = 0  # nesting of open steps
         self._totals: dict[str, np.ndarray] = {}  # per tile: |counts| applied in this step
+
+    def tighten(self, max_pulses_per_command: int) -> None:
+        """Lower the per-command limit to what the instrument itself reports it takes
+        (a driver calls this after asking the instrument); never raises it."""
+        self.max_pulses_per_command = min(self.max_pulses_per_command,
+                                          int(max_pulses_per_command))
 
     @property
     def step_budget(self) -> int:
@@ -130,9 +138,9 @@ class Interlock:
             raise SafetyLimitError(f"pulse counts must be a 2-d map, got {counts.ndim}-d",
                                    **where)
         peak = peak_count(counts)
-        if peak > self.limits.max_pulses_per_command:
+        if peak > self.max_pulses_per_command:
             raise SafetyLimitError(
-                f"pulse count {peak} exceeds {self.limits.max_pulses_per_command} per command",
+                f"pulse count {peak} exceeds {self.max_pulses_per_command} per command",
                 **where)
         (r0, r1), (c0, c1) = self.limits.allowed_rows, self.limits.allowed_cols
         rows, cols = counts.shape

@@ -11,16 +11,18 @@ import numpy as np
 from drivers.link import (
     ChipCaps,
     ChipLink,
-    ChipRejected,
     TileInfo,
     format_shape,
+    holder_text,
     parse_arrays,
     parse_bool,
     parse_caps,
     parse_error,
     parse_limits,
     parse_seq,
+    parse_session,
     parse_tiles,
+    rejected,
 )
 from drivers.profile import PulseShape
 from hil.errors import ProtocolError
@@ -88,7 +90,7 @@ class ScpiLink(ChipLink):
         if int(tm[1], 16) != crc:
             raise ProtocolError("reply CRC mismatch (corrupted reply)", tile=tile, op=what)
         if status != 0:
-            raise ChipRejected(status, payload.decode("ascii", "replace"), tile=tile, op=what)
+            raise rejected(status, payload.decode("ascii", "replace"), tile=tile, op=what)
         return payload
 
     # -- plain queries -------------------------------------------------------------------
@@ -116,6 +118,19 @@ class ScpiLink(ChipLink):
     def next_error(self) -> tuple[int, str]:
         return parse_error(self._line("SYST:ERR?", "error queue"))
 
+    def open_session(self, session: int, take_over: bool, holder: str) -> int:
+        code, text = parse_error(self._line(
+            f"SYST:SESS? {session},{int(take_over)},{holder_text(holder)}", "session"))
+        if code != 0:
+            raise rejected(code, text, op="session")
+        return parse_session(text)
+
+    def end_session(self, session: int) -> None:
+        self.transport.write(f"*CLS\nSYST:SESS:END {session}\n".encode("ascii"))
+        code, message = self.next_error()
+        if code != 0:
+            raise rejected(code, message, op="session")
+
     def arm(self, potentiate: PulseShape, depress: PulseShape) -> None:
         self.transport.write(f"*CLS\nPULS:POT {format_shape(potentiate)}\n"
                              f"PULS:DEP {format_shape(depress)}\nOUTP ON\n".encode("ascii"))
@@ -128,7 +143,7 @@ class ScpiLink(ChipLink):
     def _confirm(self, on: bool) -> None:
         code, message = self.next_error()
         if code != 0:
-            raise ChipRejected(code, message, op="output")
+            raise rejected(code, message, op="output")
         if parse_bool(self._line("OUTP?", "output"), "output") != on:
             raise ProtocolError(f"outputs did not switch {'on' if on else 'off'}", op="output")
 

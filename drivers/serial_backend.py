@@ -21,4 +21,4 @@ def open_serial(url: BackendURL) -> ChipBackend:
                               "serial:///dev/ttyUSB0 or serial://socket://127.0.0.1:5025")
     transport = SerialTransport(url.location, baud, opts.timeout_s)
     return ChipBackend(url.url, FrameLink(transport), opts.profile, opts.weight_map,
-                       opts.retries, opts.backoff_s)
+                       opts.retries, opts.backoff_s, take_over=opts.take_over)

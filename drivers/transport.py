@@ -56,7 +56,7 @@ class VisaTransport(Transport):
         self.name = resource
         self.timeout_ms = max(1, int(round(timeout_s * 1000)))
         self._pyvisa = pyvisa
-        try:
+        try:  # the process-wide manager of this library (pyvisa shares it): never closed here
             self._rm = pyvisa.ResourceManager(visa_library)
         except (OSError, ValueError, pyvisa.errors.Error) as exc:
             raise LinkDown(f"cannot load VISA library {visa_library!r}: {exc}",
@@ -128,11 +128,11 @@ class VisaTransport(Transport):
             self._inst = None
 
     def close(self) -> None:
+        """Close this instrument session only. pyvisa shares one ResourceManager per VISA
+        library in a process; closing it would invalidate every other backend's session
+        (their next call a raw InvalidSession, their outputs left on), so it stays open
+        and pyvisa releases it at exit."""
         self._drop()
-        try:
-            self._rm.close()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 class SerialTransport(Transport):
@@ -151,9 +151,12 @@ class SerialTransport(Transport):
 
     def _open(self) -> None:
         try:
+            # exclusive: a second process cannot open the same port (one host per chip;
+            # a pyserial URL such as socket:// ignores it and the chip's session decides)
             self._port = self._serial.serial_for_url(self.name, baudrate=self.baud,
                                                      timeout=self.timeout_s,
-                                                     write_timeout=self.timeout_s)
+                                                     write_timeout=self.timeout_s,
+                                                     exclusive=True)
         except (self._serial.SerialException, OSError, ValueError) as exc:
             raise LinkDown(f"cannot open {self.name}: {exc}", op="connect") from None
         try:

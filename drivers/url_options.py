@@ -16,6 +16,7 @@ class DriverOptions:
     timeout_s: float
     retries: int
     backoff_s: float
+    take_over: bool  # take the chip from the host that holds it (that host's next call fails)
 
     @classmethod
     def from_url(cls, url: BackendURL, default_timeout_s: float = 10.0) -> DriverOptions:
@@ -27,4 +28,5 @@ class DriverOptions:
             timeout_s=url.get_float("timeout", default_timeout_s, lo=0.001, hi=600.0),
             retries=url.get_int("retries", 4, lo=0, hi=100),
             backoff_s=url.get_float("backoff", 0.02, lo=0.0, hi=60.0),
+            take_over=bool(url.get_int("take_over", 0, lo=0, hi=1)),
         )

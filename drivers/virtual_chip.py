@@ -53,14 +53,14 @@ class _TcpServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(0.1)
             self.conns.append(conn)
-            ident = self.fw.connection_opened()  # in accept order: the newest is the host
-            t = threading.Thread(target=self._serve, args=(conn, ident), daemon=True,
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True,
                                  name="virtual-chip-conn")
             self.threads.append(t)
             t.start()
 
-    def _serve(self, conn: socket.socket, ident: int) -> None:
-        session = Session(HANDLERS[self.protocol](self.fw), self.faults)
+    def _serve(self, conn: socket.socket) -> None:
+        handler = HANDLERS[self.protocol](self.fw)
+        session = Session(handler, self.faults)
         try:
             while not self.stop.is_set():
                 try:
@@ -79,7 +79,7 @@ class _TcpServer:
         except OSError:
             pass
         finally:
-            self.fw.connection_closed(ident)
+            self.fw.connection_closed(handler.ident)  # the watchdog
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -108,7 +108,6 @@ class _PtyServer:
         self.thread.start()
 
     def _serve(self) -> None:
-        self.fw.connection_opened()
         while not self.stop.is_set():
             ready, _, _ = select.select([self.master], [], [], 0.1)
             if not ready:

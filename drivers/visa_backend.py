@@ -21,4 +21,4 @@ def open_visa(url: BackendURL) -> ChipBackend:
                               "visa://TCPIP0::127.0.0.1::5025::SOCKET")
     transport = VisaTransport(url.location, opts.timeout_s, library)
     return ChipBackend(url.url, ScpiLink(transport), opts.profile, opts.weight_map,
-                       opts.retries, opts.backoff_s)
+                       opts.retries, opts.backoff_s, take_over=opts.take_over)

@@ -208,7 +208,9 @@ class Backend(ABC):
         """Create the tile (backend-specific)."""
 
     def allocate(self, name: str, rows: int, cols: int) -> Tile:
-        """Reserve a new rows x cols tile under ``name``."""
+        """Reserve a new rows x cols tile under ``name``. A backend whose devices outlive
+        the process (a chip) re-attaches a tile of that name and shape left by an earlier
+        session instead (its devices keep their state)."""
         self._check_open("allocate", name)
         if name in self._tiles:
             raise BackendError("tile already allocated", tile=name, op="allocate")
@@ -336,6 +338,17 @@ def open_backend(url: str) -> Backend:
     return backend
 
 
+def check_backend_url(url: str) -> None:
+    """Check ``url`` without opening it: its syntax and scheme, and its parameters where the
+    scheme's factory offers a ``check`` (a callable on the parsed URL that builds nothing;
+    the emulator has one). Raises BackendURLError."""
+    parsed = BackendURL.parse(url)
+    check = getattr(_resolve(parsed.scheme), "check", None)
+    if check is not None:
+        check(parsed)
+        parsed.finish()
+
+
 # Schemes shipped with analog-hil, resolved lazily (also declared as entry points).
 for _scheme, _target in {
     "sim": "sim_backend:open_sim",
@@ -343,5 +356,6 @@ for _scheme, _target in {
     "visa": "drivers.visa_backend:open_visa",
     "serial": "drivers.serial_backend:open_serial",
     "station": "drivers.station.url:open_station",
+    "arc2": "drivers.arc2.backend:open_arc2",
 }.items():
     register_backend(_scheme, _target)

@@ -1,4 +1,5 @@
-"""Training-run configuration: YAML read with yaml.safe_load, validated by pydantic models.
+"""Training-run configuration: YAML read safely (a duplicated key is an error), validated
+by strict pydantic models (no NaN or inf, no bool where a number belongs).
 
 A bad file raises ConfigError naming the file and the first offending field.
 """
@@ -17,8 +18,36 @@ from hil.url import BackendURL
 AlgorithmName = Literal["digital", "analog_sgd", "tiki_taka", "residual", "rlv2", "ttv2"]
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (plain safe_load
+    keeps the last one silently, so a pasted second ``lr:`` would win unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:  # as written (before '<<' merges, which may override)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first on line {first})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML like yaml.safe_load, but a key given twice in a mapping is an error."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -85,7 +114,7 @@ class RunConfig(_Strict):
     """One training run."""
 
     name: str = "run"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     backend: str = "sim://"
     out_dir: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -121,17 +150,23 @@ def parse_config(data: Any, path: str = "<config>") -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run configuration."""
+def read_yaml(path: str | Path) -> Any:
+    """yaml.safe_load of a file; an unreadable file or bad YAML is one ConfigError naming
+    the file and the line."""
     p = Path(path)
     try:
         text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(str(p), "<file>", exc.strerror or str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(p), "<file>", getattr(exc, "strerror", None) or str(exc)
+                          ) from None
     try:
-        data = yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
         raise ConfigError(str(p), where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(data, str(p))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration."""
+    return parse_config(read_yaml(path), str(path))

@@ -1,7 +1,7 @@
 """Training runs: model and backend from a RunConfig, the epoch loop, atomic checkpoints,
 ``--resume`` to the same final weights, the HDF5 run file and PNG curves.
 
-Used by ``hil train``, by experiments/table8.py and by the demo (``demo_training``).
+Used by ``hil train``, by ``hil sweep`` and by the demo (``demo_training``).
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from hil.backend import Backend, open_backend
 from hil.config import RunConfig, parse_config
 from hil.data import Dataset, least_squares, load_digits, load_mnist
 from hil.errors import BackendURLError, ConfigError
+from hil.outpath import check_dir
 from hil.runstore import RunFile, plot_curves, read_metrics
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILE = "run.h5"
 CURVES = "curves.png"
+DEVICE_MISMATCH_FRACTION = 0.01  # devices allowed off the checkpoint's weights on resume
 
 
 @dataclass
@@ -84,6 +86,8 @@ def make_analog(model: nn.Module, cfg: RunConfig, backend: Backend, program_init
 
     a = cfg.algorithm
     counter = iter(range(1_000_000))
+    # a resumed run finds its tiles set up: no zero-shift settling pulses on P again
+    resumed = {"zero_shift_cycles": 0} if a.zero_shift and not program_init else {}
 
     def factory(be: Backend, shape: tuple[int, int], prefix: str):
         return make_algorithm(
@@ -92,7 +96,7 @@ def make_analog(model: nn.Module, cfg: RunConfig, backend: Backend, program_init
             transfer_read=a.transfer_read, transfer_write=a.transfer_write,
             mvm_read=a.mvm_read, update=a.update,
             max_pulses=a.max_pulses, prefix=prefix,
-            seed=cfg.seed * 1000 + next(counter))
+            seed=cfg.seed * 1000 + next(counter), **resumed)
 
     convert_to_analog(model, backend, factory, io=a.io, program_init=program_init)
 
@@ -122,33 +126,80 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's checkpoint, loaded with ``weights_only=True`` (tensors and plain containers
+    only: a crafted file cannot run code); an unreadable one is one ConfigError."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, random bytes, foreign pickles ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(str(path), "checkpoint", f"unreadable ({first[:160]}); rerun "
+                          "without --resume into another --out") from None
+    need = ("config", "position", "model", "optimizer", "torch_rng")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        raise ConfigError(str(path), "checkpoint", "not a hil train checkpoint")
+    return state
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=gen)
 
 
+def run_dir(cfg: RunConfig, out_dir: Path | None = None) -> Path:
+    """Where a run writes: ``out_dir``, else the config's out_dir, else runs/NAME."""
+    return Path(out_dir or cfg.out_dir or Path("runs") / cfg.name)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'field: old -> new' for every value that differs (the backend URL may change: a
+    resumed run may reach the same chip through another address)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name in ("backend", "out_dir"):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{name}.")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
 def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str = "<config>",
               resume: bool = False, backend_url: str | None = None,
               console: Console | None = None, progress: bool = True,
-              stop_after_steps: int | None = None,
+              stop_after_steps: int | None = None, force: bool = False,
+              reprogram: bool = False,
               wrap_backend: Callable[[Backend], Backend] | None = None) -> RunResult:
-    """Train as ``cfg`` says; checkpoint atomically; with ``resume`` continue from the
-    checkpoint in ``out_dir``. ``stop_after_steps`` stops abruptly after that many global
-    steps without a final checkpoint (what a kill leaves; used by tests). ``wrap_backend``
-    wraps the opened backend (``hil validate`` records the pulses of each step)."""
+    """Train as ``cfg`` says; checkpoint atomically (also at step 0 and at an interrupted
+    step's end); with ``resume`` continue from the checkpoint in ``out_dir``: a config
+    that differs from the run's is refused unless ``force``; on a backend without
+    snapshots (a chip) the devices must still hold the checkpoint's weights, unless
+    ``reprogram`` writes them back. ``stop_after_steps`` stops abruptly after that many
+    global steps without a final checkpoint (what a kill leaves; used by tests).
+    ``wrap_backend`` wraps the opened backend (``hil validate`` records each step's
+    pulses)."""
     console = console or Console()
     if backend_url is not None:
         cfg = parse_config({**cfg.model_dump(), "backend": backend_url}, config_path)
-    out = Path(out_dir or cfg.out_dir or Path("runs") / cfg.name)
+    out = run_dir(cfg, out_dir)
     ckpt_path = out / CHECKPOINT
     ckpt: dict[str, Any] | None = None
     if resume:
         if not ckpt_path.exists():
             raise ConfigError(str(out), "--resume", "no checkpoint to resume from")
-        ckpt = torch.load(ckpt_path, weights_only=False)
-    elif (out / RUN_FILE).exists() or ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        changes = config_changes(ckpt["config"], cfg.model_dump())
+        if changes and not force:
+            raise ConfigError(config_path, changes[0].split(":")[0],
+                              f"differs from the run's config ({'; '.join(changes)}); "
+                              "resume with the run's config, or pass --force")
+    elif ckpt_path.exists():
         raise ConfigError(str(out), "out_dir", "already holds a run (use --resume or another "
                                                "out_dir)")
+    check_dir(out, "out_dir")  # before the backend opens: nothing is pulsed for nothing
     ds = load_dataset(cfg, config_path)
     analog = cfg.algorithm.name != "digital"
     backend: Backend | None = None
@@ -160,15 +211,71 @@ def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str =
         if wrap_backend is not None:
             backend = wrap_backend(backend)
     try:
-        return _train(cfg, ds, out, backend, ckpt, console, progress, stop_after_steps)
+        return _train(cfg, ds, out, backend, ckpt, console, progress, stop_after_steps,
+                      reprogram)
     finally:
         if backend is not None:
             backend.close()
 
 
+def _run_tiles(model: nn.Module) -> dict[str, Any]:
+    """The tiles the model's analog layers use, by name."""
+    from hil.layers import analog_layers
+
+    return {t.name: t for layer in analog_layers(model)
+            for t in layer.algorithm.tiles.values()}
+
+
+def saved_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tiles' weights a checkpoint holds: read from a chip, else an emulator's
+    snapshot (so a run begun on an emulator can be reprogrammed onto a chip)."""
+    if ckpt.get("devices"):
+        return dict(ckpt["devices"])
+    snap = ckpt.get("backend") or {}
+    return {name: entry["w"] for name, entry in snap.items()
+            if isinstance(entry, dict) and isinstance(entry.get("w"), torch.Tensor)}
+
+
+def check_devices(model: nn.Module, saved: dict[str, torch.Tensor], out: Path,
+                  reprogram: bool, console: Console) -> None:
+    """A resumed run on a chip: every tile must still hold the checkpoint's read weights
+    (within the read noise, measured now from two reads), else refuse in one line, or
+    write them back with hil.program when ``reprogram``."""
+    from hil.program import program
+
+    tiles = _run_tiles(model)
+    missing = sorted(set(tiles) - set(saved))
+    if missing:
+        raise ConfigError(str(out / CHECKPOINT), "devices",
+                          f"holds no weights for tile {missing[0]}: not this run's backend?")
+    for name, tile in tiles.items():
+        target = saved[name].to(torch.float32)
+        if tuple(target.shape) != tile.shape:
+            raise ConfigError(str(out / CHECKPOINT), "devices",
+                              f"tile {name} is {tile.shape}, checkpoint has "
+                              f"{tuple(target.shape)}")
+        if reprogram:
+            res = program(tile, target)
+            console.print(f"reprogrammed tile {name}: {res.fraction_converged:.1%} of devices "
+                          f"within dw_min of the checkpoint", highlight=False)
+            continue
+        first, second = tile.read().cpu(), tile.read().cpu()
+        noise = float((first - second).std()) / 2 ** 0.5 if first.numel() > 1 else 0.0
+        tol = 6 * noise + 2 * tile.dw_min
+        off = (0.5 * (first + second) - target).abs() > tol
+        if float(off.float().mean()) > DEVICE_MISMATCH_FRACTION:
+            raise ConfigError(
+                str(out / CHECKPOINT), "devices",
+                f"tile {name}: {int(off.sum())} of {off.numel()} devices no longer hold the "
+                f"checkpoint's weights (beyond {tol:.3g}: read noise {noise:.3g}, dw_min "
+                f"{tile.dw_min:.3g}); a reset or another chip? resume with --reprogram to "
+                "write the checkpoint's weights back")
+
+
 def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
            ckpt: dict[str, Any] | None, console: Console, progress: bool,
-           stop_after_steps: int | None) -> RunResult:
+           stop_after_steps: int | None, reprogram: bool = False) -> RunResult:
+    from hil import interrupts
     from hil.optim import AnalogOptimizer
 
     model = build_model(cfg, ds)
@@ -179,24 +286,34 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
     else:
         opt = torch.optim.SGD(model.parameters(), lr=a.lr)
     pos = {"epoch": 0, "batch": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0}
+    snapshot = backend is not None and backend.capabilities.snapshot
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        if backend is not None and ckpt.get("backend") is not None:
-            backend.load_state_dict(ckpt["backend"])
+        if backend is not None:
+            if snapshot and ckpt.get("backend") is not None:
+                backend.load_state_dict(ckpt["backend"])
+            else:  # a chip, or an emulator resuming a run that began on a chip
+                check_devices(model, saved_weights(ckpt), out, reprogram, console)
         torch.set_rng_state(ckpt["torch_rng"])
         pos = dict(ckpt["position"])
     out.mkdir(parents=True, exist_ok=True)
     config = cfg.model_dump()
-    run = RunFile(out / RUN_FILE, config, keep_rows=pos["epoch"])
-    snapshot = backend is not None and backend.capabilities.snapshot
 
     def checkpoint() -> None:
+        devices = None
+        if backend is not None and not snapshot:  # a chip keeps its state: record what it holds
+            devices = {name: t.read().detach().to("cpu", torch.float32).clone()
+                       for name, t in _run_tiles(model).items()}
         save_checkpoint(out / CHECKPOINT, {
             "config": config, "position": dict(pos), "model": model.state_dict(),
             "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-            "backend": backend.state_dict() if snapshot else None,
+            "backend": backend.state_dict() if snapshot else None, "devices": devices,
         })
+
+    if ckpt is None:
+        checkpoint()  # step 0: a run that fails on its first step can be resumed
+    run = RunFile(out / RUN_FILE, config, keep_rows=pos["epoch"], fresh=ckpt is None)
 
     t = cfg.train
     n = ds.x_train.shape[0]
@@ -205,6 +322,7 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
                    console=console, disable=not progress, transient=False)
     completed = True
+    boundary = True  # the devices, model and position agree (a checkpoint may be written)
     try:
         with bar:
             task = bar.add_task("train", total=steps_per_epoch, loss=float("nan"))
@@ -221,33 +339,49 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
                            completed=pos["batch"])
                 t0 = time.perf_counter()
                 while pos["batch"] < steps_per_epoch:
-                    idx = order[pos["batch"] * t.batch_size:(pos["batch"] + 1) * t.batch_size]
-                    opt.zero_grad()
-                    loss = _loss(model(ds.x_train[idx]), ds.y_train[idx], ds.task)
-                    loss.backward()
-                    opt.step()
-                    pos["batch"] += 1
-                    pos["global_step"] += 1
-                    pos["loss_sum"] += float(loss.detach()) * idx.shape[0]
-                    pos["loss_n"] += idx.shape[0]
-                    bar.update(task, advance=1, loss=pos["loss_sum"] / pos["loss_n"])
-                    if stop_after_steps is not None and pos["global_step"] >= stop_after_steps:
-                        completed = False
-                        return RunResult(out, False, pos["global_step"], run.read())
-                    if t.checkpoint_every and pos["global_step"] % t.checkpoint_every == 0:
-                        checkpoint()
-                test_loss, test_acc = evaluate(model, ds)
-                row = {"epoch": epoch + 1, "train_loss": pos["loss_sum"] / max(pos["loss_n"], 1),
-                       "test_loss": test_loss, "lr_scale": scale,
-                       "epoch_seconds": time.perf_counter() - t0}
-                if test_acc is not None:
-                    row["test_acc"] = test_acc
-                run.append(row)
-                pos.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
-                checkpoint()
+                    boundary = False
+                    with interrupts.deferred():  # a stop signal ends the step first
+                        idx = order[pos["batch"] * t.batch_size:
+                                    (pos["batch"] + 1) * t.batch_size]
+                        opt.zero_grad()
+                        loss = _loss(model(ds.x_train[idx]), ds.y_train[idx], ds.task)
+                        loss.backward()
+                        opt.step()
+                        pos["batch"] += 1
+                        pos["global_step"] += 1
+                        pos["loss_sum"] += float(loss.detach()) * idx.shape[0]
+                        pos["loss_n"] += idx.shape[0]
+                        bar.update(task, advance=1, loss=pos["loss_sum"] / pos["loss_n"])
+                        if stop_after_steps is not None and \
+                                pos["global_step"] >= stop_after_steps:
+                            completed = False
+                            return RunResult(out, False, pos["global_step"], run.read())
+                        if t.checkpoint_every and pos["global_step"] % t.checkpoint_every == 0:
+                            checkpoint()
+                        boundary = True
+                boundary = False
+                with interrupts.deferred():
+                    test_loss, test_acc = evaluate(model, ds)
+                    row = {"epoch": epoch + 1,
+                           "train_loss": pos["loss_sum"] / max(pos["loss_n"], 1),
+                           "test_loss": test_loss, "lr_scale": scale,
+                           "epoch_seconds": time.perf_counter() - t0}
+                    if test_acc is not None:
+                        row["test_acc"] = test_acc
+                    if isinstance(opt, AnalogOptimizer):  # pulses the max_pulses clip dropped
+                        row["clipped_pulses"] = opt.clipped_pulses
+                    run.append(row)
+                    pos.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
+                    checkpoint()
+                    boundary = True
                 acc = f", test accuracy {100 * test_acc:.2f}%" if test_acc is not None else ""
                 console.print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, "
                               f"test loss {test_loss:.4f}{acc}", highlight=False)
+    except KeyboardInterrupt:
+        completed = False
+        if boundary:  # stopped between steps: the checkpoint is exactly where it stopped
+            checkpoint()
+        raise
     finally:
         run.close()
         if completed:

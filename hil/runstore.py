@@ -20,16 +20,20 @@ class RunFile:
     """Append-only per-epoch metrics of one run in ``path`` (created on first use).
 
     The file is opened only while a row is written, so other readers can open it
-    between epochs.
+    between epochs. Each segment of a run (the first start and every resume) is recorded
+    in the ``sessions`` attribute with its first row and its config; ``config`` is the
+    latest segment's. ``fresh``: a new run replaces a file left without a checkpoint.
     """
 
-    def __init__(self, path: Path, config: dict, keep_rows: int = 0):
+    def __init__(self, path: Path, config: dict, keep_rows: int = 0, fresh: bool = False):
         self.path = Path(path)
+        if fresh:
+            self.path.unlink(missing_ok=True)
         with h5py.File(self.path, "a") as h5:
             h5.attrs["hil_version"] = __version__
             h5.attrs["config"] = json.dumps(config, sort_keys=True)
             sessions = json.loads(h5.attrs.get("sessions", "[]"))
-            sessions.append({"start_row": keep_rows})
+            sessions.append({"start_row": keep_rows, "config": config})
             h5.attrs["sessions"] = json.dumps(sessions)
             metrics = h5.require_group("metrics")
             for ds in metrics.values():

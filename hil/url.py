@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
@@ -61,8 +62,10 @@ class BackendURL:
 
     def get_float(
         self, key: str, default: float | None = None, *, lo: float | None = None,
-        hi: float | None = None,
+        hi: float | None = None, allow_inf: bool = False,
     ) -> float | None:
+        """A float parameter within [lo, hi]; NaN is always refused, +-inf unless
+        ``allow_inf`` (no shipped parameter means anything by an infinite value)."""
         raw = self._raw(key)
         if raw is None:
             return default
@@ -72,6 +75,10 @@ class BackendURL:
             raise BackendURLError(
                 f"backend URL {self.url!r}: parameter {key}={raw!r} is not a number"
             ) from None
+        if not allow_inf and not math.isfinite(value):
+            raise BackendURLError(
+                f"backend URL {self.url!r}: parameter {key}={raw!r} must be a finite number"
+            )
         if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
             rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
             raise BackendURLError(
@@ -105,3 +112,8 @@ class BackendURL:
             raise BackendURLError(
                 f"backend URL {self.url!r}: unknown parameter(s) {', '.join(unknown)}"
             )
+
+
+def with_param(url: str, key: str, value: str) -> str:
+    """``url`` with one more query parameter (e.g. take_over=1 for a chip URL)."""
+    return f"{url}{'&' if '?' in url else '?'}{key}={value}"

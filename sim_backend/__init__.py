@@ -13,12 +13,19 @@ from sim_backend.emulator import (
 )
 
 
-def open_sim(url: BackendURL) -> SimBackend:
-    """Factory behind ``sim://?model=...&tau=...``: parse the settings, build the backend."""
+def _sim_config(url: BackendURL) -> SimConfig:
     if url.location:
         raise BackendURLError(f"backend URL {url.url!r}: sim:// takes no location, got "
                               f"{url.location!r} (parameters go after '?')")
-    return SimBackend(url.url, SimConfig.from_url(url))
+    return SimConfig.from_url(url)
+
+
+def open_sim(url: BackendURL) -> SimBackend:
+    """Factory behind ``sim://?model=...&tau=...``: parse the settings, build the backend."""
+    return SimBackend(url.url, _sim_config(url))
+
+
+open_sim.check = _sim_config  # hil.backend.check_backend_url: the parameters, nothing built
 
 
 __all__ = ["DeviceArray", "SimBackend", "SimConfig", "SimTile", "apply_pulse_trains",

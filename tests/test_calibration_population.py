@@ -116,10 +116,11 @@ def test_exact_twin_names_the_option_that_would_give_the_tile(calib16):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_population_twin_trains_the_digits_network(calib16, tmp_path):
     cfg = yaml.safe_load(EXPERIMENT.read_text())
     cfg["train"]["epochs"] = 1  # shortened: the twin's mixed responses pulse eagerly
-    cfg["data"] = {**cfg["data"], "limit_train": 200, "limit_test": 100}
+    cfg["data"] = {**cfg["data"], "limit_train": 400, "limit_test": 100}
     path = tmp_path / "digits.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -130,4 +131,4 @@ def test_population_twin_trains_the_digits_network(calib16, tmp_path):
     with h5py.File(out / "run.h5", "r") as h5:
         acc = h5["metrics"]["test_acc"][()]
     print("digits on the population twin: test accuracy per epoch", acc)
-    assert acc[-1] > 0.3  # ten classes: chance is 0.1
+    assert acc[-1] > 0.35  # ten classes: chance is 0.1

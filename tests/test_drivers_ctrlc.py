@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from childproc import default_signals
 
 from drivers.virtual_chip import VirtualChip
 from hil.backend import open_backend
@@ -46,7 +47,8 @@ def test_sigint_during_pulses_leaves_outputs_off_and_file_readable(tmp_path, pro
     with VirtualChip("sim://?model=power&gamma=0.5&c2c=0.1&seed=1", protocol,
                      transport) as chip:
         proc = subprocess.Popen([sys.executable, str(script), chip.url, str(path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=default_signals)
         try:
             assert proc.stdout.readline() == "running\n", proc.stderr.read()
             proc.send_signal(signal.SIGINT)
@@ -71,7 +73,7 @@ def test_serve_virtual_chip_command(tmp_path):
     name = ["serve-virtual-chip"] if len(app.registered_commands) > 1 else []
     code = f"from hil.cli import main; main({name + ['--pty', '--backend', 'sim://?seed=4']!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("serial:///dev/"), proc.stderr.read()

@@ -24,6 +24,7 @@ SCPI_OPEN = [
     (b"SYST:CAP?\n", b"MVM=1,ALLOC=1,DTYPE=int16\n"),
     (b"SYST:LIM?\n", b"MAXPULSE=32767,MAXAMPL=5.0,MAXWIDT=0.001,MAXCOMP=0.01\n"),
     (b"TILE:MAP?\n", b"1024x1024,1024x1024,1024x1024,1024x1024\n"),
+    (b"SYST:SESS? 0,0,lab-pc pid 1\n", b'0,"7"\n'),
     (b"SYST:SEQ?\n", b"41\n"),
     (b"TILE:LIST?\n", b"0\n"),
 ]
@@ -34,6 +35,9 @@ SCPI_ARM = [
 ]
 SCPI_OFF = [(b"*CLS\nOUTP OFF\n", b""), (b"SYST:ERR?\n", b'0,"No error"\n'), (b"OUTP?\n", b"0\n")]
 RECONNECT = ("reconnect", b"")
+REJOIN = (b"SYST:SESS? 7,0,lab-pc pid 1\n", b'0,"7"\n')  # a fresh connection rejoins
+SCPI_END = [(b"*CLS\nSYST:SESS:END 7\n", b""), (b"SYST:ERR?\n", b'0,"No error"\n')]
+HOLDER = "lab-pc pid 1"
 
 
 class FakeTransport(Transport):
@@ -79,7 +83,7 @@ class FakeTransport(Transport):
 def scpi_backend(script, retries=0):
     fake = FakeTransport(script)
     be = ChipBackend("visa://fake", ScpiLink(fake), load_profile("virtual"), retries=retries,
-                     sleep=lambda s: None)
+                     sleep=lambda s: None, holder=HOLDER)
     return be, fake
 
 
@@ -99,7 +103,7 @@ def test_scpi_open_allocate_read_pulse_mvm_close_exact_bytes():
         (b"TILE:PULS? 44,fc1.W,#212" + counts.tobytes() + b"\n", data_reply(44, 0, b"")),
         (b"TILE:MVM? 45,fc1.W,0,1,#212" + np.ones((1, 3), "<f4").tobytes() + b"\n",
          data_reply(45, 0, y.tobytes())),
-        RECONNECT, *SCPI_OFF,
+        RECONNECT, REJOIN, *SCPI_OFF, *SCPI_END,
     ]
     be, fake = scpi_backend(script)
     assert be.capabilities.mvm and be.capabilities.max_pulses_per_command == 1024
@@ -127,7 +131,7 @@ def test_scpi_data_reply_format():
     b"garbage\n",
 ])
 def test_scpi_malformed_reply_is_protocol_error_never_a_number(bad):
-    script = [*SCPI_OPEN, (b"TILE:ALLOC? 42,t,0,0,0,1,1\n", bad), RECONNECT, *SCPI_OFF]
+    script = [*SCPI_OPEN, (b"TILE:ALLOC? 42,t,0,0,0,1,1\n", bad), RECONNECT, REJOIN, *SCPI_OFF]
     be, fake = scpi_backend(script)
     with pytest.raises((ProtocolError, InstrumentTimeout)):
         be.allocate("t", 1, 1)
@@ -138,7 +142,7 @@ def test_scpi_malformed_reply_is_protocol_error_never_a_number(bad):
 def test_scpi_chip_error_status_raises_and_consumes_sequence():
     script = [*SCPI_OPEN,
               (b"TILE:ALLOC? 42,t,0,0,0,1,1\n", data_reply(42, -222, b"region outside")),
-              RECONNECT, *SCPI_OFF,
+              RECONNECT, REJOIN, *SCPI_OFF,
               (b"TILE:ALLOC? 43,u,0,0,0,1,1\n", data_reply(43, 0, f8(0.01)))]
     be, fake = scpi_backend(script)
     with pytest.raises(ChipRejected, match="-222"):
@@ -154,7 +158,7 @@ def test_retry_after_lost_reply_resends_same_sequence_number():
     script = [*SCPI_OPEN,
               (b"TILE:ALLOC? 42,t,0,0,0,1,2\n", data_reply(42, 0, f8(0.01))),
               *SCPI_ARM, (cmd, b""),  # lost reply -> timeout
-              RECONNECT, *SCPI_ARM, (cmd, data_reply(43, 0, b""))]
+              RECONNECT, REJOIN, *SCPI_ARM, (cmd, data_reply(43, 0, b""))]
     be, fake = scpi_backend(script, retries=2)
     tile = be.allocate("t", 1, 2)
     tile.pulse(torch.ones(1, 2, dtype=torch.int32))
@@ -163,8 +167,8 @@ def test_retry_after_lost_reply_resends_same_sequence_number():
 
 def test_bounded_retries_then_timeout_and_outputs_off():
     script = [*SCPI_OPEN, (b"TILE:ALLOC? 42,t,0,0,0,1,1\n", b""),
-              RECONNECT, (b"TILE:ALLOC? 42,t,0,0,0,1,1\n", b""),
-              RECONNECT, *SCPI_OFF]
+              RECONNECT, REJOIN, (b"TILE:ALLOC? 42,t,0,0,0,1,1\n", b""),
+              RECONNECT, REJOIN, *SCPI_OFF]
     be, fake = scpi_backend(script, retries=1)
     with pytest.raises(InstrumentTimeout):
         be.allocate("t", 1, 1)
@@ -188,17 +192,19 @@ def test_safety_limit_sends_nothing():
 def test_identity_mismatch_refuses_to_open():
     fake = FakeTransport([(b"*IDN?\n", b"Keysight,B2912A,MY1,1.0\n"), RECONNECT, *SCPI_OFF])
     with pytest.raises(Exception, match="expects"):
-        ChipBackend("visa://fake", ScpiLink(fake), load_profile("virtual"), retries=0)
+        ChipBackend("visa://fake", ScpiLink(fake), load_profile("virtual"), retries=0,
+                     holder=HOLDER)
 
 
 # -- the framed serial protocol ---------------------------------------------------------
 def frame_script_open():
-    texts = [(Op.IDN, IDN[:-1]), (Op.CAP, b"MVM=0,ALLOC=1,DTYPE=int16"),
-             (Op.LIM, b"MAXPULSE=32767,MAXAMPL=5.0,MAXWIDT=0.001,MAXCOMP=0.01"),
-             (Op.MAP, b"1024x1024,1024x1024,1024x1024,1024x1024"), (Op.SEQ, b"0"),
-             (Op.LIST, b"0")]
-    return [(request_frame(op, tag, b""), reply_frame(op, tag, 0, body))
-            for tag, (op, body) in enumerate(texts, start=1)]
+    texts = [(Op.IDN, b"", IDN[:-1]), (Op.CAP, b"", b"MVM=0,ALLOC=1,DTYPE=int16"),
+             (Op.LIM, b"", b"MAXPULSE=32767,MAXAMPL=5.0,MAXWIDT=0.001,MAXCOMP=0.01"),
+             (Op.MAP, b"", b"1024x1024,1024x1024,1024x1024,1024x1024"),
+             (Op.SESS, f"0,0,{HOLDER}".encode(), b"7"), (Op.SEQ, b"", b"0"),
+             (Op.LIST, b"", b"0")]
+    return [(request_frame(op, tag, req), reply_frame(op, tag, 0, body))
+            for tag, (op, req, body) in enumerate(texts, start=1)]
 
 
 def test_frames_exact_bytes_and_stale_frame_skipped():
@@ -209,16 +215,17 @@ def test_frames_exact_bytes_and_stale_frame_skipped():
         (request_frame(Op.ALLOC, 1, b"t,0,0,0,1,2"), reply_frame(Op.ALLOC, 1, 0, f8(1e-3))),
         # a stale frame (late reply to an earlier request) precedes the real reply
         (request_frame(Op.READ, 2, b"t"),
-         reply_frame(Op.SEQ, 5, 0, b"0") + reply_frame(Op.READ, 2, 0, w.tobytes())),
-        (request_frame(Op.SHAPE, 7, b"POT,1.2,1e-06,0.0001"), reply_frame(Op.SHAPE, 7, 0, b"")),
-        (request_frame(Op.SHAPE, 8, b"DEP,-1.1,1e-06,0.0001"), reply_frame(Op.SHAPE, 8, 0, b"")),
-        (request_frame(Op.OUT, 9, b"\x01"), reply_frame(Op.OUT, 9, 0, b"")),
-        (request_frame(Op.OUTQ, 10, b""), reply_frame(Op.OUTQ, 10, 0, b"1")),
+         reply_frame(Op.SEQ, 6, 0, b"0") + reply_frame(Op.READ, 2, 0, w.tobytes())),
+        (request_frame(Op.SHAPE, 8, b"POT,1.2,1e-06,0.0001"), reply_frame(Op.SHAPE, 8, 0, b"")),
+        (request_frame(Op.SHAPE, 9, b"DEP,-1.1,1e-06,0.0001"), reply_frame(Op.SHAPE, 9, 0, b"")),
+        (request_frame(Op.OUT, 10, b"\x01"), reply_frame(Op.OUT, 10, 0, b"")),
+        (request_frame(Op.OUTQ, 11, b""), reply_frame(Op.OUTQ, 11, 0, b"1")),
         (request_frame(Op.PULSE, 3, b"\x01t" + counts.tobytes()),
          reply_frame(Op.PULSE, 3, 0, b"")),
     ]
     fake = FakeTransport(script)
-    be = ChipBackend("serial://fake", FrameLink(fake), load_profile("virtual"), retries=0)
+    be = ChipBackend("serial://fake", FrameLink(fake), load_profile("virtual"), retries=0,
+                     holder=HOLDER)
     assert not be.capabilities.mvm
     tile = be.allocate("t", 1, 2)
     assert torch.equal(tile.read(), torch.from_numpy(w))
@@ -237,10 +244,13 @@ def test_frames_corrupted_reply_is_protocol_error():
     bad = bytearray(reply_frame(Op.ALLOC, 1, 0, f8(1e-3)))
     bad[14] ^= 0xFF
     script += [(request_frame(Op.ALLOC, 1, b"t,0,0,0,1,1"), bytes(bad)), RECONNECT,
-               (request_frame(Op.OUT, 7, b"\x00"), reply_frame(Op.OUT, 7, 0, b"")),
-               (request_frame(Op.OUTQ, 8, b""), reply_frame(Op.OUTQ, 8, 0, b"0"))]
+               (request_frame(Op.SESS, 8, f"7,0,{HOLDER}".encode()),
+                reply_frame(Op.SESS, 8, 0, b"7")),
+               (request_frame(Op.OUT, 9, b"\x00"), reply_frame(Op.OUT, 9, 0, b"")),
+               (request_frame(Op.OUTQ, 10, b""), reply_frame(Op.OUTQ, 10, 0, b"0"))]
     fake = FakeTransport(script)
-    be = ChipBackend("serial://fake", FrameLink(fake), load_profile("virtual"), retries=0)
+    be = ChipBackend("serial://fake", FrameLink(fake), load_profile("virtual"), retries=0,
+                     holder=HOLDER)
     with pytest.raises(ProtocolError, match="CRC"):
         be.allocate("t", 1, 1)
     assert not fake.script

@@ -82,8 +82,8 @@ class Chip:
     def step_totals(self) -> list[dict[str, np.ndarray]]:
         """Per step (between STEP marks), per tile: the |counts| each device received."""
         steps: list[dict[str, np.ndarray]] = [{}]
-        for name, counts in self.fw.count_log:
-            if name == "STEP":
+        for kind, name, counts in self.fw.count_log:
+            if kind == "STEP":
                 steps.append({})
                 continue
             cur = steps[-1]
@@ -176,6 +176,10 @@ def test_interlock_check_counts_is_overflow_safe():
     with pytest.raises(SafetyLimitError, match="integers"):
         lock.check_counts("t", 0, 0, np.array([[0.7]]))
     lock.check_counts("t", 0, 0, np.array([[1024, -1024]], np.int64))
+    lock.tighten(100)  # what the instrument reports it takes: the lower limit wins
+    lock.tighten(5000)
+    with pytest.raises(SafetyLimitError, match="exceeds 100 per command"):
+        lock.check_counts("t", 0, 0, np.array([[101]], np.int64))
 
 
 # -- the per-step budget --------------------------------------------------------------------
@@ -371,3 +375,20 @@ def test_program_rounds_stay_within_the_budget(chip):
     res = program(tile, 0.05, max_iter=30)  # 50 dw_min away: rounds of <= 20 pulses
     assert res.pulses > 0
     assert max(int(t["t"].max()) for t in chip.step_totals() if "t" in t) <= 20
+
+
+def test_clipped_pulses_are_a_column_of_the_run_file(tmp_path):
+    from hil.config import parse_config
+    from hil.runs import train_run
+    from hil.runstore import read_metrics
+
+    cfg = parse_config({
+        "name": "clip", "seed": 0, "backend": "sim://?seed=1",
+        "model": {"hidden": [4], "activation": "tanh"},
+        "data": {"name": "digits", "limit_train": 20, "limit_test": 10},
+        "algorithm": {"name": "analog_sgd", "lr": 5.0, "max_pulses": 2, "update": "pulse"},
+        "train": {"epochs": 2, "batch_size": 10}})
+    result = train_run(cfg, tmp_path / "run", progress=False)
+    clipped = read_metrics(tmp_path / "run" / "run.h5")["clipped_pulses"]
+    assert len(clipped) == 2 and 0 < clipped[0] <= clipped[1]
+    assert result.completed

@@ -24,7 +24,7 @@ from drivers.station.profile import station_profile
 from drivers.station.sim.station import SimStation
 from hil.algorithms import ResidualLearningV2
 from hil.backend import open_backend
-from hil.errors import BackendError, SafetyLimitError
+from hil.errors import BackendError, ConfigError, SafetyLimitError
 
 PROFILES = ["keysight-b2900-b2200", "keithley-2600b-707b"]
 SIM = "sim://?model=power&gamma=2&dw_min=0.02&d2d=0.3&seed=5"  # noise off
@@ -135,9 +135,11 @@ def test_interlock_refuses_before_any_byte(tmp_path, name, monkeypatch):
                    {"limits.max_pulses_per_command": 300000000},  # beyond any trigger count
                    {"read.compliance_a": 0.5}):
         bad = write_profile(tmp_path, name, **change)
-        with pytest.raises(SafetyLimitError):
+        refused = ConfigError if "read.voltage_v" in change and change["read.voltage_v"] != \
+            change["read.voltage_v"] else SafetyLimitError  # NaN: the profile file is refused
+        with pytest.raises(refused):
             open_backend(f"station://{bad}")
-        with pytest.raises(SafetyLimitError):
+        with pytest.raises(refused):
             open_backend(f"station://{bad}?sim=sim://")
     monkeypatch.undo()
     with open_backend(f"station://{name}?sim=sim://") as be:

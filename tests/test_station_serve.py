@@ -88,3 +88,26 @@ def test_serve_virtual_chip_station_cli(capsys):
     out = capsys.readouterr()
     assert out.out.startswith("station://keithley-2600b-707b?smu=TCPIP0::127.0.0.1::")
     assert "matrix: TCPIP0::127.0.0.1::" in out.err and "stopped:" in out.err
+
+
+def test_one_host_per_station_on_real_visa_resources():
+    import pytest
+
+    from drivers.station.dialect import VisaConnection
+    from hil.errors import BackendError, BackendURLError
+
+    class Held:  # a resource another host holds under a VISA exclusive lock
+        def lock_excl(self, timeout):
+            raise pyvisa.errors.VisaIOError(pyvisa.constants.StatusCode.error_resource_locked)
+
+        def close(self):
+            pass
+
+    conn = VisaConnection.__new__(VisaConnection)
+    conn.name, conn._inst, conn._rm = "GPIB0::23::INSTR", Held(), Held()
+    with pytest.raises(BackendError, match="held by another host"):
+        conn._lock(pyvisa, 1.0)
+    # a lock cannot be taken over: one line saying so (the CLI's --take-over adds take_over=1
+    # at the end of the URL; it stays the station's, not the simulated chip's)
+    with pytest.raises(BackendURLError, match="take over"):
+        open_backend("station://keysight-b2900-b2200?sim=sim://?seed=1&take_over=1")

@@ -73,7 +73,7 @@ def test_train_writes_run_file_curves_and_checkpoint(tmp_path, capsys):
         m = h5["metrics"]
         assert m["epoch"][()].tolist() == [1.0, 2.0]
         assert m["test_acc"].maxshape == (None,) and m["test_acc"].chunks is not None
-    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    ckpt = torch.load(out / CHECKPOINT, weights_only=True)
     assert ckpt["position"]["epoch"] == 2 and ckpt["backend"] is not None
     assert {"0.W", "0.P", "2.W", "2.P"} <= set(ckpt["backend"])
     assert "H" in ckpt["optimizer"]["algorithms"][0]
@@ -98,8 +98,8 @@ def test_killed_run_resumes_to_bit_identical_final_weights(tmp_path):
     assert not cut.completed
     resumed = train_run(cfg, tmp_path / "cut", progress=False, resume=True)
     assert resumed.completed and resumed.global_step == 12
-    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)
-    b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
     for name, tile in a["backend"].items():
         assert torch.equal(tile["w"], b["backend"][name]["w"]), name
     for key, value in a["model"].items():

@@ -5,6 +5,7 @@ in-process) it does that over."""
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from drivers.station.profile import StationProfile
 from drivers.station.timing import TIMINGS, StationTiming, period_of
 from hil.errors import BackendError, InstrumentTimeout, ProtocolError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,26 @@ class VisaConnection(Connection):
         self._inst.timeout = int(timeout_s * 1000)
         self._inst.read_termination = "\n"
         self._inst.write_termination = "\n"
+        self._lock(pyvisa, timeout_s)
+
+    def _lock(self, pyvisa, timeout_s: float) -> None:
+        """One controlling host: a VISA exclusive lock for as long as this connection lives
+        (VXI-11 / HiSLIP LAN and vendor-VISA GPIB resources support it; a raw SOCKET does
+        not, and an instrument that allows one client per socket enforces it itself)."""
+        codes = pyvisa.constants.StatusCode
+        try:
+            self._inst.lock_excl(timeout=int(timeout_s * 1000))
+        except pyvisa.errors.VisaIOError as exc:
+            if exc.error_code == codes.error_resource_locked:
+                self.close()
+                raise BackendError(f"{self.name} is held by another host (VISA lock): close "
+                                   "that session first", op="connect") from None
+            if exc.error_code != codes.error_nonsupported_operation:
+                self.close()
+                raise BackendError(f"cannot lock {self.name}: {exc}", op="connect") from None
+            log.info("%s: this resource type has no VISA lock", self.name)
+        except NotImplementedError:
+            log.info("%s: this VISA library has no locks", self.name)
 
     def write(self, line: str) -> None:
         try:

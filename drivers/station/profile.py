@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drivers.profile import PulseShape, StationLimits, profile_path
+from hil.config import load_yaml
 from hil.errors import ConfigError
 
 DIALECTS = ("keysight", "keithley")
@@ -23,7 +24,7 @@ MATRIX_GEOMETRY = {"keysight": (14, 12, 4), "keithley": (8, 12, 6)}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Instrument(_Strict):
@@ -182,7 +183,7 @@ def load_station_profile(name_or_path: str) -> StationProfile:
     """Read and validate a station profile; ConfigError names the file and the field."""
     path = profile_path(name_or_path)
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = load_yaml(Path(path).read_text())
     except FileNotFoundError:
         known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
         raise ConfigError(str(path), "profile", f"no such profile file (shipped: {known})") \

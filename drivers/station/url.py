@@ -3,8 +3,6 @@ same driver against simulated instruments in-process, driven by the backend at U
 
 from __future__ import annotations
 
-from urllib.parse import unquote
-
 from drivers.station.backend import StationBackend, station_interlock
 from drivers.station.dialect import Connection, LocalConnection, VisaConnection
 from drivers.station.profile import StationProfile, load_station_profile
@@ -23,20 +21,30 @@ def dialect_class(profile: StationProfile):
     return KeithleyDialect
 
 
-def open_station(url: BackendURL) -> StationBackend:
-    """Every parameter and every limit is checked before a connection is opened.
+STATION_KEYS = ("timeout", "library", "calib", "smu", "matrix", "take_over")
 
-    ``sim=`` must be the last parameter: everything after it is the simulated chip's URL
-    (so ``station://P?sim=sim://?model=power&seed=1`` needs no escaping)."""
+
+def _sim_url(url: BackendURL) -> str | None:
+    """The simulated chip's URL of ``sim=``: its value plus the parameters after it that are
+    not the station's own (so ``station://P?sim=sim://?model=power&seed=1`` needs no
+    escaping, and a parameter appended later, such as take_over=1, stays the station's)."""
+    if "sim" not in url.params:
+        return None
+    keys = list(url.params)
+    inner = url.get_str("sim") or "sim://"
+    extra = [f"{k}={url.params[k]}" for k in keys[keys.index("sim") + 1:]
+             if k not in STATION_KEYS]
+    for pair in extra:
+        url._raw(pair.split("=", 1)[0])
+    if extra:
+        inner += ("&" if "?" in inner else "?") + "&".join(extra)
+    return inner
+
+
+def open_station(url: BackendURL) -> StationBackend:
+    """Every parameter and every limit is checked before a connection is opened."""
     raw = url.url
-    sim_url = None
-    if "sim=" in raw.partition("?")[2]:
-        sim_url = unquote(raw.partition("?")[2].split("sim=", 1)[1]) or "sim://"
-        before = raw.partition("?")[2].split("sim=", 1)[0]
-        keep = {kv.split("=", 1)[0] for kv in before.split("&") if kv}
-        for key in list(url.params):
-            if key not in keep:
-                url._raw(key)  # part of the simulated chip's URL
+    sim_url = _sim_url(url)
     if not url.location:
         raise BackendURLError(f"backend URL {raw!r}: give a station profile, e.g. "
                               "station://keysight-b2900-b2200")
@@ -44,6 +52,7 @@ def open_station(url: BackendURL) -> StationBackend:
     timeout = url.get_float("timeout", 10.0, lo=0.001, hi=600.0)
     library = url.get_str("library", "@py") or "@py"
     calib = url.get_str("calib") or profile.conductance.calib
+    take_over = bool(url.get_int("take_over", 0, lo=0, hi=1))
     smu = url.get_str("smu")  # VISA resources overriding the profile's (e.g. a served sim)
     matrix = url.get_str("matrix")
     if smu or matrix:
@@ -54,6 +63,10 @@ def open_station(url: BackendURL) -> StationBackend:
     url.finish()
     station_interlock(profile)  # refuse a bad profile before any byte
     weight_map = WeightMap.load(calib) if calib else None
+    if take_over:
+        raise BackendURLError(f"backend URL {raw!r}: a station's instruments are held by VISA "
+                              "exclusive locks, which no other host can take over: close the "
+                              "session that holds them")
     return connect(raw, profile, sim_url, weight_map, timeout, library)
 
 

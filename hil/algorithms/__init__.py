@@ -27,7 +27,7 @@ def make_algorithm(name: str, backend: Backend, shape: tuple[int, int], **kw: An
         raise ValueError(f"unknown algorithm {name!r} (one of {', '.join(ALGORITHMS)})") from None
     if cls is AnalogSGD:
         for key in ("transfer_lr", "gamma", "transfer_every", "transfer", "zero_shift",
-                    "transfer_read", "transfer_write", "mvm_read"):
+                    "zero_shift_cycles", "transfer_read", "transfer_write", "mvm_read"):
             kw.pop(key, None)
     elif not issubclass(cls, ResidualLearning) and kw.pop("transfer_write", "counts") \
             != "counts":  # the buffered variants' threshold transfer is one pulse

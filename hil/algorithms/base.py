@@ -32,8 +32,8 @@ TransferSchedule = Literal["full", "column"]
 MvmRead = Literal["tiles", "summed"]
 
 
-def stochastic_round(x: torch.Tensor, gen: torch.Generator, what: str = "pulse count"
-                     ) -> torch.Tensor:
+def stochastic_round(x: torch.Tensor, gen: torch.Generator, what: str = "pulse count",
+                     tile: str | None = None) -> torch.Tensor:
     """Round to floor(x) or floor(x) + 1 with probability frac(x): unbiased, int32.
 
     The arithmetic runs in numpy on the CPU (exact in float64, like torch's, at a
@@ -45,9 +45,10 @@ def stochastic_round(x: torch.Tensor, gen: torch.Generator, what: str = "pulse c
         peak = float(np.abs(xs).max())  # NaN propagates
         if not peak < MAX_COUNT:
             if not np.isfinite(xs).all():
-                raise NonFiniteError(f"{what} is not finite (NaN or inf)", op="step")
+                raise NonFiniteError(f"{what} is not finite (NaN or inf)", tile=tile,
+                                     op="step")
             raise SafetyLimitError(f"{what} of {peak:.3g} pulses is beyond any pulse "
-                                   "command", op="step")
+                                   "command", tile=tile, op="step")
     u = torch.rand(xs.shape, generator=gen, dtype=torch.float64).numpy()
     lo = np.floor(xs)
     return torch.from_numpy((lo + (u < xs - lo)).astype(np.int32))
@@ -154,7 +155,7 @@ class AnalogAlgorithm(ABC):
             if excess:
                 self.clipped_pulses += round(excess)
                 want = want.clamp(-self.max_pulses, self.max_pulses)
-        n = stochastic_round(want, self.gen, f"pulse count of tile {tile.name!r}")
+        n = stochastic_round(want, self.gen, "pulse count", tile.name)
         self.pulse_counts(tile, n, cols)
         return n
 

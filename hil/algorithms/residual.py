@@ -94,8 +94,10 @@ class _TwoTile(AnalogAlgorithm):
         self.column = 0  # next column of the 'column' schedule
         self.zero_shift = bool(zero_shift)
         if self.zero_shift:
-            self.tiles["P_ref"] = claim_tile(backend, f"{prefix}.P_ref", self.shape, exclusive=True)
-            self._setup_zero_shift(int(zero_shift_cycles))
+            self.tiles["P_ref"] = claim_tile(backend, f"{prefix}.P_ref", self.shape,
+                                             exclusive=True)
+            if zero_shift_cycles:  # 0: the tiles are set up already (a resumed run)
+                self._setup_zero_shift(int(zero_shift_cycles))
 
     def _setup_zero_shift(self, cycles: int) -> None:
         p, ref = self.tiles["P"], self.tiles["P_ref"]

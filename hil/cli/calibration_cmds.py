@@ -34,6 +34,11 @@ def characterize_cmd(
     config: Annotated[Path | None, typer.Option(
         help="characterize every tile this run configuration allocates, under the job's "
              "tile names (instead of --tile/--rows/--cols)")] = None,
+    force: Annotated[bool, typer.Option(
+        help="replace an existing --out file (once the new measurement is complete)")] = False,
+    take_over: Annotated[bool, typer.Option(
+        help="take the chip from the host that holds it (that host's next call fails)")]
+        = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     dry_run: Annotated[bool, typer.Option(
         help="print the modelled instrument time of the job and stop")] = False,
@@ -43,9 +48,12 @@ def characterize_cmd(
     On an instrument station the modelled instrument time is printed before starting."""
     from rich.console import Console
 
+    from calibration.measfile import partial_path
     from calibration.protocols import SweepProtocol
     from calibration.workflow import run_characterize
+    from hil.cli import set_resume_hint
     from hil.errors import ConfigError
+    from hil.url import with_param
 
     try:
         proto = SweepProtocol(pulses=pulses, cycles=cycles, read_every=read_every,
@@ -58,6 +66,12 @@ def characterize_cmd(
         from hil.config import load_config
 
         tiles = job_tiles(load_config(config), str(config))
+    if take_over:
+        backend = with_param(backend, "take_over", "1")
+    part = partial_path(out)
+    set_resume_hint(lambda: (f"{out} untouched; the blocks measured so far are in {part} "
+                             "(fit them with --allow-partial), or rerun the command")
+                    if part.exists() else f"{out} untouched; rerun the command")
     console = Console()
     from calibration.workflow import estimate_characterize
 
@@ -68,8 +82,9 @@ def characterize_cmd(
         console.print("this backend has no instrument time to model", highlight=False)
     if dry_run:
         return
-    path = run_characterize(backend, out, tiles, proto, console=None if quiet else console)
-    console.print(f"measurement written to {path}", highlight=False)
+    path = run_characterize(backend, out, tiles, proto, console=None if quiet else console,
+                            force=force)
+    console.print(f"measurement written to {path}", highlight=False, markup=False)
 
 
 @app.command("fit")
@@ -80,6 +95,8 @@ def fit_cmd(
     bins: Annotated[int | None, typer.Option(min=4, help="state bins per direction")] = None,
     window: Annotated[int | None, typer.Option(min=1, help="reads that locate a step")] = None,
     criterion: Annotated[str, typer.Option(help="bic or aic")] = "bic",
+    allow_partial: Annotated[bool, typer.Option(
+        help="fit a partial measurement (one that stopped before its end)")] = False,
 ) -> None:
     """Fit every device's response (all families, model selection) into a calibration file."""
     from rich.console import Console
@@ -91,9 +108,9 @@ def fit_cmd(
         raise ConfigError("<command line>", "--criterion", "must be 'bic' or 'aic'")
     console = Console()
     cal = run_fit(out, meas=meas, csv=csv, bins=bins, window=window, criterion=criterion,
-                  console=console)
+                  console=console, allow_partial=allow_partial)
     print_summary(console, cal)
-    console.print(f"calibration written to {out}", highlight=False)
+    console.print(f"calibration written to {out}", highlight=False, markup=False)
 
 
 @app.command("zero-shift")
@@ -101,6 +118,9 @@ def zero_shift_cmd(
     backend: Annotated[str, typer.Option(help="backend URL of the calibrated chip")],
     calib: Annotated[Path, typer.Option(help="calibration file")],
     pairs: Annotated[int, typer.Option(min=10, help="alternating pairs of the check")] = 200,
+    take_over: Annotated[bool, typer.Option(
+        help="take the chip from the host that holds it (that host's next call fails)")]
+        = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Program reference tiles to the symmetric points; report the differential residual."""
@@ -108,6 +128,10 @@ def zero_shift_cmd(
 
     from calibration.calibfile import load_calibration
     from calibration.workflow import print_summary, run_zero_shift
+    from hil.url import with_param
+
+    if take_over:
+        backend = with_param(backend, "take_over", "1")
 
     console = Console()
     zs = run_zero_shift(backend, calib, pairs, console=None if quiet else console)
@@ -129,4 +153,4 @@ def report_cmd(
     from calibration.workflow import run_report
 
     paths = run_report(calib, out)
-    Console().print("\n".join(str(p) for p in paths), highlight=False)
+    Console().print("\n".join(str(p) for p in paths), highlight=False, markup=False)

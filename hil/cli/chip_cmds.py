@@ -37,6 +37,7 @@ def serve_virtual_chip(
 ) -> None:
     """Serve BACKEND as a virtual crossbar test chip until Ctrl-C; prints the URL to open."""
     from drivers.virtual_chip import Faults, VirtualChip
+    from hil import interrupts
     from hil.errors import ConfigError
 
     if station is not None:
@@ -51,7 +52,12 @@ def serve_virtual_chip(
         raise ConfigError("serve-virtual-chip", "--protocol", "must be scpi or serial")
     faults = Faults(drop=drop, corrupt=corrupt, delay_s=delay, delay_fraction=delay_fraction,
                     close_after=close_after, seed=fault_seed)
-    chip = VirtualChip(backend, protocol, transport, faults, profile, port=port or 0)
+    try:
+        chip = VirtualChip(backend, protocol, transport, faults, profile, port=port or 0)
+    except OSError as exc:  # the port is in use, or no pty can be had
+        where = f"127.0.0.1:{port}" if port is not None else "a new pty"
+        raise ConfigError("serve-virtual-chip", "--port" if port is not None else "--pty",
+                          f"cannot serve on {where}: {exc.strerror or exc}") from None
     try:
         typer.echo(chip.url, err=False)
         typer.echo(f"virtual chip ({protocol} on {chip.address}) serving {backend}; "
@@ -60,7 +66,7 @@ def serve_virtual_chip(
         while deadline is None or time.monotonic() < deadline:
             time.sleep(0.2)
     except KeyboardInterrupt:
-        pass
+        interrupts.consume()  # Ctrl-C, SIGTERM or SIGHUP: the server's normal stop
     finally:
         chip.close()
         fw = chip.firmware
