@@ -11,7 +11,8 @@ from calibration.validate import Tolerances, validate
 from hil.cli import main
 from hil.config import parse_config
 
-pytestmark = pytest.mark.slow  # every read routes each device through the switch matrix
+pytestmark = [pytest.mark.slow,  # every read routes each device through the switch matrix
+              pytest.mark.usefixtures("one_torch_thread")]
 
 CHIP = ("sim://?model=power&gamma=0.5&tau=0.6&dw_min=0.01&d2d=0.2&c2c=0.1&read_noise=0.001"
         "&seed=4")
