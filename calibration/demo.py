@@ -25,8 +25,8 @@ def demo_calibration(console: Console, out_dir: pathlib.Path, backend_url: str) 
     meas, calib = out_dir / "measurement.h5", out_dir / "calibration.h5"
     proto = SweepProtocol(pulses=200, cycles=2, sympoint_pairs=100, noise_reads=10)
     console.rule("calibration: characterize -> fit -> zero-shift -> report")
-    run_characterize(backend_url, meas, "cal", DEMO_ROWS, DEMO_COLS, proto, console=console,
-                     force=True)  # the tour replaces its own earlier measurement
+    run_characterize(backend_url, meas, {"cal": (DEMO_ROWS, DEMO_COLS)}, proto,
+                     console=console, force=True)  # the tour replaces its own measurement
     cal = run_fit(calib, meas=meas, console=console)
     zs = run_zero_shift(backend_url, calib, pairs=100, console=console)
     pngs = run_report(calib, out_dir / "report")

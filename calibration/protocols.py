@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from calibration.measfile import MeasurementWriter
-from hil.backend import Backend, Tile
-from hil.errors import BackendError
+from hil.backend import Backend, Tile, claim_tile
 
 Advance = Callable[[int], None]
 
@@ -107,18 +106,6 @@ def settled_value(reads: np.ndarray, tail: float = 0.5) -> np.ndarray:
     return np.nanmean(reads[start:], axis=0)
 
 
-def tile_for(backend: Backend, name: str, rows: int, cols: int) -> Tile:
-    """The backend's tile ``name`` if it exists (a chip), else a newly allocated one."""
-    try:
-        tile = backend.tile(name)
-    except BackendError:
-        return backend.allocate(name, rows, cols)
-    if tile.shape != (rows, cols):
-        raise BackendError(f"tile is {tile.shape}, asked for {(rows, cols)}", tile=name,
-                           op="characterize")
-    return tile
-
-
 def estimate_seconds(tile: Tile, proto: SweepProtocol) -> float | None:
     """Instrument seconds :func:`characterize` would take on ``tile``: each protocol run is
     one read, then its steps as pulse_read calls of ``block`` reads (the tile's own estimate;
@@ -141,7 +128,7 @@ def characterize(backend: Backend, writer: MeasurementWriter, tiles: dict[str, t
                  proto: SweepProtocol, advance: Advance | None = None) -> None:
     """Run read noise, sweeps and the symmetric-point search on every tile."""
     for name, (rows, cols) in tiles.items():
-        tile = tile_for(backend, name, rows, cols)
+        tile = claim_tile(backend, name, (rows, cols))
         read_noise(tile, proto.noise_reads, writer, advance)
         sweep(tile, proto, writer, advance)
         if proto.sympoint_pairs:

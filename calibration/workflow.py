@@ -16,7 +16,7 @@ from calibration.fit import torch_threads
 from calibration.measfile import MeasurementWriter
 from calibration.protocols import SweepProtocol, characterize
 from calibration.zeroshift import ZeroShiftResult, zero_shift
-from hil.backend import open_backend
+from hil.backend import claim_tile, open_backend
 from hil.errors import ConfigError
 from hil.outpath import check_dir, check_new_file
 
@@ -32,34 +32,44 @@ def _small_ops(devices: int):
     return torch_threads(1 if devices < 16384 else None)
 
 
-def run_characterize(backend_url: str, out: Path, tile: str = "cal", rows: int = 16,
-                     cols: int = 16, proto: SweepProtocol | None = None,
+def run_characterize(backend_url: str, out: Path,
+                     tiles: dict[str, tuple[int, int]] | None = None,
+                     proto: SweepProtocol | None = None,
                      console: Console | None = None, force: bool = False) -> Path:
-    """Measure read noise, sweeps and the symmetric-point search into a measurement file
-    (renamed into place when complete; an existing one is replaced only with ``force``)."""
+    """Measure read noise, sweeps and the symmetric-point search of ``tiles`` (name ->
+    shape; default one 16x16 tile 'cal') into a measurement file (renamed into place when
+    complete; an existing one is replaced only with ``force``)."""
     proto = proto or SweepProtocol()
+    tiles = tiles or {"cal": (16, 16)}
     out = check_new_file(Path(out), force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(str(out), "--out", f"cannot create its directory: {exc}") from None
-    with _small_ops(rows * cols), open_backend(backend_url) as be, \
+    devices = sum(r * c for r, c in tiles.values())
+    what = ", ".join(f"{n} {r}x{c}" for n, (r, c) in tiles.items())
+    with _small_ops(devices), open_backend(backend_url) as be, \
             MeasurementWriter(out, backend_url, proto.as_dict()) as writer, \
             _progress(console) as bar:
-        task = bar.add_task(f"characterize {tile} {rows}x{cols}", total=proto.n_reads())
-        characterize(be, writer, {tile: (rows, cols)}, proto,
-                     advance=lambda n: bar.advance(task, n))
+        task = bar.add_task(f"characterize {what}", total=proto.n_reads() * len(tiles))
+        characterize(be, writer, tiles, proto, advance=lambda n: bar.advance(task, n))
     return out
 
 
-def estimate_characterize(backend_url: str, tile: str, rows: int, cols: int,
+def estimate_characterize(backend_url: str, tiles: dict[str, tuple[int, int]],
                           proto: SweepProtocol) -> float | None:
     """Modelled instrument seconds of :func:`run_characterize` (None: no instrument time).
-    Opens the backend and places the tile; measures nothing."""
-    from calibration.protocols import estimate_seconds, tile_for
+    Opens the backend and places the tiles; measures nothing."""
+    from calibration.protocols import estimate_seconds
 
+    total = 0.0
     with open_backend(backend_url) as be:
-        return estimate_seconds(tile_for(be, tile, rows, cols), proto)
+        for name, shape in tiles.items():
+            part = estimate_seconds(claim_tile(be, name, shape), proto)
+            if part is None:
+                return None
+            total += part
+    return total
 
 
 def run_fit(out: Path, meas: Path | None = None, csv: Path | None = None,

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from calibration.calibfile import Calibration
-from calibration.protocols import settled_value, tile_for
-from hil.backend import Backend
+from calibration.protocols import settled_value
+from hil.backend import Backend, claim_tile
 from hil.errors import ConfigError
 from hil.program import program
 
@@ -51,8 +51,8 @@ def zero_shift(backend: Backend, cal: Calibration, pairs: int = 200,
             raise ConfigError(str(cal.path), f"tiles/{name}/family_index",
                               "no device of this tile has a fitted response: nothing to "
                               "zero-shift")
-        tile = tile_for(backend, name, rows, cols)
-        ref = tile_for(backend, name + ref_suffix, rows, cols)
+        tile = claim_tile(backend, name, (rows, cols))
+        ref = claim_tile(backend, name + ref_suffix, (rows, cols))
         target = torch.as_tensor(np.nan_to_num(tc.values["symmetric_point"]),
                                  dtype=torch.float32)
         # a tolerance below half a step of the coarsest devices would never be met

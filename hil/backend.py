@@ -280,6 +280,26 @@ class Backend(ABC):
         self.close()
 
 
+def claim_tile(backend: Backend, name: str, shape: tuple[int, int], *,
+               exclusive: bool = False) -> Tile:
+    """The backend's tile ``name`` where it already holds one of this shape (a chip keeps
+    its tiles across sessions: the tiles ``hil characterize --config`` calibrated are the
+    ones the job trains on), else a newly allocated one. ``exclusive`` (an algorithm's
+    tiles): a tile another algorithm of this session claimed is refused, so two layers
+    never share one."""
+    tile = backend.tiles().get(name)
+    if tile is None:
+        tile = backend.allocate(name, *shape)
+    elif exclusive and getattr(tile, "claimed", False):
+        raise BackendError("tile already allocated (claimed by another algorithm)",
+                           tile=name, op="allocate")
+    if tile.shape != tuple(shape):
+        raise BackendError(f"tile exists with shape {tile.shape}, the job needs "
+                           f"{tuple(shape)}", tile=name, op="allocate")
+    if exclusive:
+        tile.claimed = True
+    return tile
+
 BackendFactory = Callable[[BackendURL], Backend]
 _REGISTRY: dict[str, BackendFactory | str] = {}
 

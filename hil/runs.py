@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,13 +171,16 @@ def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str =
               resume: bool = False, backend_url: str | None = None,
               console: Console | None = None, progress: bool = True,
               stop_after_steps: int | None = None, force: bool = False,
-              reprogram: bool = False) -> RunResult:
+              reprogram: bool = False,
+              wrap_backend: Callable[[Backend], Backend] | None = None) -> RunResult:
     """Train as ``cfg`` says; checkpoint atomically (also at step 0 and at an interrupted
     step's end); with ``resume`` continue from the checkpoint in ``out_dir``: a config
     that differs from the run's is refused unless ``force``; on a backend without
     snapshots (a chip) the devices must still hold the checkpoint's weights, unless
     ``reprogram`` writes them back. ``stop_after_steps`` stops abruptly after that many
-    global steps without a final checkpoint (what a kill leaves; used by tests)."""
+    global steps without a final checkpoint (what a kill leaves; used by tests).
+    ``wrap_backend`` wraps the opened backend (``hil validate`` records each step's
+    pulses)."""
     console = console or Console()
     if backend_url is not None:
         cfg = parse_config({**cfg.model_dump(), "backend": backend_url}, config_path)
@@ -204,6 +208,8 @@ def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str =
             backend = open_backend(cfg.backend)
         except BackendURLError as exc:
             raise ConfigError(config_path, "backend", str(exc)) from None
+        if wrap_backend is not None:
+            backend = wrap_backend(backend)
     try:
         return _train(cfg, ds, out, backend, ckpt, console, progress, stop_after_steps,
                       reprogram)

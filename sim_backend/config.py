@@ -9,6 +9,7 @@ import torch
 from hil.errors import BackendURLError
 from hil.response import RESPONSE_CLASSES
 from hil.url import BackendURL
+from sim_backend.drift import DriftAgeingConfig
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class SimConfig:
     # 'auto' (native kernel on CPU, else compiled from 262144 devices on), 'native',
     # 'compiled' or 'eager'
     engine: str = "auto"
+    # conductance drift and ageing (sim_backend/drift.py); off by default
+    drift_ageing: DriftAgeingConfig = DriftAgeingConfig()
 
     @classmethod
     def from_url(cls, url: BackendURL) -> SimConfig:
@@ -86,4 +89,5 @@ class SimConfig:
             train_length=url.get_int("train_length", d.train_length, lo=1, hi=10_000),
             engine=url.get_str("engine", d.engine,
                                choices=("auto", "native", "compiled", "eager")),
+            drift_ageing=DriftAgeingConfig.from_url(url),
         )

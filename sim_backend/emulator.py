@@ -437,7 +437,11 @@ class SimBackend(Backend):
 
     def _allocate(self, name: str, rows: int, cols: int) -> SimTile:
         gen = tile_generator(self.config.seed, name, self.config.device)
-        return SimTile(self, name, self._population(name, rows, cols, gen), gen)
+        cls = SimTile
+        if self.config.drift_ageing.active:  # drift / ageing: sim_backend/drift.py
+            from sim_backend.drift import drifting_tile_class
+            cls = drifting_tile_class(SimTile)
+        return cls(self, name, self._population(name, rows, cols, gen), gen)
 
     def mvm_sum(self, terms: Sequence[tuple[Tile, float]], x: torch.Tensor,
                 transpose: bool = False) -> torch.Tensor:
@@ -458,7 +462,8 @@ class SimBackend(Backend):
 
     def state_dict(self) -> dict[str, object]:
         """Weights and generator state of every tile (device parameters follow from the seed)."""
-        return {name: {"shape": t.shape, "w": t.w.cpu().clone(), "rng": t.gen.get_state()}
+        return {name: {"shape": t.shape, "w": t.w.cpu().clone(), "rng": t.gen.get_state(),
+                       **getattr(t, "extra_state", dict)()}
                 for name, t in self._tiles.items()}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -472,3 +477,5 @@ class SimBackend(Backend):
                                    f"{tile.shape}", tile=name, op="load_state_dict")
             tile.w = w.to(device=tile.w.device, dtype=torch.float32).clone().contiguous()
             tile.gen.set_state(entry["rng"])
+            if hasattr(tile, "load_extra_state"):
+                tile.load_extra_state(entry)

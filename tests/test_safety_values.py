@@ -150,8 +150,8 @@ def files(tmp_path_factory):
     """A small measurement and its calibration (fitted once for the module)."""
     d = tmp_path_factory.mktemp("cal")
     proto = SweepProtocol(pulses=40, cycles=1, read_every=1, sympoint_pairs=10, noise_reads=4)
-    run_characterize("sim://?model=power&dw_min=0.02&c2c=0.05&seed=1", d / "m.h5", "cal",
-                     2, 3, proto)
+    run_characterize("sim://?model=power&dw_min=0.02&c2c=0.05&seed=1", d / "m.h5",
+                     {"cal": (2, 3)}, proto)
     run_fit(d / "c.h5", meas=d / "m.h5")
     return d / "m.h5", d / "c.h5"
 

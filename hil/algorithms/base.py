@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from hil.backend import Backend, Tile, check_finite
+from hil.backend import Backend, Tile, check_finite, claim_tile
 from hil.errors import NonFiniteError, SafetyLimitError
 from hil.program import program
 
@@ -108,7 +108,8 @@ class AnalogAlgorithm(ABC):
         self.gen = torch.Generator(device="cpu")
         self.gen.manual_seed(int(seed))
         self.tiles: dict[str, Tile] = {
-            role: backend.allocate(f"{prefix}.{role}", *self.shape) for role in self.roles
+            role: claim_tile(backend, f"{prefix}.{role}", self.shape, exclusive=True)
+            for role in self.roles
         }
 
     # -- reading ---------------------------------------------------------------------

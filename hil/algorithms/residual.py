@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hil.algorithms.base import AnalogAlgorithm, TransferSchedule, UpdateMode, _whole
-from hil.backend import Backend, Tile, check_finite
+from hil.backend import Backend, Tile, check_finite, claim_tile
 from hil.program import program
 
 
@@ -94,7 +94,8 @@ class _TwoTile(AnalogAlgorithm):
         self.column = 0  # next column of the 'column' schedule
         self.zero_shift = bool(zero_shift)
         if self.zero_shift:
-            self.tiles["P_ref"] = backend.allocate(f"{prefix}.P_ref", *self.shape)
+            self.tiles["P_ref"] = claim_tile(backend, f"{prefix}.P_ref", self.shape,
+                                             exclusive=True)
             if zero_shift_cycles:  # 0: the tiles are set up already (a resumed run)
                 self._setup_zero_shift(int(zero_shift_cycles))
 

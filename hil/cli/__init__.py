@@ -48,7 +48,14 @@ def error_line(message: str) -> None:
 
 
 # Command modules register themselves on `app` when imported (lazy heavy imports inside).
-from hil.cli import calibration_cmds, chip_cmds, demo_cmds, sweep_cmds, train_cmds  # noqa: E402,F401
+from hil.cli import (  # noqa: E402,F401
+    calibration_cmds,
+    chip_cmds,
+    demo_cmds,
+    sweep_cmds,
+    train_cmds,
+    validate_cmds,
+)
 
 
 def _command(argv: list[str] | None) -> str:

@@ -31,6 +31,9 @@ def characterize_cmd(
     read_every: Annotated[int, typer.Option(min=1, help="pulses between reads")] = 1,
     sympoint_pairs: Annotated[int, typer.Option(min=0, help="alternating search pairs")] = 200,
     noise_reads: Annotated[int, typer.Option(min=0, help="repeated reads")] = 20,
+    config: Annotated[Path | None, typer.Option(
+        help="characterize every tile this run configuration allocates, under the job's "
+             "tile names (instead of --tile/--rows/--cols)")] = None,
     force: Annotated[bool, typer.Option(
         help="replace an existing --out file (once the new measurement is complete)")] = False,
     take_over: Annotated[bool, typer.Option(
@@ -57,6 +60,12 @@ def characterize_cmd(
                               sympoint_pairs=sympoint_pairs, noise_reads=noise_reads)
     except ValueError as exc:
         raise ConfigError("<command line>", "protocol", str(exc)) from None
+    tiles = {tile: (rows, cols)}
+    if config is not None:
+        from calibration.validate import job_tiles
+        from hil.config import load_config
+
+        tiles = job_tiles(load_config(config), str(config))
     if take_over:
         backend = with_param(backend, "take_over", "1")
     part = partial_path(out)
@@ -66,15 +75,15 @@ def characterize_cmd(
     console = Console()
     from calibration.workflow import estimate_characterize
 
-    seconds = estimate_characterize(backend, tile, rows, cols, proto)
+    seconds = estimate_characterize(backend, tiles, proto)
     if seconds is not None:
         console.print(f"modelled instrument time: {format_seconds(seconds)}", highlight=False)
     elif dry_run:
         console.print("this backend has no instrument time to model", highlight=False)
     if dry_run:
         return
-    path = run_characterize(backend, out, tile, rows, cols, proto,
-                            console=None if quiet else console, force=force)
+    path = run_characterize(backend, out, tiles, proto, console=None if quiet else console,
+                            force=force)
     console.print(f"measurement written to {path}", highlight=False, markup=False)
 
 

@@ -115,8 +115,8 @@ def _calibrate_cell(config: dict[str, Any], out: Path, log: Any) -> dict[str, An
                           noise_reads=config["noise_reads"])
     meas = out / "meas.h5"
     meas.unlink(missing_ok=True)  # a measurement is redone whole, never appended to
-    run_characterize(config["backend"], meas, config["tile"], config["rows"], config["cols"],
-                     proto, console=None)
+    run_characterize(config["backend"], meas,
+                     {config["tile"]: (config["rows"], config["cols"])}, proto, console=None)
     cal = run_fit(out / "calib.h5", meas=meas, criterion=config["criterion"])
     row: dict[str, Any] = {}
     for tc in cal.tiles.values():

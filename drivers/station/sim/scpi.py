@@ -156,6 +156,9 @@ class ScpiInstrument:
 
     def __init__(self) -> None:
         self._tree: list[tuple[list[_Node], bool, Handler]] = []
+        # resolved headers: a station sends the same few thousand times a second
+        self._resolved: dict[tuple[tuple[str, ...], bool],
+                             tuple[Handler, list[int]] | None] = {}
         self.errors: deque[tuple[int, str]] = deque()
         self.log: list[str] = []  # every command header accepted (tests replay them)
         self.refused: list[tuple[str, int]] = []
@@ -174,6 +177,7 @@ class ScpiInstrument:
     def add(self, pattern: str, handler: Handler) -> None:
         query = pattern.endswith("?")
         self._tree.append((_compile(pattern.rstrip("?")), query, handler))
+        self._resolved.clear()
 
     def push_error(self, code: int, detail: str = "") -> None:
         text = ERRORS.get(code, "Error") + (f"; {detail}" if detail else "")
@@ -189,6 +193,14 @@ class ScpiInstrument:
 
     # -- parsing -----------------------------------------------------------------------------
     def _resolve(self, tokens: list[str], query: bool) -> tuple[Handler, list[int]] | None:
+        key = (tuple(tokens), query)
+        if key not in self._resolved:
+            if len(self._resolved) >= 4096:  # bounded: a client may send any header
+                self._resolved.clear()
+            self._resolved[key] = self._search(tokens, query)
+        return self._resolved[key]
+
+    def _search(self, tokens: list[str], query: bool) -> tuple[Handler, list[int]] | None:
         for nodes, is_query, handler in self._tree:
             if is_query != query:
                 continue
