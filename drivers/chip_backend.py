@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from drivers.interlocked import InterlockedTile
+from drivers.interlocked import InstrumentBackend, InterlockedTile
 from drivers.link import (
     E_SEQUENCE,
     MAX_BATCH,
@@ -32,7 +32,7 @@ from drivers.profile import NUMPY_DTYPES_BY_NAME, Profile, PulseShape
 from drivers.safety import POLARITIES, Interlock, as_counts
 from drivers.transport import LinkDown
 from drivers.weight_map import TileMap, WeightMap
-from hil.backend import Backend, Capabilities, Tile
+from hil.backend import Capabilities, Tile
 from hil.errors import (
     BackendError,
     InstrumentTimeout,
@@ -158,7 +158,7 @@ class ChipTile(InterlockedTile):
         return out.reshape(-1) if squeeze else out
 
 
-class ChipBackend(Backend):
+class ChipBackend(InstrumentBackend):
     """A chip behind a ChipLink (SCPI or frames), governed by a station profile."""
 
     def __init__(self, url: str, link: ChipLink, profile: Profile,
@@ -297,19 +297,12 @@ class ChipBackend(Backend):
         self.shapes[polarity] = shape
         self.armed = False
 
-    def close(self) -> None:
-        """Outputs off (confirmed), end the session, then release the link; safe to call
-        twice."""
-        if self.closed:
-            return
+    def _release(self) -> None:
+        """After the outputs are off: end the session, then release the link."""
         try:
-            self.make_safe()
+            self._end_session()
         finally:
-            self.closed = True
-            try:
-                self._end_session()
-            finally:
-                self.link.transport.close()
+            self.link.transport.close()
 
     # -- the session: one controlling host per chip ----------------------------------------
     def _join(self) -> None:

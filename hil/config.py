@@ -46,6 +46,15 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def parsable_url(url: str) -> str:
+    """A config field's backend URL, checked to parse (its error becomes the field's)."""
+    try:
+        BackendURL.parse(url)
+    except BackendURLError as exc:
+        raise ValueError(str(exc)) from None
+    return url
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -125,11 +134,7 @@ class RunConfig(_Strict):
     @field_validator("backend")
     @classmethod
     def _url(cls, v: str) -> str:
-        try:
-            BackendURL.parse(v)
-        except BackendURLError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return parsable_url(v)
 
 
 def parse_config(data: Any, path: str = "<config>") -> RunConfig:

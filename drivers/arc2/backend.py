@@ -38,9 +38,9 @@ from drivers.arc2.limits import Arc2Interlock, width_ns
 from drivers.arc2.mapping import ChannelMap, load_mapping
 from drivers.arc2.profile import Arc2Profile, load_arc2_profile
 from drivers.arc2.spec import BIT_CHANNELS
-from drivers.interlocked import InterlockedTile
+from drivers.interlocked import InstrumentBackend, InterlockedTile
 from drivers.weight_map import TileMap, WeightMap
-from hil.backend import Backend, Capabilities, Tile
+from hil.backend import Capabilities, Tile
 from hil.errors import BackendError, BackendURLError, SafetyLimitError
 from hil.url import BackendURL
 
@@ -164,7 +164,7 @@ class Arc2Tile(InterlockedTile):
         be.call("wait", self, self._devices(), lambda: be.instrument.wait())
 
 
-class Arc2Backend(Backend):
+class Arc2Backend(InstrumentBackend):
     """An ArC TWO (real through pyarc2, or the simulated one) under one station profile."""
 
     def __init__(self, url: str, api: ModuleType, instrument: Any, profile: Arc2Profile,
@@ -253,16 +253,6 @@ class Arc2Backend(Backend):
             if strict:
                 raise BackendError(f"could not ground the outputs: {exc}", op="open") from exc
             log.error("could not ground the ArC TWO outputs: %s", exc)
-
-    def close(self) -> None:
-        """Outputs grounded, then the instrument released; safe to call twice."""
-        if self.closed:
-            return
-        try:
-            self.make_safe()
-        finally:
-            self.closed = True
-            self._release()
 
     def _release(self) -> None:
         """Drop the instrument (pyarc2 frees the USB handle with the object), then run the

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from drivers.interlocked import InstrumentBackend
 from drivers.profile import ArraySpec
 from drivers.safety import Interlock
 from drivers.station.dialect import Dialect, Route
 from drivers.station.profile import StationProfile
 from drivers.station.timing import TIMINGS, period_of
 from drivers.weight_map import TileMap, WeightMap
-from hil.backend import Backend, Capabilities, Tile
+from hil.backend import Capabilities, Tile
 from hil.errors import BackendError, SafetyLimitError
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class StationTile(Tile):
                 f"({self.row + r}, {self.col + c})" for r, c in devices]
 
 
-class StationBackend(Backend):
+class StationBackend(InstrumentBackend):
     """SMU + switch matrix as a backend: tiles are regions of the profile's arrays."""
 
     def __init__(self, url: str, profile: StationProfile, dialect: Dialect,
@@ -276,17 +277,11 @@ class StationBackend(Backend):
         raise BackendError(f"no room for a {rows}x{cols} tile in the allowed region",
                            tile=name, op="allocate")
 
-    def close(self) -> None:
-        """Outputs off and relays open (confirmed), then the connections; safe to call twice."""
-        if self.closed:
-            return
-        try:
-            self.make_safe()
-        finally:
-            self.closed = True
-            self.dialect.close()
-            if self.chip is not None:
-                self.chip.close()
+    def _release(self) -> None:
+        """After the output is off and the relays open: the connections."""
+        self.dialect.close()
+        if self.chip is not None:
+            self.chip.close()
 
 
 class _Guard:

@@ -23,9 +23,8 @@ from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hil.config import RunConfig, parse_config, read_yaml
+from hil.config import RunConfig, parsable_url, parse_config, read_yaml
 from hil.errors import BackendURLError, ConfigError
-from hil.url import BackendURL
 
 Scalar = str | int | float | bool
 Value = Scalar | list[Any] | None
@@ -53,11 +52,7 @@ class CalibrateJob(_Strict):
     @field_validator("backend")
     @classmethod
     def _url(cls, v: str) -> str:
-        try:
-            BackendURL.parse(v)
-        except BackendURLError as exc:
-            raise ValueError(str(exc)) from None
-        return v
+        return parsable_url(v)
 
 
 class Axes(_Strict):
