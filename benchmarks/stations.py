@@ -63,10 +63,12 @@ def naive(cls):
                 self.exchange([(1 if count > 0 else -1, False)], at)
 
         def pulse_devices(self, trains, where):
+            self.ensure_armed()  # as the ordered driver: pulses need the output on
             for (route, count), at in zip(trains, where, strict=True):
                 self._pulses(route, count, at)
 
         def run_programs(self, programs, where):
+            self.ensure_armed()
             out = []
             for (route, counts), at in zip(programs, where, strict=True):
                 seq = []
