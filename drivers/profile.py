@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from hil.config import load_yaml
+from hil.config import load_yaml, validated
 from hil.errors import ConfigError
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
@@ -143,12 +143,7 @@ def load_model(name_or_path: str, model: type[M]) -> M:
         raise ConfigError(str(path), "yaml", str(exc).replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "<top>", "a profile must be a mapping")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "<top>"
-        raise ConfigError(str(path), field, err["msg"]) from None
+    return validated(model, raw, str(path))
 
 
 NUMPY_DTYPES_BY_NAME = {"int8": "<i1", "int16": "<i2", "int32": "<i4"}

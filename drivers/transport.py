@@ -3,6 +3,7 @@ in-process loopback; each maps its failures onto InstrumentTimeout or LinkDown."
 
 from __future__ import annotations
 
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -15,6 +16,21 @@ class LinkDown(BackendError):
 
 
 INTERBYTE_TIMEOUT_S = 0.1  # firmware discards a partial request after this much silence
+
+
+def listen_loopback(port: int) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1:``port`` (0: any free port) for the simulated
+    instruments' servers, with a short accept timeout so their threads can stop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        raise
+    sock.settimeout(0.1)
+    return sock
 
 
 class Transport(ABC):

@@ -17,6 +17,7 @@ from urllib.parse import quote
 from drivers.chip_handlers import HANDLERS, Faults, FrameHandler, ScpiHandler, Session
 from drivers.firmware import ChipFirmware
 from drivers.profile import load_profile
+from drivers.transport import listen_loopback
 from hil.backend import Backend, open_backend
 
 if TYPE_CHECKING:
@@ -31,11 +32,7 @@ __all__ = ["Faults", "FrameHandler", "ScpiHandler", "Session", "VirtualChip", "l
 class _TcpServer:
     def __init__(self, fw: ChipFirmware, protocol: str, faults: Faults | None, port: int):
         self.fw, self.protocol, self.faults = fw, protocol, faults
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(4)
-        self.sock.settimeout(0.1)
+        self.sock = listen_loopback(port)
         self.port = self.sock.getsockname()[1]
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []

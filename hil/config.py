@@ -7,7 +7,7 @@ A bad file raises ConfigError naming the file and the first offending field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -44,6 +44,20 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(text: str) -> Any:
     """Parse YAML like yaml.safe_load, but a key given twice in a mapping is an error."""
     return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], data: Any, path: str, prefix: str = "") -> M:
+    """``model.model_validate(data)``; the first failure is one ConfigError naming ``path``
+    and the field (after ``prefix``, e.g. a sweep cell's label)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "<top>"
+        raise ConfigError(path, prefix + field, err["msg"]) from None
 
 
 def parsable_url(url: str) -> str:
@@ -141,12 +155,7 @@ def parse_config(data: Any, path: str = "<config>") -> RunConfig:
     """Validate a loaded mapping; a failure is one ConfigError naming ``path`` and the field."""
     if not isinstance(data, dict):
         raise ConfigError(path, "<top>", "expected a mapping of settings")
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "<top>"
-        raise ConfigError(path, field, err["msg"]) from None
+    cfg = validated(RunConfig, data, path)
     if cfg.data.name == "mnist":
         if not cfg.data.path:
             raise ConfigError(path, "data.path", "mnist needs the directory of the IDX files")

@@ -48,4 +48,5 @@ class ConfigError(HilError, ValueError):
     def __init__(self, path: str, field: str, message: str):
         self.path = path
         self.field = field
+        self.message = message
         super().__init__(f"{path}: {field}: {message}")

@@ -165,6 +165,15 @@ class Dialect(ABC):
         return period_of(self.profile.pulses[polarity].width_s, self.profile.pulse_period_s,
                          self.timing)
 
+    def identify(self) -> None:
+        """Both instruments answer *IDN? with what the profile expects (else BackendError)."""
+        p = self.profile
+        for conn, inst in ((self.smu, p.smu), (self.matrix, p.matrix)):
+            idn = conn.query("*IDN?")
+            if inst.idn_contains not in idn:
+                raise BackendError(f"{conn.name} identifies as {idn!r}, profile {p.name!r} "
+                                   f"expects {inst.idn_contains!r}", op="identify")
+
     @abstractmethod
     def open(self) -> None:
         """Identify both instruments, reset, configure them, check both error queues."""

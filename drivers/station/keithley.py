@@ -26,11 +26,7 @@ class KeithleyDialect(Dialect):
 
     def open(self) -> None:
         p = self.profile
-        for conn, inst in ((self.smu, p.smu), (self.matrix, p.matrix)):
-            idn = conn.query("*IDN?")
-            if inst.idn_contains not in idn:
-                raise BackendError(f"{conn.name} identifies as {idn!r}, profile {p.name!r} "
-                                   f"expects {inst.idn_contains!r}", op="identify")
+        self.identify()
         self.s = "smub" if str(p.smu.channel) in ("b", "2") else "smua"
         self._message(self.matrix, 'reset() errorqueue.clear() channel.open("allslots") '
                                    "channel.connectrule = channel.BREAK_BEFORE_MAKE",

@@ -49,11 +49,7 @@ class KeysightDialect(Dialect):
 
     def open(self) -> None:
         p = self.profile
-        for conn, inst in ((self.smu, p.smu), (self.matrix, p.matrix)):
-            idn = conn.query("*IDN?")
-            if inst.idn_contains not in idn:
-                raise BackendError(f"{conn.name} identifies as {idn!r}, profile {p.name!r} "
-                                   f"expects {inst.idn_contains!r}", op="identify")
+        self.identify()
         ch = self.ch = int(str(p.smu.channel).replace("a", "1").replace("b", "2"))
         self.state: dict[str, object] = {}
         self._message(self.matrix, "*RST;*CLS;:ROUT:OPEN:CARD ALL;:ROUT:CONN:RULE ALL,FREE;"

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from drivers.profile import PulseShape, StationLimits, profile_path
-from hil.config import load_yaml
+from hil.config import load_yaml, validated
 from hil.errors import ConfigError
 
 DIALECTS = ("keysight", "keithley")
@@ -200,9 +200,4 @@ def station_profile(raw: dict, where: str = "<profile>") -> StationProfile:
     if "dialect" not in raw:
         raise ConfigError(where, "dialect", "not a station profile: give dialect "
                           f"({' or '.join(DIALECTS)}), smu, matrix, arrays, pulses, read, ...")
-    try:
-        return StationProfile.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "<top>"
-        raise ConfigError(where, field, err["msg"]) from None
+    return validated(StationProfile, raw, where)

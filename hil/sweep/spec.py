@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hil.config import RunConfig, parsable_url, parse_config, read_yaml
+from hil.config import RunConfig, parsable_url, parse_config, read_yaml, validated
 from hil.errors import BackendURLError, ConfigError
 
 Scalar = str | int | float | bool
@@ -258,15 +258,9 @@ def _validate_job(job: str, config: dict[str, Any], path: Path, cell: str) -> di
         try:
             cfg = parse_config(config, str(path))
         except ConfigError as exc:
-            message = str(exc)[len(f"{exc.path}: {exc.field}: "):]
-            raise _err(path, f"{cell}: {exc.field}", message) from None
+            raise _err(path, f"{cell}: {exc.field}", exc.message) from None
         return cfg.model_dump()
-    try:
-        return CalibrateJob.model_validate(config).model_dump()
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        where = ".".join(str(p) for p in e["loc"]) or "<top>"
-        raise _err(path, f"{cell}: {where}", e["msg"]) from None
+    return validated(CalibrateJob, config, str(path), f"{cell}: ").model_dump()
 
 
 def _check_backend(url: str, path: Path, label: str) -> None:
@@ -291,12 +285,7 @@ def parse_sweep(data: Any, path: Path) -> Sweep:
     path = Path(path)
     if not isinstance(data, dict):
         raise _err(path, "<top>", "expected a mapping (base, grid, zip, seeds, groups, ...)")
-    try:
-        sf = SweepFile.model_validate(data)
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        where = ".".join(str(p) for p in e["loc"]) or "<top>"
-        raise _err(path, where, e["msg"]) from None
+    sf = validated(SweepFile, data, str(path))
     model = _job_model(sf.job)
     base = _load_base(sf, path)
     top = _axes_of(sf, model, path, "")

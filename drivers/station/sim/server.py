@@ -12,20 +12,18 @@ import threading
 
 from drivers.station.profile import StationProfile
 from drivers.station.sim.station import SimStation
+from drivers.transport import listen_loopback
 
 log = logging.getLogger(__name__)
 INSTRUMENTS = ("smu", "matrix")
+MAX_MESSAGE = 1 << 20  # bytes of one newline-terminated message (a TSP chunk, a SCPI list)
 
 
 class _Listener:
     def __init__(self, station: StationServer, which: str, port: int):
         self.station, self.which = station, which
         self.serve = station.sim.server(which)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(4)
-        self.sock.settimeout(0.1)
+        self.sock = listen_loopback(port)
         self.port = self.sock.getsockname()[1]
         self.busy = False
         self.refused = 0
@@ -69,6 +67,10 @@ class _Listener:
                 if not data:
                     break
                 buf += data
+                if len(buf) > MAX_MESSAGE and b"\n" not in buf:  # never buffer without bound
+                    log.warning("%s: a message over %d bytes without a newline; connection "
+                                "closed", self.which, MAX_MESSAGE)
+                    break
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
                     text = line.decode("ascii", "replace").strip()
