@@ -397,11 +397,13 @@ def estimate_train_seconds(cfg: RunConfig, backend: Backend) -> float | None:
     initial write-verify of the weights is not included)."""
     from hil.optim import AnalogOptimizer
 
-    ds = load_dataset(cfg)
     t = cfg.train
-    steps = t.epochs * ((ds.x_train.shape[0] + t.batch_size - 1) // t.batch_size)
+    ds: Dataset | None = None  # loaded only where the backend runs the step (a station)
 
     def one_step(twin: Backend) -> None:
+        nonlocal ds
+        if ds is None:
+            ds = load_dataset(cfg)
         model = build_model(cfg, ds)
         make_analog(model, cfg, twin, program_init=False)
         opt = AnalogOptimizer(model, cfg.algorithm.digital_lr or cfg.algorithm.lr)
@@ -411,7 +413,9 @@ def estimate_train_seconds(cfg: RunConfig, backend: Backend) -> float | None:
         opt.step()
 
     per_step = backend.estimate_seconds(one_step)
-    return None if per_step is None else per_step * steps
+    if per_step is None or ds is None:
+        return None
+    return per_step * t.epochs * ((ds.x_train.shape[0] + t.batch_size - 1) // t.batch_size)
 
 
 def demo_training(console: Console, out_dir: Path, backend_url: str) -> RunResult:
