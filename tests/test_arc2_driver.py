@@ -274,7 +274,7 @@ def test_a_stop_signal_grounds_the_outputs(monkeypatch, signame):
     own signal dispositions and restores them."""
     import signal
 
-    interrupts = pytest.importorskip("hil.interrupts")
+    from hil import interrupts
     sig = getattr(signal, signame)
     saved = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
     interrupts.install()
