@@ -31,6 +31,7 @@ Tensor = torch.Tensor
 FAMILIES: tuple[str, ...] = ("linear", "power", "exp", "tabulated")
 N_PARAMS = {"linear": 4, "power": 5, "exp": 5}
 GAMMA_LIMITS = {"power": (0.05, 20.0), "exp": (-20.0, 20.0)}
+OCCAM_MARGIN = 6.0  # criterion difference that counts as strong evidence for a richer family
 
 
 def _shape(family: str, u: Tensor, g: Tensor) -> Tensor:
@@ -216,6 +217,60 @@ def _gamma_start(family: str, p0: Tensor, bins: StepBins, wt: Tensor) -> Tensor:
     return best_p
 
 
+def _occam(ic: Tensor, k: Tensor, margin: float) -> Tensor:
+    """Index of the chosen family per device: the one with the fewest parameters among
+    those whose criterion is within ``margin`` of the best (lowest criterion among ties).
+
+    The families are nested (power at gamma 1 and exp at gamma 0 are linear; the table
+    holds every bin mean), so a bare minimum of the criterion picks the richer family on
+    noise alone whenever the data cannot tell them apart. Occam's window (Madigan and
+    Raftery 1994) asks for strong evidence before leaving a simpler family: a difference
+    of 6 in BIC is posterior odds of e^3, about 20 : 1 ("strong" on Kass and Raftery's scale).
+    """
+    ok = torch.isfinite(ic)
+    best = ic.amin(1, keepdim=True)
+    window = ok & (ic <= best + margin)
+    k_min = torch.where(window, k, torch.full_like(k, float("inf"))).amin(1, keepdim=True)
+    cand = window & (k == k_min)
+    return torch.where(cand, ic, torch.full_like(ic, float("inf"))).argmin(1)
+
+
+POWER_LINES = (0.3, 0.5, 2.0, 3.0)  # gammas whose linearized steps give starting bounds
+
+
+def _power_bounds(bins: StepBins, wt: Tensor, gamma: float) -> Tensor:
+    """Start whose bounds are where lines through |y|^(1/gamma) reach zero.
+
+    For a power-law device the step's 1/gamma-th power falls linearly to zero at the
+    bound it approaches; the linear family's zero crossings (gamma 1) land far from the
+    bounds of a strongly curved device (a gamma-0.3 step barely changes until just
+    before the bound), a start from which the fit does not recover. Weights follow the
+    transform (delta method), with the step floored at a twentieth of a typical step.
+    """
+    typical = (bins.y.abs() * bins.n).sum((1, 2)) / bins.n.sum((1, 2)).clamp_min(1)
+    mag = torch.maximum(bins.y.abs(), 0.05 * typical.view(-1, 1, 1))
+    z = bins.y.sign() * bins.y.abs().pow(1 / gamma)
+    wz = wt * gamma / mag.pow(1 / gamma - 1)
+    return _initial(StepBins(x=bins.x, y=z, n=bins.n, var=bins.var, n_steps=bins.n_steps,
+                             read_noise=bins.read_noise, c2c=bins.c2c), wz)
+
+
+def _start(family: str, p_lin: Tensor, bins: StepBins, wt: Tensor) -> Tensor:
+    """Best start of a curved family: the gamma grid of :func:`_gamma_start` from the linear
+    fit's bounds and, for power, from the bounds of :func:`_power_bounds` (lowest cost)."""
+    best = _gamma_start(family, p_lin, bins, wt)
+    if family != "power":
+        return best
+    best_c = _cost(family, best, bins, wt)
+    for g in POWER_LINES:
+        p = _gamma_start(family, _power_bounds(bins, wt, g), bins, wt)
+        c = _cost(family, p, bins, wt)
+        better = c < best_c
+        best = torch.where(better.unsqueeze(1), p, best)
+        best_c = torch.where(better, c, best_c)
+    return best
+
+
 @dataclass
 class FitResult:
     """Per-device fit of pulse traces; all values in the units of the states.
@@ -349,7 +404,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def fit_traces(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *,
                criterion: str = "bic", bins: int = 24, window: int = 8, iters: int = 40,
                families: tuple[str, ...] = FAMILIES, grid_size: int = 32,
-               threads: int | None = None) -> FitResult:
+               margin: float = OCCAM_MARGIN, threads: int | None = None) -> FitResult:
     """Fit response families to the traces of every device at once and pick one per device.
 
     states [n_steps + 1, n_devices] (the read before the first pulse and after each
@@ -361,12 +416,12 @@ def fit_traces(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *,
     n_dev = int(np.shape(states)[1]) if len(np.shape(states)) == 2 else 1
     with torch_threads(threads if threads is not None else (1 if n_dev < 16384 else None)):
         return _fit(states, directions, criterion=criterion, bins=bins, window=window,
-                    iters=iters, families=families, grid_size=grid_size)
+                    iters=iters, families=families, grid_size=grid_size, margin=margin)
 
 
 def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criterion: str,
          bins: int, window: int, iters: int, families: tuple[str, ...],
-         grid_size: int) -> FitResult:
+         grid_size: int, margin: float) -> FitResult:
     if criterion not in ("bic", "aic"):
         raise ValueError("criterion must be 'bic' or 'aic'")
     unknown = set(families) - set(FAMILIES)
@@ -410,8 +465,7 @@ def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criter
     for fam in ("linear", "power", "exp"):
         if fam not in families:
             continue
-        p0 = p_lin0 if fam == "linear" else _gamma_start(fam, fits.get("linear", p_lin0),
-                                                         st, wt)
+        p0 = p_lin0 if fam == "linear" else _start(fam, fits.get("linear", p_lin0), st, wt)
         p = _levenberg_marquardt(fam, p0, st, wt, iters)
         fits[fam] = p
         chi2[fam] = _cost(fam, p, st, wt)
@@ -419,17 +473,18 @@ def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criter
     penalty = 2.0 if criterion == "aic" else None
     n_bins = (st.n > 0).sum((1, 2)).to(torch.float64)
     ic = torch.full((n_dev, len(FAMILIES)), float("inf"), dtype=torch.float64)
+    k_fam = torch.full_like(ic, float("inf"))
     for j, fam in enumerate(FAMILIES):
         if fam == "tabulated":
             if fam in families:
-                k = n_bins
-                ic[:, j] = k * (penalty if penalty else n_eff.log())
+                k_fam[:, j] = n_bins
+                ic[:, j] = n_bins * (penalty if penalty else n_eff.log())
             continue
         if fam in fits:
-            k = N_PARAMS[fam]
-            ic[:, j] = chi2[fam] + k * (penalty if penalty else n_eff.log())
+            k_fam[:, j] = N_PARAMS[fam]
+            ic[:, j] = chi2[fam] + N_PARAMS[fam] * (penalty if penalty else n_eff.log())
     ic = torch.nan_to_num(ic, nan=float("inf"))
-    choice = ic.argmin(1)
+    choice = _occam(ic, k_fam, margin)
     # best parametric family gives dw_min, bounds, gamma, asym (also for tabulated devices)
     par_ic = ic.clone()
     par_ic[:, FAMILIES.index("tabulated")] = float("inf")
