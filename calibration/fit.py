@@ -3,7 +3,8 @@
 Every device's binned mean step is fitted by weighted least squares (Levenberg-Marquardt,
 all devices at once in torch) for the linear, power and exponential families; the
 tabulated family is the binned means themselves. An information criterion (BIC by
-default) on the chi-square of the bin means picks a family per device.
+default) on the chi-square of the bin means picks a family per device, in Occam's window:
+the family with the fewest parameters among those within a margin of the best.
 """
 
 from __future__ import annotations
@@ -410,6 +411,8 @@ def fit_traces(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *,
     states [n_steps + 1, n_devices] (the read before the first pulse and after each
     pulse, any unit; NaN breaks a sequence), directions [n_steps] (+1 potentiation,
     -1 depression; +-n for n pulses between reads). Invariant to the states' unit and offset.
+    ``margin``: Occam's window, how much lower a richer family's criterion must be to be
+    chosen over a simpler one (0: the bare minimum).
     ``threads``: torch threads for the fit (default: 1 below 16384 devices, where the
     many small batched operations gain nothing from more).
     """
@@ -424,6 +427,8 @@ def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criter
          grid_size: int, margin: float) -> FitResult:
     if criterion not in ("bic", "aic"):
         raise ValueError("criterion must be 'bic' or 'aic'")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     unknown = set(families) - set(FAMILIES)
     if unknown or not {"linear", "power", "exp"} & set(families):
         raise ValueError(f"families must include a parametric one from {FAMILIES}")

@@ -84,3 +84,11 @@ def test_measured_reram_is_explained_as_well_as_before():
     print(f"gong: {res.model[0]}, R2 {res.r2[0]:.3f}, chi2_red {res.chi2_red[0]:.2f}")
     assert res.r2[0] >= 0.6
     assert res.chi2_red[0] <= 2.46
+
+
+@pytest.mark.parametrize("margin", [-1.0, float("nan"), float("inf")])
+def test_a_bad_margin_is_one_clear_error(margin):
+    states = np.cumsum(np.tile(np.r_[np.ones(20), -np.ones(20)], 2))[:, None] * 0.01
+    dirs = np.sign(np.diff(states[:, 0]))
+    with pytest.raises(ValueError, match="margin"):
+        fit_traces(states, dirs, margin=margin)
