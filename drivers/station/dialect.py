@@ -156,6 +156,7 @@ class Dialect(ABC):
         self.smu = smu
         self.matrix = matrix
         self.timing: StationTiming = TIMINGS[profile.dialect]
+        self.cold = profile.matrix.switching == "cold"  # relays switch only at 0 V
         self.routed: Route | None = None  # what the matrix holds now (None: all open)
         self.armed = False  # SMU output on (after open(); off again after safe())
         self.messages = 0  # program messages sent (benchmarks)
@@ -240,7 +241,9 @@ class Dialect(ABC):
         """One route change: a column step (row kept) or a new row and column, break before
         make; plus the message that does it."""
         t = self.timing
-        return t.relay_open_s + t.relay_close_s + t.message_s
+        settle = (max(t.relay_open_s, t.relay_close_s) if self.cold
+                  else t.relay_open_s + t.relay_close_s)
+        return settle + t.message_s
 
     def read_seconds(self) -> float:
         t = self.timing

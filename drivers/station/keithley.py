@@ -28,8 +28,11 @@ class KeithleyDialect(Dialect):
         p = self.profile
         self.identify()
         self.s = "smub" if str(p.smu.channel) in ("b", "2") else "smua"
+        # cold: channel.OFF opens and closes together, the longer settle time (707B Reference
+        # Manual 707B-901-01 Rev. B, Section 7 channel.connectrule), with the SMU at 0 V
+        rule = "OFF" if self.cold else "BREAK_BEFORE_MAKE"
         self._message(self.matrix, 'reset() errorqueue.clear() channel.open("allslots") '
-                                   "channel.connectrule = channel.BREAK_BEFORE_MAKE",
+                                   f"channel.connectrule = channel.{rule}",
                       "configure matrix")
         self.routed = None
         s, rd = self.s, p.read
@@ -155,6 +158,8 @@ class KeithleyDialect(Dialect):
             if read:
                 parts.append(self._read())
                 kinds.append("current")
+        if self.cold:  # back to 0 V before the matrix switches again
+            parts.append(self._settings({"volt": 0.0}))
         lines = self._smu(" ".join(parts), len(kinds), where)
         currents = []
         for kind, line in zip(kinds, lines, strict=True):

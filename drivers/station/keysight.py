@@ -52,8 +52,14 @@ class KeysightDialect(Dialect):
         self.identify()
         ch = self.ch = int(str(p.smu.channel).replace("a", "1").replace("b", "2"))
         self.state: dict[str, object] = {}
-        self._message(self.matrix, "*RST;*CLS;:ROUT:OPEN:CARD ALL;:ROUT:CONN:RULE ALL,FREE;"
-                                   ":ROUT:CONN:SEQ ALL,BBM", "configure matrix")
+        # cold: the single-route rule (one input per output: the matrix itself keeps one row
+        # on force and one column on ground) with no sequence, so a CLOSe that moves an input
+        # opens its old output and closes the new one together (B2200A User's Guide,
+        # [:ROUTe]:CONNection:RULE SROUte and :SEQuence NSEQ; E5250A User's Guide Ed. 9,
+        # Table 5-3 "Connection Sequence")
+        rule, seq = ("SROU", "NSEQ") if self.cold else ("FREE", "BBM")
+        self._message(self.matrix, f"*RST;*CLS;:ROUT:OPEN:CARD ALL;:ROUT:CONN:RULE ALL,{rule};"
+                                   f":ROUT:CONN:SEQ ALL,{seq}", "configure matrix")
         self.routed = None
         rd = p.read
         self._message(self.smu, f"*RST;*CLS;:SOUR{ch}:FUNC:MODE VOLT;:SOUR{ch}:FUNC:SHAP DC;"
@@ -100,6 +106,16 @@ class KeysightDialect(Dialect):
             new.append(channel(route.row, m.sense_input))
         if self.routed is None:
             body = f":ROUT:CLOS (@{','.join(new)})"
+        elif self.cold:  # single route: closing an input's new output opens its old one
+            old = self.routed
+            moves = [(old.row, route.row, m.force_input), (old.col, route.col, m.ground_input)]
+            closing = [channel(b, inp) for a, b, inp in moves if a != b]
+            # the rule holds per card: an old output on another card is opened explicitly
+            opening = [channel(a, inp) for a, b, inp in moves
+                       if a != b and (a - 1) // OUTPUTS != (b - 1) // OUTPUTS]
+            body = f":ROUT:CLOS (@{','.join(closing)})"
+            if opening:
+                body = f":ROUT:OPEN (@{','.join(opening)});{body}"
         else:
             old = self.routed
             opening, closing = [], []
@@ -169,6 +185,8 @@ class KeysightDialect(Dialect):
             if read:
                 commands += self._read()
                 kinds += ["current", "trip"]
+        if self.cold:  # back to 0 V before the matrix switches again
+            commands += self._settings({"volt": 0.0})
         replies = self._smu(commands, where)
         if len(replies) != len(kinds):
             raise ProtocolError(f"{len(replies)} replies to {len(kinds)} queries ({where})",

@@ -46,6 +46,15 @@ class Matrix(Instrument):
     force_input: int = Field(ge=1)
     ground_input: int = Field(ge=1)
     sense_input: int | None = Field(default=None, ge=1)
+    # How a route change switches its relays. 'break-before-make': every old relay opens and
+    # settles before a new one closes (open + close settle times; safe for any wiring and any
+    # source level). 'cold': the old and the new relays switch together (the longer of the two
+    # settle times) and the driver only ever switches them with the SMU sourcing 0 V, so the
+    # moment both columns may touch nothing is biased ("cold switching"; 707B Reference
+    # Manual 707B-901-01 Rev. B, Section 7 channel.connectrule: channel.OFF takes the maximum
+    # of the open and close settle times; B2200A User's Guide, [:ROUTe]:CONNection:SEQuence
+    # NSEQ with the single-route rule SROUte).
+    switching: Literal["break-before-make", "cold"] = "break-before-make"
 
     @model_validator(mode="after")
     def _distinct(self) -> Matrix:
@@ -156,6 +165,11 @@ class StationProfile(_Strict):
         if self.matrix.cards > max_cards:
             raise ValueError(f"matrix.cards={self.matrix.cards}: a {self.dialect} matrix "
                              f"holds at most {max_cards}")
+        if (self.dialect == "keysight" and self.matrix.switching == "cold"
+                and self.matrix.sense_input is not None):
+            raise ValueError("matrix.switching=cold uses the B2200A's single-route rule, "
+                             "which allows one input per output: drop sense_input or use "
+                             "break-before-make")
         for name in ("force_input", "ground_input", "sense_input"):
             value = getattr(self.matrix, name)
             if value is not None and value > inputs:

@@ -113,6 +113,11 @@ class B2200(ScpiInstrument):
     # -- commands ----------------------------------------------------------------------------
     def _close(self, c: Call) -> None:
         chans = set(self._channels(c))
+        for card in {ch[0] for ch in chans if self.rule[ch[0]] == "SROU"}:
+            mine = [ch for ch in chans if ch[0] == card]
+            if (len({ch[1] for ch in mine}) < len(mine)
+                    or len({ch[2] for ch in mine}) < len(mine)):
+                raise ScpiError(-221, "single route: one input per output and vice versa")
         opening = set()
         for card, inp, out in chans:
             if self.rule[card] == "SROU":  # single route: one input per output and vice versa
