@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from drivers.station.profile import StationProfile
@@ -151,10 +151,12 @@ def current(text: str, where: str) -> float:
 class Dialect(ABC):
     """One station family's command language over two connections (SMU, matrix)."""
 
-    def __init__(self, profile: StationProfile, smu: Connection, matrix: Connection):
+    def __init__(self, profile: StationProfile, smu: Connection, matrix: Connection,
+                 expansion: Sequence[Connection] = ()):
         self.profile = profile
         self.smu = smu
-        self.matrix = matrix
+        self.matrix = matrix  # the first matrix frame
+        self.frames: list[Connection] = [matrix, *expansion]  # every frame, in output order
         self.timing: StationTiming = TIMINGS[profile.dialect]
         self.cold = profile.matrix.switching == "cold"  # relays switch only at 0 V
         self.routed: Route | None = None  # what the matrix holds now (None: all open)
@@ -169,7 +171,8 @@ class Dialect(ABC):
     def identify(self) -> None:
         """Both instruments answer *IDN? with what the profile expects (else BackendError)."""
         p = self.profile
-        for conn, inst in ((self.smu, p.smu), (self.matrix, p.matrix)):
+        frames = [p.matrix, *p.matrix.expansion]
+        for conn, inst in ((self.smu, p.smu), *zip(self.frames, frames, strict=True)):
             idn = conn.query("*IDN?")
             if inst.idn_contains not in idn:
                 raise BackendError(f"{conn.name} identifies as {idn!r}, profile {p.name!r} "
@@ -178,6 +181,28 @@ class Dialect(ABC):
     @abstractmethod
     def open(self) -> None:
         """Identify both instruments, reset, configure them, check both error queues."""
+
+    def relays(self, route: Route | None) -> set[tuple[int, int, int]]:
+        """(frame, output on that frame, input) of every relay ``route`` closes."""
+        if route is None:
+            return set()
+        m, locate = self.profile.matrix, self.profile.locate
+        out = {(*locate(route.row), m.force_input), (*locate(route.col), m.ground_input)}
+        if m.sense_input:
+            out.add((*locate(route.row), m.sense_input))
+        return out
+
+    def frame_changes(self, route: Route) -> tuple[dict[int, list], dict[int, list]]:
+        """The relays to open and to close, per frame, to go from the present route to
+        ``route``: {frame: [(output, input), ...]} each, sorted."""
+        old, new = self.relays(self.routed), self.relays(route)
+        opening: dict[int, list] = {}
+        closing: dict[int, list] = {}
+        for frame, out, inp in sorted(old - new):
+            opening.setdefault(frame, []).append((out, inp))
+        for frame, out, inp in sorted(new - old):
+            closing.setdefault(frame, []).append((out, inp))
+        return opening, closing
 
     @abstractmethod
     def _route(self, route: Route, where: str) -> None:
@@ -234,7 +259,8 @@ class Dialect(ABC):
 
     def close(self) -> None:
         self.smu.close()
-        self.matrix.close()
+        for conn in self.frames:
+            conn.close()
 
     # -- the time model (the same timings the simulated instruments' clock uses) -----------
     def access_seconds(self, same_row: bool) -> float:

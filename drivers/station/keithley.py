@@ -31,9 +31,9 @@ class KeithleyDialect(Dialect):
         # cold: channel.OFF opens and closes together, the longer settle time (707B Reference
         # Manual 707B-901-01 Rev. B, Section 7 channel.connectrule), with the SMU at 0 V
         rule = "OFF" if self.cold else "BREAK_BEFORE_MAKE"
-        self._message(self.matrix, 'reset() errorqueue.clear() channel.open("allslots") '
-                                   f"channel.connectrule = channel.{rule}",
-                      "configure matrix")
+        for conn in self.frames:
+            self._message(conn, 'reset() errorqueue.clear() channel.open("allslots") '
+                                f"channel.connectrule = channel.{rule}", "configure matrix")
         self.routed = None
         s, rd = self.s, p.read
         self._message(self.smu, f"reset() errorqueue.clear() "
@@ -89,16 +89,30 @@ class KeithleyDialect(Dialect):
         return lines
 
     def _route(self, route: Route, where: str) -> None:
-        m = self.profile.matrix
+        """One frame: ``channel.exclusiveclose`` of the new route (the connect rule orders the
+        opens and closes); several frames: every frame's opens before any frame's closes."""
         if self.routed == route:
             return
-        chans = [channel(route.row, m.force_input), channel(route.col, m.ground_input)]
-        if m.sense_input:
-            chans.append(channel(route.row, m.sense_input))
+        opening, closing = self.frame_changes(route)
+        frames = sorted(set(opening) | set(closing))
+        bodies: list[tuple[int, str]] = []
+        if len(frames) == 1 and closing:
+            frame = frames[0]
+            mine = sorted(r[1:] for r in self.relays(route) if r[0] == frame)
+            bodies.append((frame, f'channel.exclusiveclose("{self._chans(mine)}")'))
+        else:
+            for verb, changes in (("open", opening), ("close", closing)):
+                for frame, chans in sorted(changes.items()):
+                    bodies.append((frame, f'channel.{verb}("{self._chans(chans)}")'))
         self.routed = None
-        self.relay_commands += 1
-        self._message(self.matrix, f'channel.exclusiveclose("{",".join(chans)}")', where)
+        for frame, body in bodies:
+            self.relay_commands += 1
+            self._message(self.frames[frame], body, where)
         self.routed = route
+
+    @staticmethod
+    def _chans(pairs: list[tuple[int, int]]) -> str:
+        return ",".join(channel(out, inp) for out, inp in pairs)
 
     def _settings(self, want: dict[str, object]) -> str:
         s, out = self.s, []
@@ -185,13 +199,15 @@ class KeithleyDialect(Dialect):
                 errors.append("SMU output still on")
         except (BackendError, ValueError) as exc:
             errors.append(f"SMU: {exc}")
-        try:
-            closed = self.matrix.query('channel.open("allslots") waitcomplete() '
-                                       'print(channel.getclose("allslots"))')
+        for k, conn in enumerate(self.frames):
+            try:
+                closed = conn.query('channel.open("allslots") waitcomplete() '
+                                    'print(channel.getclose("allslots"))')
+                if closed.strip() != "nil":
+                    errors.append(f"matrix frame {k + 1} still has {closed} closed")
+            except BackendError as exc:
+                errors.append(f"matrix frame {k + 1}: {exc}")
+        if not errors:
             self.routed = None
-            if closed.strip() != "nil":
-                errors.append(f"matrix still has {closed} closed")
-        except BackendError as exc:
-            errors.append(f"matrix: {exc}")
         if errors:
             raise BackendError("station not confirmed safe: " + "; ".join(errors), op="safe")

@@ -58,8 +58,9 @@ class KeysightDialect(Dialect):
         # [:ROUTe]:CONNection:RULE SROUte and :SEQuence NSEQ; E5250A User's Guide Ed. 9,
         # Table 5-3 "Connection Sequence")
         rule, seq = ("SROU", "NSEQ") if self.cold else ("FREE", "BBM")
-        self._message(self.matrix, f"*RST;*CLS;:ROUT:OPEN:CARD ALL;:ROUT:CONN:RULE ALL,{rule};"
-                                   f":ROUT:CONN:SEQ ALL,{seq}", "configure matrix")
+        for conn in self.frames:
+            self._message(conn, f"*RST;*CLS;:ROUT:OPEN:CARD ALL;:ROUT:CONN:RULE ALL,{rule};"
+                                f":ROUT:CONN:SEQ ALL,{seq}", "configure matrix")
         self.routed = None
         rd = p.read
         self._message(self.smu, f"*RST;*CLS;:SOUR{ch}:FUNC:MODE VOLT;:SOUR{ch}:FUNC:SHAP DC;"
@@ -97,41 +98,38 @@ class KeysightDialect(Dialect):
         return parts[:-1]
 
     def _route(self, route: Route, where: str) -> None:
-        """Only this row on force and this column on ground (break before make)."""
-        m = self.profile.matrix
+        """Only this row on force and this column on ground: break before make, or cold
+        (see open()); on several frames, every frame's opens before any frame's closes."""
         if self.routed == route:
             return
-        new = [channel(route.row, m.force_input), channel(route.col, m.ground_input)]
-        if m.sense_input:
-            new.append(channel(route.row, m.sense_input))
-        if self.routed is None:
-            body = f":ROUT:CLOS (@{','.join(new)})"
-        elif self.cold:  # single route: closing an input's new output opens its old one
-            old = self.routed
-            moves = [(old.row, route.row, m.force_input), (old.col, route.col, m.ground_input)]
-            closing = [channel(b, inp) for a, b, inp in moves if a != b]
-            # the rule holds per card: an old output on another card is opened explicitly
-            opening = [channel(a, inp) for a, b, inp in moves
-                       if a != b and (a - 1) // OUTPUTS != (b - 1) // OUTPUTS]
-            body = f":ROUT:CLOS (@{','.join(closing)})"
-            if opening:
-                body = f":ROUT:OPEN (@{','.join(opening)});{body}"
+        opening, closing = self.frame_changes(route)
+        if self.cold:  # single route (per card): closing an input's new output opens its old
+            for frame, pairs in list(opening.items()):
+                kept = [(out, inp) for out, inp in pairs
+                        if not any(inp == i and (out - 1) // OUTPUTS == (o - 1) // OUTPUTS
+                                   for o, i in closing.get(frame, []))]
+                if kept:
+                    opening[frame] = kept
+                else:
+                    del opening[frame]
+        def command(verb: str, chans: list[tuple[int, int]]) -> str:
+            return f":ROUT:{verb} (@{','.join(channel(o, i) for o, i in chans)})"
+
+        bodies: list[tuple[int, str]] = []
+        frames = sorted(set(opening) | set(closing))
+        if len(frames) == 1:
+            frame = frames[0]
+            parts = [command(verb, chans) for verb, chans in
+                     (("OPEN", opening.get(frame)), ("CLOS", closing.get(frame))) if chans]
+            bodies.append((frame, ";".join(parts)))
         else:
-            old = self.routed
-            opening, closing = [], []
-            if old.row != route.row:
-                opening.append(channel(old.row, m.force_input))
-                closing.append(new[0])
-                if m.sense_input:
-                    opening.append(channel(old.row, m.sense_input))
-                    closing.append(new[2])
-            if old.col != route.col:
-                opening.append(channel(old.col, m.ground_input))
-                closing.append(new[1])
-            body = f":ROUT:OPEN (@{','.join(opening)});:ROUT:CLOS (@{','.join(closing)})"
+            for verb, changes in (("OPEN", opening), ("CLOS", closing)):
+                bodies += [(frame, command(verb, chans)) for frame, chans in
+                           sorted(changes.items())]
         self.routed = None  # unknown until confirmed
-        self.relay_commands += 1
-        self._message(self.matrix, body, where)
+        for frame, body in bodies:
+            self.relay_commands += 1
+            self._message(self.frames[frame], body, where)
         self.routed = route
 
     def _settings(self, want: dict[str, object]) -> list[str]:
@@ -216,14 +214,18 @@ class KeysightDialect(Dialect):
                 errors.append("SMU output still on")
         except BackendError as exc:
             errors.append(f"SMU: {exc}")
-        try:
-            self.matrix.query(":ROUT:OPEN:CARD ALL;*OPC?")
+        for k, (conn, cards) in enumerate(zip(self.frames, self.profile.frame_cards,
+                                              strict=True)):
+            try:
+                conn.query(":ROUT:OPEN:CARD ALL;*OPC?")
+                for card in range(1, cards + 1):
+                    closed = conn.query(f":ROUT:CLOS:CARD? {card}").strip()
+                    if closed not in ("(@)", ""):
+                        errors.append(f"matrix frame {k + 1} card {card} still has {closed} "
+                                      "closed")
+            except BackendError as exc:
+                errors.append(f"matrix frame {k + 1}: {exc}")
+        if not errors:
             self.routed = None
-            for card in range(1, self.profile.matrix.cards + 1):
-                closed = self.matrix.query(f":ROUT:CLOS:CARD? {card}").strip()
-                if closed not in ("(@)", ""):
-                    errors.append(f"matrix card {card} still has {closed} closed")
-        except BackendError as exc:
-            errors.append(f"matrix: {exc}")
         if errors:
             raise BackendError("station not confirmed safe: " + "; ".join(errors), op="safe")

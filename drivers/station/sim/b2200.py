@@ -19,10 +19,12 @@ class B2200(ScpiInstrument):
     """The matrix: ``closed`` holds (card, input, output) of every closed relay."""
 
     def __init__(self, chip: SimChip, cards: int, force_input: int, ground_input: int,
-                 sense_input: int | None = None, model: str = "B2200A"):
+                 sense_input: int | None = None, frame: int = 0,
+                 offset: int = 0, model: str = "B2200A"):
         super().__init__()
         self.chip = chip
         self.cards = cards
+        self.frame, self.offset = frame, offset  # which frame; its first output's number - 1
         self.terminals = {force_input: FORCE, ground_input: GROUND}
         if sense_input:
             self.terminals[sense_input] = FORCE
@@ -91,8 +93,8 @@ class B2200(ScpiInstrument):
         for card, inp, out in self.closed:
             terminal = self.terminals.get(inp)
             if terminal:
-                wiring.setdefault((card - 1) * OUTPUTS + out, set()).add(terminal)
-        self.chip.set_connections(wiring)
+                wiring.setdefault(self.offset + (card - 1) * OUTPUTS + out, set()).add(terminal)
+        self.chip.set_connections(wiring, self.frame)
 
     def _switch(self, opening: set, closing: set) -> None:
         opening &= self.closed

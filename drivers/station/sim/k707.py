@@ -21,9 +21,11 @@ class K707(TspInstrument):
     idn = "Keithley Instruments Inc.,Model 707B,SIM0004,analog-hil sim"
 
     def __init__(self, chip: SimChip, cards: int, force_input: int, ground_input: int,
-                 sense_input: int | None = None):
+                 sense_input: int | None = None, frame: int = 0,
+                 offset: int = 0):
         self.chip = chip
         self.cards = cards
+        self.frame, self.offset = frame, offset  # which frame; its first output's number - 1
         self.terminals = {force_input: FORCE, ground_input: GROUND}
         if sense_input:
             self.terminals[sense_input] = FORCE
@@ -87,8 +89,8 @@ class K707(TspInstrument):
         for slot, row, col in self.closed:
             terminal = self.terminals.get(row)
             if terminal:
-                wiring.setdefault((slot - 1) * COLS + col, set()).add(terminal)
-        self.chip.set_connections(wiring)
+                wiring.setdefault(self.offset + (slot - 1) * COLS + col, set()).add(terminal)
+        self.chip.set_connections(wiring, self.frame)
 
     def _switch(self, opening: set, closing: set) -> None:
         opening = (opening & self.closed) - closing
