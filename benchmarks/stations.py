@@ -35,8 +35,10 @@ def _profile(name: str, rows: int, cols: int, cards: int, expansion: tuple[int, 
     raw["arrays"] = [{"rows": rows, "cols": cols, "row_lines": f"1-{rows}",
                       "col_lines": f"{rows + 1}-{rows + cols}"}]
     raw["matrix"]["cards"] = cards
+    node = raw["matrix"].get("tsplink_node")  # frames on TSP-Link: the next node numbers
     raw["matrix"]["expansion"] = [{"resource": f"GPIB0::{30 + k}::INSTR",
-                                   "idn_contains": raw["matrix"]["idn_contains"], "cards": n}
+                                   "idn_contains": raw["matrix"]["idn_contains"], "cards": n,
+                                   **({"tsplink_node": node + 1 + k} if node else {})}
                                   for k, n in enumerate(expansion)]
     raw["limits"]["allowed_rows"] = [0, rows - 1]
     raw["limits"]["allowed_cols"] = [0, cols - 1]

@@ -71,7 +71,7 @@ def test_scripted_program_reaches_the_devices_bit_for_bit(name):
     got = torch.stack(reads + list(both))
     # the reads went through current = G V, I / V and the weight map: instrument digits
     torch.testing.assert_close(got, torch.stack(expect), rtol=0, atol=1e-6)
-    assert len(sent) > 100
+    assert len(sent) > 20  # (a TSP-Link station sends a batch of devices per message)
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -282,7 +282,7 @@ def test_interrupt_and_instrument_errors_leave_the_station_safe(name):
 
         def interrupted(line: str) -> None:
             seen.append(line)
-            if len(seen) == 5:
+            if len(seen) == 2:  # after switching the output on (on TSP-Link: in the batch)
                 raise KeyboardInterrupt  # Ctrl-C in the middle of a pulse
             write(line)
 

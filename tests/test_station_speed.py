@@ -19,6 +19,8 @@ from hil.backend import open_backend
 from hil.errors import ConfigError, SafetyLimitError
 
 PROFILES = ["keysight-b2900-b2200", "keithley-2600b-707b"]
+# the shipped profiles (the Keithley one on TSP-Link) and the 707B on its own connection
+VARIANTS = [(PROFILES[0], {}), (PROFILES[1], {}), (PROFILES[1], {"matrix.tsplink_node": None})]
 SIM = "sim://?model=power&gamma=2&dw_min=0.02&seed=5"  # no noise, no device variation
 
 
@@ -30,8 +32,10 @@ def write_profile(tmp_path: Path, name: str, frames: bool = False, **changes) ->
     raw["dw_min"] = 0.02
     if frames:
         raw["matrix"]["cards"] = 1
+        node = changes.get("matrix.tsplink_node", raw["matrix"].get("tsplink_node"))
         raw["matrix"]["expansion"] = [{"resource": "GPIB0::9::INSTR", "cards": 1,
-                                       "idn_contains": raw["matrix"]["idn_contains"]}]
+                                       "idn_contains": raw["matrix"]["idn_contains"],
+                                       **({"tsplink_node": node + 1} if node else {})}]
         raw["arrays"] = [{"rows": 8, "cols": 8, "row_lines": "1-8", "col_lines": "9-16"}]
         raw["limits"]["allowed_rows"] = [0, 7]
         raw["limits"]["allowed_cols"] = [0, 7]
@@ -54,9 +58,9 @@ def _source_level(station: SimStation) -> float:
     return smu.s["levelv"] if smu.s["output"] else 0.0
 
 
-@pytest.mark.parametrize("name", PROFILES)
-def test_cold_switching_moves_relays_only_at_zero_volts(name):
-    with open_backend(f"station://{name}?sim={SIM}") as be:
+@pytest.mark.parametrize(("name", "change"), VARIANTS)
+def test_cold_switching_moves_relays_only_at_zero_volts(tmp_path, name, change):
+    with open_backend(f"station://{write_profile(tmp_path, name, **change)}?sim={SIM}") as be:
         station, levels, steps = be.chip.station, [], []
         for frame in station.frames:
             switch = frame._switch
@@ -132,11 +136,11 @@ def test_rlv2_fused_step_gives_the_same_devices_as_sim(tmp_path, name):
     torch.testing.assert_close(h, ref_alg.H, rtol=0, atol=1e-6)  # reads: instrument digits
 
 
-@pytest.mark.parametrize("name", PROFILES)
-def test_two_matrix_frames(tmp_path, name):
+@pytest.mark.parametrize(("name", "change"), VARIANTS)
+def test_two_matrix_frames(tmp_path, name, change):
     """An array whose lines cross from one frame to the next: the devices get exactly the
     counts asked for, every command is valid on its frame, and every frame ends open."""
-    prof = write_profile(tmp_path, name, frames=True)
+    prof = write_profile(tmp_path, name, frames=True, **change)
     g = torch.Generator().manual_seed(0)
     prog = [torch.randint(-3, 4, (8, 8), generator=g, dtype=torch.int32) for _ in range(3)]
     with open_backend(f"station://{prof}?sim={SIM}") as be:
@@ -147,7 +151,7 @@ def test_two_matrix_frames(tmp_path, name):
         got = tile.read()
         station_w = be.chip.weights(0)
         sent = [c.sent for c in (be.dialect.smu, *be.dialect.frames)]
-        assert all(len(s) > 10 for s in sent[1:])  # both frames switched relays
+        assert all(f.relay_operations > 10 for f in be.chip.station.frames)  # both switched
         profile, station = be.profile, be.chip.station
     assert all(not f.closed for f in station.frames)  # close() opened every frame
     with open_backend(SIM) as ref:
@@ -166,9 +170,10 @@ def test_two_matrix_frames(tmp_path, name):
         fresh.close()
 
 
-@pytest.mark.parametrize("name", PROFILES)
-def test_two_frames_safe_after_an_interrupt_and_interlock_first(tmp_path, name, monkeypatch):
-    prof = write_profile(tmp_path, name, frames=True)
+@pytest.mark.parametrize(("name", "change"), VARIANTS)
+def test_two_frames_safe_after_an_interrupt_and_interlock_first(tmp_path, name, change,
+                                                                 monkeypatch):
+    prof = write_profile(tmp_path, name, frames=True, **change)
     with open_backend(f"station://{prof}?sim={SIM}") as be:
         tile = be.allocate("t", 8, 8)
         conn = be.dialect.smu
@@ -176,7 +181,7 @@ def test_two_frames_safe_after_an_interrupt_and_interlock_first(tmp_path, name, 
 
         def interrupted(line: str) -> None:
             seen.append(line)
-            if len(seen) == 30:
+            if len(seen) == 2:  # after the output went on: mid-pulse (a batch on TSP-Link)
                 raise KeyboardInterrupt
             write(line)
 
@@ -191,7 +196,8 @@ def test_two_frames_safe_after_an_interrupt_and_interlock_first(tmp_path, name, 
         raise AssertionError("a connection was opened")
 
     monkeypatch.setattr(station_url, "LocalConnection", no_connection)
-    bad = write_profile(tmp_path, name, frames=True, **{"pulses.potentiate.amplitude_v": 5.0})
+    bad = write_profile(tmp_path, name, frames=True,
+                        **{**change, "pulses.potentiate.amplitude_v": 5.0})
     with pytest.raises(SafetyLimitError):
         open_backend(f"station://{bad}?sim=sim://")
 
@@ -204,6 +210,7 @@ def test_two_frames_safe_after_an_interrupt_and_interlock_first(tmp_path, name, 
     ({"arrays": [{"rows": 2, "cols": 2, "row_lines": "1-2", "col_lines": "48-49"}]},
      "outside the matrix outputs 1..36"),
     ({"matrix.sense_input": 3}, "switching=cold"),
+    ({"matrix.tsplink_node": 2}, "TSP-Link joins Keithley"),
 ])
 def test_frame_and_switching_errors_name_the_field(tmp_path, change, field):
     bad = write_profile(tmp_path, PROFILES[0], **change)
@@ -227,3 +234,26 @@ def test_two_frames_served_as_visa_resources(tmp_path):
             assert torch.isfinite(tile.read()).all()
         assert server.sim.chip.device_pulses == 64
         assert all(not f.closed for f in server.sim.frames)
+
+
+def test_tsplink_batches_devices_and_stops_at_a_trip(tmp_path):
+    """On TSP-Link a whole tile read is one message the SMU runs; a compliance trip in the
+    middle of a batch names its device and nothing after it in the batch runs."""
+    from drivers.station.dialect import ComplianceTrip
+
+    prof = write_profile(tmp_path, PROFILES[1], **{"read.compliance_a": 5e-6})
+    with open_backend(f"station://{prof}?sim=sim://?model=power&init=-0.5") as be:
+        tile = be.allocate("t", 2, 2)
+        before = be.dialect.messages
+        tile.read()
+        assert be.dialect.messages - before <= 2  # the batch, then back to 0 V
+        up = torch.zeros(2, 2, dtype=torch.int32)
+        up[0, 1] = 900  # device (0, 1) to a conductance above 5 uA / 0.1 V
+        tile.pulse(up)
+        counts = be.chip.clock.counts
+        reads = counts.get("measure", 0)
+        with pytest.raises(ComplianceTrip, match=r"device \(0, 1\)"):
+            tile.read()
+        assert counts["measure"] - reads == 2  # (0, 0) and (0, 1); (1, 0), (1, 1) never
+        station = be.chip.station
+        assert station.smu.s["output"] == 0 and not station.matrix.closed  # safe

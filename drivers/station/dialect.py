@@ -49,8 +49,34 @@ class Connection(ABC):
         self.write(line)
         return self.read()
 
+    def identity(self) -> str:
+        """What the instrument says it is (its *IDN? reply)."""
+        return self.query("*IDN?")
+
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release the connection."""
+
+
+class NodeConnection(Connection):
+    """A TSP-Link node reached through the master's connection: every chunk runs on the
+    master with ``channel`` bound to ``node[N].channel`` (errors land in the master's error
+    queue, as TSP-Link reports a node's errors)."""
+
+    def __init__(self, master: Connection, node: int):
+        self.master, self.node = master, node
+        self.name = f"{master.name} node[{node}]"
+        self.sent: list[str] = []  # nothing goes out on this connection itself: see master's
+
+    def write(self, line: str) -> None:
+        bind = f"local channel = node[{self.node}].channel "
+        self.master.write("\n".join(bind + part for part in line.split("\n")))
+
+    def read(self) -> str:
+        return self.master.read()
+
+    def identity(self) -> str:
+        model = self.master.query(f"print(node[{self.node}].model)")
+        return f"TSP-Link node {self.node}: Model {model}"
 
 
 class VisaConnection(Connection):
@@ -173,7 +199,7 @@ class Dialect(ABC):
         p = self.profile
         frames = [p.matrix, *p.matrix.expansion]
         for conn, inst in ((self.smu, p.smu), *zip(self.frames, frames, strict=True)):
-            idn = conn.query("*IDN?")
+            idn = conn.identity()
             if inst.idn_contains not in idn:
                 raise BackendError(f"{conn.name} identifies as {idn!r}, profile {p.name!r} "
                                    f"expects {inst.idn_contains!r}", op="identify")

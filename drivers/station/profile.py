@@ -45,6 +45,13 @@ class MatrixFrame(Instrument):
     the frames before it (frame 2 output 1 follows the last output of frame 1)."""
 
     cards: int = Field(ge=1)
+    # Keithley: this 707B is node N of the 2600B's TSP-Link network (the SMU is node 1, the
+    # master): the driver reaches it through the SMU's scripts (node[N].channel...), so a whole
+    # batch of devices (routes, trains and reads) is one message the SMU runs by itself
+    # (2600B Reference Manual, "TSP-Link system expansion interface"; 707B Reference Manual
+    # 707B-901-01 Rev. B, Section 7: every channel function is "TSP-Link accessible: Yes").
+    # ``resource`` is then not opened.
+    tsplink_node: int | None = Field(default=None, ge=2, le=64)
 
 
 class Matrix(Instrument):
@@ -53,6 +60,7 @@ class Matrix(Instrument):
     further mainframes when the chip has more lines than one frame has outputs."""
 
     cards: int = Field(ge=1)
+    tsplink_node: int | None = Field(default=None, ge=2, le=64)  # as MatrixFrame's
     expansion: list[MatrixFrame] = Field(default_factory=list, max_length=7)
     force_input: int = Field(ge=1)
     ground_input: int = Field(ge=1)
@@ -176,6 +184,14 @@ class StationProfile(_Strict):
         if self.matrix.cards > max_cards:
             raise ValueError(f"matrix.cards={self.matrix.cards}: a {self.dialect} matrix "
                              f"holds at most {max_cards}")
+        nodes = [self.matrix.tsplink_node] + [f.tsplink_node for f in self.matrix.expansion]
+        if any(nodes):
+            if self.dialect != "keithley":
+                raise ValueError("matrix.tsplink_node: TSP-Link joins Keithley instruments "
+                                 "(dialect keithley)")
+            if None in nodes or len(set(nodes)) != len(nodes):
+                raise ValueError(f"matrix.tsplink_node: every matrix frame needs its own "
+                                 f"TSP-Link node (got {nodes})")
         resources = [self.matrix.resource]
         for k, frame in enumerate(self.matrix.expansion):
             if frame.cards > max_cards:
@@ -212,6 +228,13 @@ class StationProfile(_Strict):
                                  f"{len(self.arrays)} arrays")
         return self
 
+
+    @property
+    def tsplink_nodes(self) -> list[int] | None:
+        """The TSP-Link node of each matrix frame, or None when the host talks to each."""
+        if self.matrix.tsplink_node is None:
+            return None
+        return [self.matrix.tsplink_node] + [f.tsplink_node for f in self.matrix.expansion]
 
     @property
     def frame_cards(self) -> list[int]:

@@ -4,7 +4,12 @@ same driver against simulated instruments in-process, driven by the backend at U
 from __future__ import annotations
 
 from drivers.station.backend import StationBackend, station_interlock
-from drivers.station.dialect import Connection, LocalConnection, VisaConnection
+from drivers.station.dialect import (
+    Connection,
+    LocalConnection,
+    NodeConnection,
+    VisaConnection,
+)
 from drivers.station.profile import StationProfile, load_station_profile
 from drivers.weight_map import WeightMap
 from hil.errors import BackendURLError
@@ -88,22 +93,26 @@ def connect(url: str, profile: StationProfile, sim_url: str | None = None,
         sim = SimStation(profile, sim_url)
         chip = sim.chip
         smu: Connection = LocalConnection(sim.server("smu"), "sim-smu")
-        matrix: Connection = LocalConnection(sim.server("matrix"), "sim-matrix")
-        expansion = [LocalConnection(sim.server(name), f"sim-{name}")
-                     for name in sim.instruments[2:]]
         sim.chip.station = sim
+        if profile.tsplink_nodes is None:
+            matrix: Connection = LocalConnection(sim.server("matrix"), "sim-matrix")
+            expansion = [LocalConnection(sim.server(name), f"sim-{name}")
+                         for name in sim.instruments[2:]]
     else:
         smu = VisaConnection(profile.smu.resource, timeout_s, library)
         opened: list[Connection] = [smu]
         try:
-            matrix = VisaConnection(profile.matrix.resource, timeout_s, library)
-            opened.append(matrix)
-            for frame in profile.matrix.expansion:
-                expansion.append(VisaConnection(frame.resource, timeout_s, library))
+            if profile.tsplink_nodes is None:
+                matrix = VisaConnection(profile.matrix.resource, timeout_s, library)
+                opened.append(matrix)
+                for frame in profile.matrix.expansion:
+                    expansion.append(VisaConnection(frame.resource, timeout_s, library))
         except BaseException:
             for conn in opened + expansion:
                 conn.close()
             raise
+    if profile.tsplink_nodes is not None:  # the matrices behind the SMU, on TSP-Link
+        matrix, *expansion = [NodeConnection(smu, node) for node in profile.tsplink_nodes]
     try:
         dialect = dialect_class(profile)(profile, smu, matrix, expansion)
     except BaseException:

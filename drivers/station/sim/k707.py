@@ -39,16 +39,21 @@ class K707(TspInstrument):
         self._publish()
 
     def build(self) -> None:
-        def set_rule(value: object) -> None:
-            if value not in (OFF, BREAK_BEFORE_MAKE, MAKE_BEFORE_BREAK):
-                raise TspError(1100, f"Parameter error: channel.connectrule = {value!r}")
-            self.rule = int(value)
+        self.lua.globals().channel = self.channel_object(self).proxy
 
-        self.lua.globals().channel = LuaObject(self, {
-            "connectrule": (lambda: self.rule, set_rule),
+    def channel_object(self, engine: TspInstrument) -> LuaObject:
+        """The ``channel`` object in ``engine``'s Lua: this instrument's own, or a TSP-Link
+        master's ``node[N].channel`` (the same functions, run on this matrix)."""
+        return LuaObject(engine, {
+            "connectrule": (lambda: self.rule, self._set_rule),
         }, {"close": self._close, "open": self._open, "exclusiveclose": self._exclusive,
             "getclose": self._getclose, "OFF": OFF, "BREAK_BEFORE_MAKE": BREAK_BEFORE_MAKE,
-            "MAKE_BEFORE_BREAK": MAKE_BEFORE_BREAK}).proxy
+            "MAKE_BEFORE_BREAK": MAKE_BEFORE_BREAK})
+
+    def _set_rule(self, value: object) -> None:
+        if value not in (OFF, BREAK_BEFORE_MAKE, MAKE_BEFORE_BREAK):
+            raise TspError(1100, f"Parameter error: channel.connectrule = {value!r}")
+        self.rule = int(value)
 
     # -- channels ----------------------------------------------------------------------------
     def _one(self, text: str) -> tuple[int, int, int]:

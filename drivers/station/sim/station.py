@@ -26,17 +26,9 @@ class SimStation:
         m = profile.matrix
         try:
             if profile.dialect == "keysight":
-                from drivers.station.sim.b2200 import B2200
-                from drivers.station.sim.b2900 import B2900
-
-                self.smu = B2900(self.chip, channels=2)
-                frame_class = B2200
+                from drivers.station.sim.b2200 import B2200 as frame_class
             else:
-                from drivers.station.sim.k707 import K707
-                from drivers.station.sim.k2600 import K2600
-
-                self.smu = K2600(self.chip)
-                frame_class = K707
+                from drivers.station.sim.k707 import K707 as frame_class
             per_card = MATRIX_GEOMETRY[profile.dialect][1]
             self.frames = []  # one matrix model per frame (the profile's expansion frames)
             offset = 0
@@ -45,6 +37,15 @@ class SimStation:
                                                m.sense_input, frame=k, offset=offset))
                 offset += cards * per_card
             self.matrix = self.frames[0]
+            if profile.dialect == "keysight":
+                from drivers.station.sim.b2900 import B2900
+
+                self.smu = B2900(self.chip, channels=2)
+            else:
+                from drivers.station.sim.k2600 import K2600
+
+                nodes = profile.tsplink_nodes or []
+                self.smu = K2600(self.chip, dict(zip(nodes, self.frames, strict=False)))
         except BaseException:
             self.chip.close()
             raise
