@@ -295,7 +295,12 @@ class Dialect(ABC):
         t = self.timing
         settle = (max(t.relay_open_s, t.relay_close_s) if self.cold
                   else t.relay_open_s + t.relay_close_s)
-        return settle + t.message_s
+        return settle + (0.0 if self.routes_in_smu_chunk else t.message_s)
+
+    @property
+    def routes_in_smu_chunk(self) -> bool:
+        """Whether routes ride in the SMU's messages (no matrix message of their own)."""
+        return False
 
     def read_seconds(self) -> float:
         t = self.timing

@@ -66,6 +66,10 @@ class KeithleyDialect(Dialect):
         """The matrix frames are TSP-Link nodes of the SMU (routes run in its scripts)."""
         return self.profile.tsplink_nodes is not None
 
+    @property
+    def routes_in_smu_chunk(self) -> bool:
+        return self.tsplink
+
     def _message(self, conn, chunk: str, where: str, replies: int | None = 0) -> list[str]:
         """Run ``chunk`` (which prints ``replies`` lines; None: any number), then, as a chunk
         of its own (a failing chunk stops at its error and prints nothing more), the error
