@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from station_profiles import shipped, write_changed
 
-from drivers.profile import profile_path
 from drivers.station.sim.station import SimStation
 from drivers.station.timing import TIMINGS
 from hil.algorithms import ResidualLearningV2
@@ -28,8 +27,7 @@ def write_profile(tmp_path: Path, name: str, frames: bool = False, **changes) ->
     """A shipped profile with dotted-key changes; ``frames``: one card on the first matrix
     frame and a second frame of one card, an 8x8 array whose columns cross from one to the
     other (outputs 1-8 rows, 9-16 columns; one card has 12)."""
-    raw = yaml.safe_load(profile_path(name).read_text())
-    raw["dw_min"] = 0.02
+    raw = shipped(name)
     if frames:
         raw["matrix"]["cards"] = 1
         node = changes.get("matrix.tsplink_node", raw["matrix"].get("tsplink_node"))
@@ -39,15 +37,7 @@ def write_profile(tmp_path: Path, name: str, frames: bool = False, **changes) ->
         raw["arrays"] = [{"rows": 8, "cols": 8, "row_lines": "1-8", "col_lines": "9-16"}]
         raw["limits"]["allowed_rows"] = [0, 7]
         raw["limits"]["allowed_cols"] = [0, 7]
-    for key, value in changes.items():
-        node = raw
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    path = tmp_path / f"{name}-{'frames' if frames else 'one'}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
+    return write_changed(tmp_path, raw, f"{name}-{'frames' if frames else 'one'}", **changes)
 
 
 def _source_level(station: SimStation) -> float:
@@ -257,3 +247,18 @@ def test_tsplink_batches_devices_and_stops_at_a_trip(tmp_path):
         assert counts["measure"] - reads == 2  # (0, 0) and (0, 1); (1, 0), (1, 1) never
         station = be.chip.station
         assert station.smu.s["output"] == 0 and not station.matrix.closed  # safe
+
+
+def test_tsplink_node_identity():
+    """A TSP-Link node identifies by its model; a node not on the network says so (no
+    error, no hang), and the driver refuses it in one line."""
+    from drivers.station.dialect import LocalConnection, NodeConnection
+
+    st = SimStation(yaml_profile(PROFILES[1]))
+    try:
+        smu = LocalConnection(st.server("smu"), "sim-smu")
+        assert NodeConnection(smu, 2).identity() == "TSP-Link node 2: Model 707B"
+        assert NodeConnection(smu, 5).identity() == "TSP-Link node 5: Model none"
+        assert st.smu.refused == []
+    finally:
+        st.close()

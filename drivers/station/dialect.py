@@ -75,7 +75,9 @@ class NodeConnection(Connection):
         return self.master.read()
 
     def identity(self) -> str:
-        model = self.master.query(f"print(node[{self.node}].model)")
+        # pcall: a node that is not on the network answers "none" instead of an error
+        model = self.master.query(f"local ok, m = pcall(function() return node[{self.node}]"
+                                  ".model end) print(ok and m or 'none')")
         return f"TSP-Link node {self.node}: Model {model}"
 
 
