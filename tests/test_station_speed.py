@@ -84,8 +84,20 @@ def test_single_route_rule_refuses_two_inputs_on_one_output():
         m.message(":ROUT:CLOS (@10103)")  # input 1 moves: its old output opens with it
         assert sorted(m.closed) == [(1, 1, 3), (1, 2, 12)] and m.refused == [
             (":ROUT:CLOS (@10101,10201)", -221)]
-        assert st.clock.seconds - t == pytest.approx(max(TIMINGS["keysight"].relay_open_s,
-                                                         TIMINGS["keysight"].relay_close_s))
+        settle = max(TIMINGS["keysight"].relay_open_s, TIMINGS["keysight"].relay_close_s)
+        assert st.clock.seconds - t == pytest.approx(settle)
+        # auto configuration mode: the cards are one matrix (card 0, outputs 1..36 here), so
+        # the rule holds across cards: input 1 moves from card 1 to card 3 in one settle
+        m.message("*RST;:ROUT:FUNC ACON;:ROUT:CONN:RULE ALL,SROU;:ROUT:CONN:SEQ ALL,NSEQ")
+        assert m.message(":ROUT:FUNC?") == "ACON"
+        m.message(":ROUT:CLOS (@00101,00236)")
+        t = st.clock.seconds
+        m.message(":ROUT:CLOS (@00125)")
+        assert sorted(m.closed) == [(3, 1, 1), (3, 2, 12)]
+        assert st.clock.seconds - t == pytest.approx(settle)
+        assert m.message(":ROUT:CLOS:CARD? 0") == "(@00125,00236)"
+        m.message(":ROUT:CLOS (@10101)")  # normal-mode channel: refused in auto mode
+        assert m.refused[-1][1] == -222
     finally:
         st.close()
 

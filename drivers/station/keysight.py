@@ -8,16 +8,14 @@ confirmed before a pulse, a pulse train before the next route."""
 from __future__ import annotations
 
 from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route, current
-from drivers.station.profile import MATRIX_GEOMETRY
 from hil.errors import BackendError, ProtocolError
 
-OUTPUTS = MATRIX_GEOMETRY["keysight"][1]
 
-
-def channel(card_output: int, inp: int) -> str:
-    """Matrix output (1-based, card-major) on input ``inp`` as a B2200A channel cIIOO."""
-    card, out = (card_output - 1) // OUTPUTS + 1, (card_output - 1) % OUTPUTS + 1
-    return f"{card}{inp:02d}{out:02d}"
+def channel(output: int, inp: int) -> str:
+    """Matrix output (1-based, card-major: card 2 output 1 is 13) on input ``inp`` as a
+    B2200A channel in auto configuration mode: card 0, outputs 01..48 across the cards
+    (B2200A User's Guide, [:ROUTe]:FUNCtion ACONfig; the QCoDeS B220x driver's 0IIOO)."""
+    return f"0{inp:02d}{output:02d}"
 
 
 def parse_error(text: str) -> tuple[int, str]:
@@ -52,15 +50,17 @@ class KeysightDialect(Dialect):
         self.identify()
         ch = self.ch = int(str(p.smu.channel).replace("a", "1").replace("b", "2"))
         self.state: dict[str, object] = {}
-        # cold: the single-route rule (one input per output: the matrix itself keeps one row
-        # on force and one column on ground) with no sequence, so a CLOSe that moves an input
-        # opens its old output and closes the new one together (B2200A User's Guide,
-        # [:ROUTe]:CONNection:RULE SROUte and :SEQuence NSEQ; E5250A User's Guide Ed. 9,
-        # Table 5-3 "Connection Sequence")
+        # auto configuration mode: the cards as one matrix (card 0, outputs 1..48), so the
+        # rules below hold across cards. cold: the single-route rule (one input per output:
+        # the matrix itself keeps one row on force and one column on ground) with no
+        # sequence, so a CLOSe that moves an input opens its old output and closes the new
+        # one together (B2200A User's Guide, [:ROUTe]:FUNCtion, [:ROUTe]:CONNection:RULE
+        # SROUte and :SEQuence NSEQ; E5250A User's Guide Ed. 9, Table 5-3)
         rule, seq = ("SROU", "NSEQ") if self.cold else ("FREE", "BBM")
         for conn in self.frames:
-            self._message(conn, f"*RST;*CLS;:ROUT:OPEN:CARD ALL;:ROUT:CONN:RULE ALL,{rule};"
-                                f":ROUT:CONN:SEQ ALL,{seq}", "configure matrix")
+            self._message(conn, f"*RST;*CLS;:ROUT:FUNC ACON;:ROUT:OPEN:CARD ALL;"
+                                f":ROUT:CONN:RULE ALL,{rule};:ROUT:CONN:SEQ ALL,{seq}",
+                          "configure matrix")
         self.routed = None
         rd = p.read
         self._message(self.smu, f"*RST;*CLS;:SOUR{ch}:FUNC:MODE VOLT;:SOUR{ch}:FUNC:SHAP DC;"
@@ -103,11 +103,10 @@ class KeysightDialect(Dialect):
         if self.routed == route:
             return
         opening, closing = self.frame_changes(route)
-        if self.cold:  # single route (per card): closing an input's new output opens its old
-            for frame, pairs in list(opening.items()):
+        if self.cold:  # single route (auto config: over the whole frame): closing an
+            for frame, pairs in list(opening.items()):  # input's new output opens its old one
                 kept = [(out, inp) for out, inp in pairs
-                        if not any(inp == i and (out - 1) // OUTPUTS == (o - 1) // OUTPUTS
-                                   for o, i in closing.get(frame, []))]
+                        if not any(inp == i for _, i in closing.get(frame, []))]
                 if kept:
                     opening[frame] = kept
                 else:
@@ -214,15 +213,12 @@ class KeysightDialect(Dialect):
                 errors.append("SMU output still on")
         except BackendError as exc:
             errors.append(f"SMU: {exc}")
-        for k, (conn, cards) in enumerate(zip(self.frames, self.profile.frame_cards,
-                                              strict=True)):
+        for k, conn in enumerate(self.frames):
             try:
                 conn.query(":ROUT:OPEN:CARD ALL;*OPC?")
-                for card in range(1, cards + 1):
-                    closed = conn.query(f":ROUT:CLOS:CARD? {card}").strip()
-                    if closed not in ("(@)", ""):
-                        errors.append(f"matrix frame {k + 1} card {card} still has {closed} "
-                                      "closed")
+                closed = conn.query(":ROUT:CLOS:CARD? 0").strip()  # auto config: all cards
+                if closed not in ("(@)", ""):
+                    errors.append(f"matrix frame {k + 1} still has {closed} closed")
             except BackendError as exc:
                 errors.append(f"matrix frame {k + 1}: {exc}")
         if not errors:
