@@ -228,7 +228,6 @@ class StationProfile(_Strict):
                                  f"{len(self.arrays)} arrays")
         return self
 
-
     @property
     def tsplink_nodes(self) -> list[int] | None:
         """The TSP-Link node of each matrix frame, or None when the host talks to each."""
