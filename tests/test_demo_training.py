@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from hil.cli.demo_cmds import STEPS, training_comparison
+from hil.cli.demo_cmds import STEPS, step_rule, training_comparison
 from hil.cli.demo_training import (
     COMPARISON,
     CONTENDERS,
@@ -101,4 +101,12 @@ def test_configs_differ_only_in_the_algorithm():
 def test_sparkline_uses_a_fixed_scale():
     assert sparkline(np.array([0.0, 0.5, 1.0])) == "▁▅█"
     assert sparkline(np.array([-1.0, 2.0])) == "▁█"
+
+
+def test_every_step_title_fits_80_columns():
     assert training_comparison in STEPS
+    console = Console(width=80, record=True)
+    for k, step in enumerate(STEPS, start=1):
+        console.rule(step_rule(k, len(STEPS), step))
+    text = console.export_text()
+    assert "…" not in text and len(text.splitlines()) == len(STEPS), text
