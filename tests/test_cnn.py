@@ -69,7 +69,9 @@ def test_paper_cnn_is_built_on_analog_conv_and_linear_tiles():
 
 
 def test_one_cnn_training_step_through_hil_train(tmp_path):
-    cfg = load_config(write(tmp_path, {**CNN, "data": {**CNN["data"], "limit_train": 8}}))
+    small = {**PAPER_CNN, "channels": [4, 8], "hidden": [16]}  # the paper's shapes: above
+    cfg = load_config(write(tmp_path, {**CNN, "model": small,
+                                       "data": {**CNN["data"], "limit_train": 8}}))
     res = train_run(cfg, tmp_path / "run", progress=False)
     assert res.completed and res.global_step == 1
     assert (tmp_path / "run" / RUN_FILE).exists()
