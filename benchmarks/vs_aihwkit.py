@@ -24,7 +24,7 @@ import torch
 
 import hil
 from hil.algorithms import make_algorithm
-from hil.layers import AnalogLinear
+from hil.layers import AnalogConv2d, AnalogLinear
 from hil.optim import AnalogOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -357,17 +357,79 @@ def bench_fcn(spec: DeviceSpec, method: Method, reps: int, lr: float = 0.05, bat
     return ours, peer, floor
 
 
+# -- the paper's MNIST CNN (AnalogConv2d) -------------------------------------------------
+CNN_CONVS = [(1, 16), (16, 32)]  # (in, out) channels, 5x5 kernels, no padding, 2x2 max-pool
+CNN_FCS = [(512, 128), (128, 10)]  # (in, out) features after the 32x4x4 feature maps
+
+
+def cnn_net(convs: list[torch.nn.Module], fcs: list[torch.nn.Module]) -> torch.nn.Sequential:
+    """The paper's MNIST CNN around the given conv and linear layers: conv, tanh, pool, conv,
+    tanh, pool, FC 512-128, tanh, FC 128-10, log-softmax."""
+    act, pool = torch.nn.Tanh, torch.nn.MaxPool2d
+    return torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 28, 28)), convs[0], act(), pool(2), convs[1], act(), pool(2),
+        torch.nn.Flatten(), fcs[0], act(), fcs[1], torch.nn.LogSoftmax(dim=-1))
+
+
+def bench_cnn(spec: DeviceSpec, method: Method, reps: int, lr: float = 0.05, batch: int = 8
+              ) -> tuple[float, float, float]:
+    """The paper's MNIST CNN step (PAPER.md), batch 8, lr 0.05, on digits at 28x28: both
+    convs on AnalogConv2d here and in aihwkit (its unfolded tile per conv), both FCs analog."""
+    from aihwkit.nn import AnalogConv2d as PeerConv2d
+    from aihwkit.nn import AnalogLinear as PeerLinear
+    from aihwkit.optim import AnalogSGD
+
+    x, y = digits_28(batch * (reps + 1))
+    xs, ys = list(x.split(batch)), list(y.split(batch))
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(o, i * 25) for i, o in CNN_CONVS] + [(o, i) for i, o in CNN_FCS]
+    inits = [initial_weights(gen, rows, cols) for rows, cols in shapes]
+    cfg = peer_rpu_config(spec, method)
+    peer_net = cnn_net([PeerConv2d(i, o, 5, bias=False, rpu_config=cfg) for i, o in CNN_CONVS],
+                       [PeerLinear(i, o, bias=False, rpu_config=cfg) for i, o in CNN_FCS])
+    digital = cnn_net([torch.nn.Conv2d(i, o, 5, bias=False) for i, o in CNN_CONVS],
+                      [torch.nn.Linear(i, o, bias=False) for i, o in CNN_FCS])
+    peer_layers = [m for m in peer_net if isinstance(m, (PeerConv2d, PeerLinear))]
+    dig_layers = [m for m in digital if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for peer, dig, init in zip(peer_layers, dig_layers, inits, strict=True):
+        peer.set_weights(init.reshape(dig.weight.shape))
+        dig.weight.data.copy_(init.reshape(dig.weight.shape))
+    opt = AnalogSGD(peer_net.parameters(), lr=lr * spec.peer_lr_scale)
+    opt.regroup_param_groups(peer_net)
+    dopt = torch.optim.SGD(digital.parameters(), lr=lr)
+    with hil.open_backend(spec.sim_url()) as be:
+        algs = [our_layer(be, spec, method, rows, cols, lr, f"l{k}", init=init).algorithm
+                for k, ((rows, cols), init) in enumerate(zip(shapes, inits, strict=True))]
+        ours_net = cnn_net(
+            [AnalogConv2d(i, o, 5, alg, bias=False, io="analog")
+             for (i, o), alg in zip(CNN_CONVS, algs[:2], strict=True)],
+            [AnalogLinear(i, o, alg, bias=False, io="analog")
+             for (i, o), alg in zip(CNN_FCS, algs[2:], strict=True)])
+        opt_here = AnalogOptimizer(ours_net, digital_lr=lr)  # no digital parameters here
+        nll = torch.nn.functional.nll_loss
+        ours, peer, floor = median_times([
+            _train_steps(ours_net, opt_here.step, xs, ys, nll),
+            _train_steps(peer_net, opt.step, xs, ys, nll),
+            _train_steps(digital, dopt.step, xs, ys, nll)], reps)
+    return ours, peer, floor
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3, help="timed steps per cell (median)")
     ap.add_argument("--only", default="", help="run only rows whose label contains this")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for both simulators (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     require_aihwkit()
     import aihwkit
     from rich.progress import Progress
 
     benches = [("full step 512x512 b32", bench_layer), ("rank-1 update 512x512 b32", bench_rank1),
-               ("MNIST FCN step (lr 0.05, b10)", bench_fcn)]
+               ("MNIST FCN step (lr 0.05, b10)", bench_fcn),
+               ("MNIST CNN step (AnalogConv2d, lr 0.05, b8)", bench_cnn)]
     jobs = [(f"{label}: {what}", spec, METHODS[key], fn) for what, fn in benches
             for label, spec, key in CASES if args.only.lower() in f"{label}: {what}".lower()]
     load = os.getloadavg()
@@ -379,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         task = bar.add_task("vs aihwkit", total=len(jobs))
         for name, spec, method, fn in jobs:
             bar.update(task, description=name)
-            reps = max(args.reps, 30) if fn is bench_fcn else args.reps
+            reps = max(args.reps, 30) if fn in (bench_fcn, bench_cnn) else args.reps
             rows.append(Row(name, *fn(replace(spec), method, reps)))
             bar.console.print(" | ".join(rows[-1].cells()))
             bar.advance(task)

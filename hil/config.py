@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hil.errors import BackendURLError, ConfigError
 from hil.url import BackendURL
@@ -73,19 +73,49 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class ModelConfig(_Strict):
-    """A fully connected network: inputs from the data, ``hidden`` widths, an activation."""
+PAPER_CNN = {"channels": [16, 32], "kernel_size": 5, "pool": 2}  # the cnn's defaults
 
-    kind: Literal["fcn"] = "fcn"
+
+class ModelConfig(_Strict):
+    """The network. ``fcn``: fully connected layers of ``hidden`` widths on the flat inputs.
+    ``cnn`` (images only): per entry of ``channels`` a conv (``kernel_size`` square, no
+    padding), the activation and a ``pool`` x ``pool`` max-pool, then the ``hidden`` fully
+    connected layers (the paper's MNIST CNN: channels [16, 32], kernel 5, pool 2, the
+    defaults, with hidden [128] and tanh). Every layer, conv or linear, lives on the
+    backend's tiles. The cnn fields stay None for an fcn (setting one there is an error)."""
+
+    kind: Literal["fcn", "cnn"] = "fcn"
     hidden: list[int] = Field(default_factory=lambda: [256, 128])
     activation: Literal["sigmoid", "tanh", "relu"] = "sigmoid"
+    channels: list[int] | None = None  # cnn only
+    kernel_size: int | None = Field(None, ge=1)  # cnn only
+    pool: int | None = Field(None, ge=1)  # cnn only
 
-    @field_validator("hidden")
+    @field_validator("hidden", "channels")
     @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(h < 1 for h in v):
-            raise ValueError("hidden widths must be >= 1")
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(h < 1 for h in v):
+            raise ValueError("widths must be >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _cnn_fields(self) -> ModelConfig:
+        for name, default in PAPER_CNN.items():
+            if self.kind == "fcn" and getattr(self, name) is not None:
+                raise ValueError(f"{name} applies to kind: cnn only")
+            if self.kind == "cnn" and getattr(self, name) is None:
+                setattr(self, name, default)
+        if self.kind == "cnn" and not self.channels:
+            raise ValueError("channels: a cnn needs at least one conv layer")
+        return self
+
+    def feature_side(self, side: int) -> list[int]:
+        """The cnn's image side after each conv + pool stage, starting from ``side``."""
+        sides = []
+        for _ in self.channels or ():
+            side = max(side - (self.kernel_size or 1) + 1, 0) // (self.pool or 1)
+            sides.append(side)
+        return sides
 
 
 class DataConfig(_Strict):
@@ -96,6 +126,7 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     limit_train: int | None = Field(None, ge=1)
     limit_test: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=1)  # images resized (bilinear) to this side
     n_inputs: int = Field(16, ge=1)  # least squares only
     n_outputs: int = Field(4, ge=1)  # least squares only
 
@@ -156,12 +187,33 @@ def parse_config(data: Any, path: str = "<config>") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(path, "<top>", "expected a mapping of settings")
     cfg = validated(RunConfig, data, path)
+    if cfg.data.image_size is not None and cfg.data.name not in IMAGE_SIDE:
+        raise ConfigError(path, "data.image_size", f"{cfg.data.name} holds no images")
+    if cfg.model.kind == "cnn":
+        _check_cnn(cfg, path)
     if cfg.data.name == "mnist":
         if not cfg.data.path:
             raise ConfigError(path, "data.path", "mnist needs the directory of the IDX files")
         if not Path(cfg.data.path).is_dir():
             raise ConfigError(path, "data.path", f"{cfg.data.path} is not a directory")
     return cfg
+
+
+IMAGE_SIDE = {"digits": 8, "mnist": 28}  # the data sets of images, and their native side
+
+
+def _check_cnn(cfg: RunConfig, path: str) -> None:
+    """A cnn needs images large enough that every conv + pool stage keeps a pixel."""
+    if cfg.data.name not in IMAGE_SIDE:
+        raise ConfigError(path, "model.kind", f"cnn needs images (digits or mnist), not "
+                          f"{cfg.data.name}")
+    side = cfg.data.image_size or IMAGE_SIDE[cfg.data.name]
+    sides = cfg.model.feature_side(side)
+    if sides[-1] < 1:
+        stage = next(i for i, s in enumerate(sides) if s < 1) + 1
+        raise ConfigError(path, "model.channels", f"a {side}x{side} image has no pixel left "
+                          f"after conv + pool stage {stage} (kernel {cfg.model.kernel_size}, "
+                          f"pool {cfg.model.pool}); set data.image_size (e.g. 28)")
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -28,6 +28,29 @@ class Dataset:
     n_inputs: int
     n_outputs: int
     task: str  # 'classification' or 'regression'
+    image_shape: tuple[int, int, int] | None = None  # (channels, height, width) of images
+
+    def resized(self, side: int) -> Dataset:
+        """The same images resized (bilinear) to ``side`` x ``side`` (sklearn's 8x8 digits
+        brought to MNIST's 28x28 for the paper's CNN); inputs stay flat, in [0, 1]."""
+        if self.image_shape is None:
+            raise ValueError("resized: this data set holds no images")
+        c = self.image_shape[0]
+        return Dataset(resize_images(self.x_train, self.image_shape, side), self.y_train,
+                       resize_images(self.x_test, self.image_shape, side), self.y_test,
+                       n_inputs=c * side * side, n_outputs=self.n_outputs, task=self.task,
+                       image_shape=(c, side, side))
+
+
+def resize_images(x: torch.Tensor, shape: tuple[int, int, int], side: int) -> torch.Tensor:
+    """Flat images ``x`` [N, C*H*W] of ``shape`` (C, H, W) resized by bilinear interpolation
+    to [N, C*side*side]."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0, shape[0] * side * side)
+    img = x.reshape(-1, *shape)
+    out = torch.nn.functional.interpolate(img, size=(side, side), mode="bilinear",
+                                          align_corners=False)
+    return out.clamp(0.0, 1.0).flatten(1)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -91,8 +114,9 @@ def load_mnist(directory: str | Path, limit_train: int | None = None,
         x = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / 255.0)
         parts[split] = (x, torch.from_numpy(labels.astype(np.int64)))
     n_in = parts["train"][0].shape[1]
+    shape = tuple(images.shape[1:]) if images.ndim == 3 else None
     return Dataset(*parts["train"], *parts["test"], n_inputs=n_in, n_outputs=10,
-                   task="classification")
+                   task="classification", image_shape=(1, *shape) if shape else None)
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -107,7 +131,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     n_test = int(round(test_fraction * x.shape[0]))
     test, train = perm[:n_test], perm[n_test:]
     return Dataset(x[train], y[train], x[test], y[test], n_inputs=64, n_outputs=10,
-                   task="classification")
+                   task="classification", image_shape=(1, 8, 8))
 
 
 def least_squares(n_train: int = 512, n_test: int = 128, n_inputs: int = 16,

@@ -55,23 +55,43 @@ def load_dataset(cfg: RunConfig, config_path: str = "<config>") -> Dataset:
         ds = load_digits(d.test_fraction, seed=cfg.seed)
     elif d.name == "mnist":
         try:
-            return load_mnist(d.path, d.limit_train, d.limit_test)
+            ds = load_mnist(d.path, d.limit_train, d.limit_test)
         except (OSError, ValueError) as exc:
             raise ConfigError(config_path, "data.path", str(exc)) from None
     else:
         ds = least_squares(n_inputs=d.n_inputs, n_outputs=d.n_outputs, seed=cfg.seed)
     ds.x_train, ds.y_train = ds.x_train[:d.limit_train], ds.y_train[:d.limit_train]
     ds.x_test, ds.y_test = ds.x_test[:d.limit_test], ds.y_test[:d.limit_test]
+    if d.image_size is not None and ds.image_shape is not None:
+        if ds.image_shape[1:] != (d.image_size, d.image_size):
+            ds = ds.resized(d.image_size)
+    shape = ds.image_shape
+    if cfg.model.kind == "cnn" and (shape is None or shape[1] != shape[2]):
+        raise ConfigError(config_path, "data", f"the cnn needs square images, the data set "
+                          f"holds {ds.image_shape or 'flat vectors'}")
     return ds
 
 
 def build_model(cfg: RunConfig, ds: Dataset) -> nn.Sequential:
-    """The digital FCN (seeded init); log-softmax output for classification."""
+    """The digital network (seeded init): the FCN, or the CNN on the flat image inputs
+    (unflattened first, so data and evaluation are the same for both); log-softmax output
+    for classification. make_analog then moves every Linear and Conv2d onto tiles."""
     torch.manual_seed(cfg.seed)
-    act = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}[cfg.model.activation]
+    m = cfg.model
+    act = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}[m.activation]
     layers: list[nn.Module] = []
     width = ds.n_inputs
-    for h in cfg.model.hidden:
+    if m.kind == "cnn":
+        if ds.image_shape is None:
+            raise ValueError("build_model: the cnn needs a data set of images")
+        c, side, _ = ds.image_shape
+        layers.append(nn.Unflatten(1, (c, side, side)))
+        for ch in m.channels:
+            layers += [nn.Conv2d(c, ch, m.kernel_size), act(), nn.MaxPool2d(m.pool)]
+            c = ch
+        layers.append(nn.Flatten())
+        width = c * m.feature_side(side)[-1] ** 2
+    for h in m.hidden:
         layers += [nn.Linear(width, h), act()]
         width = h
     layers.append(nn.Linear(width, ds.n_outputs))

@@ -25,6 +25,10 @@ CONFIG = {
 }
 
 
+CNN = {"kind": "cnn", "channels": [16, 32], "kernel_size": 5, "pool": 2, "hidden": [8],
+       "activation": "tanh"}
+
+
 def write(tmp_path, cfg, name="run.yaml"):
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
@@ -38,6 +42,19 @@ def write(tmp_path, cfg, name="run.yaml"):
     ({"backend": "nonsense"}, "backend"),
     ({"backend": "sim://?model=power&bogus=1"}, "backend"),
     ({"algorithm": {"name": "rlv2", "mvm_read": "sum"}}, "algorithm.mvm_read"),
+    # the cnn (tests/test_cnn.py): geometry, data and field checks
+    ({"model": CNN}, "model.channels: a 8x8 image has no pixel left"),
+    ({"model": CNN, "data": {"name": "least_squares"}}, "model.kind: cnn needs images"),
+    ({"data": {"name": "least_squares", "image_size": 28}}, "data.image_size: least_squares"),
+    ({"model": CNN, "data": {"image_size": 0}}, "data.image_size"),
+    ({"model": {**CNN, "kind": "cnn2d"}}, "model.kind"),
+    ({"model": {**CNN, "channels": []}}, "model: Value error, channels: a cnn needs at least"),
+    ({"model": {**CNN, "channels": [16, 0]}}, "model.channels"),
+    ({"model": {**CNN, "kernel_size": 0}}, "model.kernel_size"),
+    ({"model": {**CNN, "pool": 2.5}}, "model.pool"),
+    ({"model": {**CNN, "kernel_size": 13}, "data": {"image_size": 28}}, "stage 2 (kernel 13"),
+    ({"model": {"hidden": [8], "channels": [4]}}, "channels applies to kind: cnn only"),
+    ({"model": {**CNN, "activation": "gelu"}}, "model.activation"),
 ])
 def test_bad_config_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, patch, field):
     cfg = {**CONFIG, **patch}
