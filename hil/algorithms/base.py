@@ -148,7 +148,12 @@ class AnalogAlgorithm(ABC):
         With ``cols``, ``delta`` holds those columns only (the others get no pulse).
         With ``max_pulses`` the desired counts are clipped to +-max_pulses first and the
         clipped part is added to ``clipped_pulses``."""
-        want = delta / tile.dw_min
+        return self.pulse_want(tile, delta / tile.dw_min, cols)
+
+    def pulse_want(self, tile: Tile, want: torch.Tensor, cols: slice | None = None
+                   ) -> torch.Tensor:
+        """Apply desired pulse counts (real numbers) as stochastically rounded counts, after
+        the ``max_pulses`` clip; return the counts (see ``pulse_delta``)."""
         if self.max_pulses is not None:
             check_finite(want, "desired change", tile=tile.name, op="step")
             excess = float((want.abs() - self.max_pulses).clamp_min(0).sum())
