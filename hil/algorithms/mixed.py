@@ -138,9 +138,13 @@ class MixedPrecision(AnalogAlgorithm):
         if not bool(steps.any()):
             return
         ratio = self.granularity * self.transfer_lr / self.tiles["W"].dw_min
-        want = torch.zeros(self.shape, dtype=torch.float32)
-        want[idx] = steps if ratio == 1.0 else steps * ratio
-        self.pulse_want(self.tiles["W"], want)
+        whole = n == rows and bool((idx == torch.arange(rows)).all())
+        want = steps if whole else torch.zeros(self.shape, dtype=torch.float32).index_copy_(
+            0, idx, steps)
+        if ratio == 1.0 and self.max_pulses is None:  # whole pulses already: no rounding
+            self.pulse_counts(self.tiles["W"], want.to(torch.int32))
+        else:
+            self.pulse_want(self.tiles["W"], want if ratio == 1.0 else want * ratio)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "chi": self.chi.clone(), "row": self.row,
