@@ -130,15 +130,18 @@ class MixedPrecision(AnalogAlgorithm):
         if self.random_row and n < rows:
             first = min(int(torch.rand(1, generator=self.gen, dtype=torch.float64) * rows),
                         rows - 1)
-        idx = (torch.arange(n) + first) % rows
-        chi = self.chi[idx]
-        steps = torch.trunc(chi / self.granularity)
-        self.chi[idx] = chi - steps * self.granularity
         self.row = (first + n) % rows
+        whole = n == rows  # every row, in whichever order: the same result
+        idx = None if whole else (torch.arange(n) + first) % rows
+        chi = self.chi if whole else self.chi[idx]
+        steps = torch.trunc(chi / self.granularity)
+        if whole:
+            self.chi.sub_(steps * self.granularity)
+        else:
+            self.chi[idx] = chi - steps * self.granularity
         if not bool(steps.any()):
             return
         ratio = self.granularity * self.transfer_lr / self.tiles["W"].dw_min
-        whole = n == rows and bool((idx == torch.arange(rows)).all())
         want = steps if whole else torch.zeros(self.shape, dtype=torch.float32).index_copy_(
             0, idx, steps)
         if ratio == 1.0 and self.max_pulses is None:  # whole pulses already: no rounding
