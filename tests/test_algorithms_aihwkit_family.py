@@ -409,3 +409,38 @@ def test_same_run_bit_identical_on_sim_and_over_visa(name):
     with running(url, "scpi", "tcp") as visa:
         assert visa.startswith("visa://")
         assert torch.equal(run(visa), ref)
+
+
+# -- safety: the station's per-step budget, non-finite inputs -----------------------------------
+def test_budget_refuses_or_clips_before_any_command():
+    """A station's max_pulses_per_step bounds mixed precision's whole-pulse transfer and the
+    chopped transfers' max_steps: refused before the first command (SafetyLimitError), or
+    clipped by design with max_pulses (counted in clipped_pulses); non-finite x or d is
+    refused with nothing sent."""
+    from hil import Capabilities
+    from hil.errors import SafetyLimitError
+
+    def station(dw=0.01):
+        be = ExactBackend(dw=dw)
+        be.capabilities = Capabilities(max_pulses_per_step=2)
+        return be
+
+    mp = MixedPrecision(station(), (1, 2), lr=1.0)
+    with pytest.raises(SafetyLimitError, match="max_pulses_per_step=2"):
+        mp.step(torch.tensor([[-0.05, 0.0]]))  # 5 pulses wanted
+    assert mp.tiles["W"].commands == []
+    clip = MixedPrecision(station(), (1, 2), lr=1.0, max_pulses=2)
+    clip.step(torch.tensor([[-0.05, 0.0]]))
+    assert torch.allclose(clip.read("W"), torch.tensor([[0.02, 0.0]])) and \
+        clip.clipped_pulses == 3
+    ctt = ChoppedTTv2(station(), (1, 2), lr=1.0, transfer_lr=1.0, max_steps=3,
+                      forget_buffer=False)
+    ctt.tiles["P"].w[:] = 0.05
+    with pytest.raises(SafetyLimitError):
+        ctt.step(torch.zeros(1, 2))
+    assert ctt.tiles["W"].commands == []
+    for alg in (MixedPrecision(ExactBackend(), (1, 2), lr=1.0, prefix="a"),
+                AGAD(ExactBackend(), (1, 2), lr=1.0, transfer_lr=0.1, prefix="b")):
+        with pytest.raises(NonFiniteError):
+            alg.step(x=torch.tensor([[math.inf, 0.0]]), d=torch.tensor([[1.0]]))
+        assert all(t.commands == [] for t in alg.tiles.values())
