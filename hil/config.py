@@ -117,7 +117,7 @@ class AlgorithmConfig(_Strict):
     gamma: float = Field(0.1, ge=0)
     transfer_every: int = Field(1, ge=1)
     transfer: Literal["full", "column"] = "full"
-    columns_per_transfer: int = Field(1, ge=1)  # transfer: column only
+    columns_per_transfer: int | None = Field(None, ge=1)  # transfer: column; unset: 1
     transfer_read: Literal["exact", "mvm"] = "exact"  # 'mvm': one-hot MVMs (aihwkit's form)
     transfer_write: Literal["counts", "pulse_train"] = "counts"  # tiki_taka / residual
     mvm_read: Literal["tiles", "summed"] = "tiles"  # 'summed': W + gamma P read as one array
@@ -204,7 +204,7 @@ def parse_config(data: Any, path: str = "<config>") -> RunConfig:
     cfg = validated(RunConfig, data, path)
     from hil.algorithms.options import OPTIONS
 
-    if cfg.algorithm.columns_per_transfer != 1 and cfg.algorithm.transfer != "column":
+    if (cfg.algorithm.columns_per_transfer or 1) != 1 and cfg.algorithm.transfer != "column":
         raise ConfigError(path, "algorithm.columns_per_transfer",
                           "applies to transfer: column only")
     for key, names in OPTIONS.items():

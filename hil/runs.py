@@ -98,7 +98,7 @@ def make_analog(model: nn.Module, cfg: RunConfig, backend: Backend, program_init
             max_pulses=a.max_pulses, prefix=prefix,
             seed=cfg.seed * 1000 + next(counter), **resumed, **a.options(),
             **({"columns_per_transfer": a.columns_per_transfer}
-               if a.columns_per_transfer != 1 else {}))
+               if a.columns_per_transfer else {}))
 
     convert_to_analog(model, backend, factory, io=a.io, program_init=program_init)
 

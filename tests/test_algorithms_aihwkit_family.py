@@ -444,3 +444,16 @@ def test_budget_refuses_or_clips_before_any_command():
         with pytest.raises(NonFiniteError):
             alg.step(x=torch.tensor([[math.inf, 0.0]]), d=torch.tensor([[1.0]]))
         assert all(t.commands == [] for t in alg.tiles.values())
+
+
+def test_a_run_configured_before_these_options_still_resumes():
+    """A checkpoint's config from before the new options (none of their keys) matches a
+    config that leaves them unset: no 'differs from the run's config' refusal."""
+    from hil.config import parse_config
+    from hil.runs import config_changes
+
+    cfg = parse_config({**TRAIN, "algorithm": {"name": "rlv2", "lr": 0.1}})
+    old = cfg.model_dump()
+    for key in ("buffer_granularity", "in_chop_prob", "granularity", "columns_per_transfer"):
+        del old["algorithm"][key]
+    assert config_changes(old, cfg.model_dump()) == []
