@@ -45,7 +45,9 @@ DEVICES = {
     "soft bounds": DeviceSpec("linear"),
     "power gamma=0.5": DeviceSpec("power", gamma=0.5),
 }
-LABELS = {"sgd": "Analog SGD", "tt": "Tiki-Taka"}
+LABELS = {"sgd": "Analog SGD", "tt": "Tiki-Taka", "cttv2": "c-TTv2", "agad": "AGAD",
+          "mp": "mixed precision"}
+READS_P = ("tt", "cttv2", "agad")  # the methods that read P in a transfer (--transfer-read)
 TRANSFER_READS = {  # Tiki-Taka's read of P: (aihwkit transfer_forward, sim:// read_noise,
     # hil transfer_read)
     "as-mapped": ("periphery", 0.0, "exact"),  # one-hot MVM there, exact tile read here
@@ -82,6 +84,12 @@ def initial_weights(seed: int, tau: float) -> list[torch.Tensor]:
 StepFn = Callable[[float], None]  # one update with the lr scaled by the argument
 
 
+def method_of(key: str):
+    """The benchmark's method for ``key``: the chopped ones transfer one column a sample
+    (10 a step here), aihwkit's default units, so that their chopper periods fit the run."""
+    return METHODS[f"{key}-b10" if key in ("cttv2", "agad") else key]
+
+
 def build_here(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting, seed: int
                ) -> tuple[FCN, StepFn, Callable[[], None]]:
     """The FCN over hil.layers.AnalogLinear on sim://, updated by outer_update."""
@@ -89,7 +97,8 @@ def build_here(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting
     backend = hil.open_backend(spec.sim_url(seed=seed) + (f"&read_noise={noise}" if noise else ""))
     method = replace(METHODS[key], transfer_write=s.transfer_write,
                      transfer_read=TRANSFER_READS[s.transfer_read][2]) if key == "tt" \
-        else METHODS[key]
+        else replace(method_of(key), transfer_read=TRANSFER_READS[s.transfer_read][2]) \
+        if key in READS_P else method_of(key)
     layers = [our_layer(backend, spec, method, o, i, s.lr, f"fc{k}", seed=seed, init=w)
               for k, ((i, o), w) in enumerate(zip(SIZES, inits, strict=True))]
 
@@ -106,14 +115,14 @@ def build_peer(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting
     from aihwkit.optim import AnalogSGD
 
     torch.manual_seed(seed)
-    cfg = peer_rpu_config(spec, METHODS[key])
-    if key != "sgd" and TRANSFER_READS[s.transfer_read][0] == "perfect":
+    cfg = peer_rpu_config(spec, method_of(key))
+    if key in READS_P and TRANSFER_READS[s.transfer_read][0] == "perfect":
         from aihwkit.simulator.configs import IOParameters
 
         cfg.device.transfer_forward = IOParameters(is_perfect=True)
     layers = [PeerLinear(i, o, bias=False, rpu_config=cfg) for i, o in SIZES]
     for layer, w in zip(layers, inits, strict=True):
-        layer.set_weights(w)  # TransferCompound: W gets w, P stays 0 (as here)
+        layer.set_weights(w)  # compounds: W gets w, P stays 0 (as here); mixed prec.: chi 0
     net = FCN(layers, act=ACTS[s.act])
     base = s.lr * spec.peer_lr_scale
     opt = AnalogSGD(net.parameters(), lr=base)
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--methods", default="sgd,tt", help="comma list of: sgd, tt")
+    ap.add_argument("--methods", default="sgd,tt",
+                    help=f"comma list of: {', '.join(LABELS)}")
     ap.add_argument("--devices", default=",".join(DEVICES),
                     help=f"comma list of: {', '.join(DEVICES)}")
     ap.add_argument("--lr", type=float, default=0.05)
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     for k in keys:
         if k not in LABELS:
-            ap.error(f"--methods: unknown method {k!r} (sgd, tt)")
+            ap.error(f"--methods: unknown method {k!r} ({', '.join(LABELS)})")
     for d in devices:
         if d not in DEVICES:
             ap.error(f"--devices: unknown device {d!r} ({', '.join(DEVICES)})")

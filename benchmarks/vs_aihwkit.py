@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -132,6 +133,42 @@ class Method:
     transfer_write: str = "counts"  # Tiki-Taka here: 'counts' or 'pulse_train'
     transfer_read: str = "exact"  # here: 'exact' tile reads or 'mvm' through the periphery
     mvm_read: str = "tiles"  # here: 'summed' reads W + gamma P as one array (aihwkit's form)
+    options: tuple[tuple[str, Any], ...] = ()  # further keywords of the algorithm here
+
+
+# -- chopped TTv2, AGAD, mixed precision (docs/aihwkit.md maps their parameters) ----------
+MORE_PEERS = ("chopped-ttv2", "dynamic", "mixedprec")
+
+
+def more_peer_rpu_config(spec: DeviceSpec, method: Method):
+    """aihwkit's rpu_config for c-TTv2 (ChoppedTransferCompound), AGAD
+    (DynamicTransferCompound) and mixed precision (MixedPrecisionCompound), with the
+    options of ``method`` (in_chop_prob, in_chop_random, ...) and the transfer settings of
+    the other compounds here (one column per step, absolute transfer_lr, P's rate = lr)."""
+    from aihwkit.simulator.configs import (
+        ChoppedTransferCompound,
+        DigitalRankUpdateRPUConfig,
+        DynamicTransferCompound,
+        MixedPrecisionCompound,
+        UnitCellRPUConfig,
+    )
+
+    io, upd, opts = peer_io(spec), peer_update(spec), dict(method.options)
+    # here k columns after each step's update; there one column after each sample (k = batch)
+    per_sample = opts.pop("columns_per_transfer", 1) > 1
+    if method.peer == "mixedprec":
+        device = MixedPrecisionCompound(device=peer_device(spec), transfer_every=1,
+                                        n_rows_per_transfer=-1, granularity=0.0,
+                                        transfer_lr=method.transfer_lr, n_x_bins=0, n_d_bins=0)
+        return DigitalRankUpdateRPUConfig(device=device, forward=io, backward=peer_io(spec),
+                                          update=upd)
+    cls = ChoppedTransferCompound if method.peer == "chopped-ttv2" else DynamicTransferCompound
+    device = cls(unit_cell_devices=[peer_device(spec), peer_device(spec)], gamma=0.0,
+                 transfer_every=1.0, units_in_mbatch=not per_sample, n_reads_per_transfer=1,
+                 transfer_columns=True, fast_lr=1.0, scale_fast_lr=True,
+                 transfer_lr=method.transfer_lr, scale_transfer_lr=False,
+                 transfer_forward=peer_io(spec), **opts)
+    return UnitCellRPUConfig(device=device, forward=io, backward=peer_io(spec), update=upd)
 
 
 def peer_rpu_config(spec: DeviceSpec, method: Method):
@@ -144,6 +181,8 @@ def peer_rpu_config(spec: DeviceSpec, method: Method):
         UnitCellRPUConfig,
     )
 
+    if method.peer in MORE_PEERS:
+        return more_peer_rpu_config(spec, method)
     io, upd = peer_io(spec), peer_update(spec)
     if method.peer == "single":
         return SingleRPUConfig(device=peer_device(spec), forward=io, backward=peer_io(spec),
@@ -170,7 +209,8 @@ def our_layer(backend: hil.Backend, spec: DeviceSpec, method: Method, rows: int,
               lr: float, prefix: str, seed: int = 0, init: torch.Tensor | None = None
               ) -> AnalogLinear:
     """hil.layers.AnalogLinear (no bias) over the method's algorithm; ``analog_step`` updates."""
-    kw = {} if method.name == "analog_sgd" else dict(
+    kw = {"transfer_lr": method.transfer_lr} if method.name == "mixed_precision" else \
+        {} if method.name == "analog_sgd" else dict(
         transfer_lr=method.transfer_lr, gamma=method.gamma, transfer="column")
     if method.transfer_write != "counts":
         kw["transfer_write"] = method.transfer_write
@@ -178,8 +218,9 @@ def our_layer(backend: hil.Backend, spec: DeviceSpec, method: Method, rows: int,
         kw["transfer_read"] = method.transfer_read
     if method.mvm_read != "tiles":
         kw["mvm_read"] = method.mvm_read
+    kw.update(method.options)
     alg = make_algorithm(method.name, backend, (rows, cols), lr=lr, prefix=prefix, seed=seed,
-                         update="outer", **kw)
+                         update="auto" if method.name == "mixed_precision" else "outer", **kw)
     if init is not None:
         for tile in alg.tiles.values():  # emulator: set weights directly (W), P stays at 0
             if tile.name.endswith(".W"):
@@ -210,13 +251,29 @@ METHODS = {
     # aihwkit's compounds read gamma P + W as one array: mvm_read='summed' matches that
     "rlv2-buffered": Method("rlv2", "buffered", transfer_lr=0.1, gamma=0.1, mvm_read="summed"),
     "rlv2-chopped": Method("rlv2", "chopped", transfer_lr=0.1, gamma=0.1, mvm_read="summed"),
+    # aihwkit's defaults of each (one pulse a transfer, the buffer forgotten after it fires),
+    # one column transferred a step (as the rows above) ...
+    "cttv2": Method("chopped_ttv2", "chopped-ttv2", transfer_lr=0.1,
+                    options=(("in_chop_prob", 0.1), ("in_chop_random", True))),
+    "agad": Method("agad", "dynamic", transfer_lr=0.1,
+                   options=(("in_chop_prob", 0.1), ("in_chop_random", False),
+                            ("tail_weightening", 5.0))),
+    "mp": Method("mixed_precision", "mixedprec", transfer_lr=1.0),
 }
+# ... or one column a sample (aihwkit's default units: mat-vecs), batch 10 (aihwkit_accuracy)
+METHODS["cttv2-b10"] = replace(METHODS["cttv2"], options=METHODS["cttv2"].options + (
+    ("columns_per_transfer", 10),))
+METHODS["agad-b10"] = replace(METHODS["agad"], options=METHODS["agad"].options + (
+    ("columns_per_transfer", 10),))
 CASES = [  # (label, spec, method key)
     ("Analog SGD, soft bounds", DeviceSpec("linear", c2c=0.3), "sgd"),
     ("Analog SGD, power gamma=0.5", DeviceSpec("power", gamma=0.5, c2c=0.3), "sgd"),
     ("Tiki-Taka, soft bounds", DeviceSpec("linear", c2c=0.3), "tt"),
     ("RLv2 vs BufferedTransferCompound", DeviceSpec("linear", c2c=0.3), "rlv2-buffered"),
     ("RLv2 vs ChoppedTransferCompound", DeviceSpec("linear", c2c=0.3), "rlv2-chopped"),
+    ("c-TTv2 vs ChoppedTransferCompound", DeviceSpec("linear", c2c=0.3), "cttv2"),
+    ("AGAD vs DynamicTransferCompound", DeviceSpec("linear", c2c=0.3), "agad"),
+    ("mixed precision vs MixedPrecisionCompound", DeviceSpec("linear", c2c=0.3), "mp"),
 ]
 
 

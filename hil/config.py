@@ -10,12 +10,20 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hil.errors import BackendURLError, ConfigError
 from hil.url import BackendURL
 
-AlgorithmName = Literal["digital", "analog_sgd", "tiki_taka", "residual", "rlv2", "ttv2"]
+AlgorithmName = Literal["digital", "analog_sgd", "tiki_taka", "residual", "rlv2", "ttv2",
+                        "chopped_ttv2", "agad", "mixed_precision"]
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -140,6 +148,7 @@ class AlgorithmConfig(_Strict):
     gamma: float = Field(0.1, ge=0)
     transfer_every: int = Field(1, ge=1)
     transfer: Literal["full", "column"] = "full"
+    columns_per_transfer: int | None = Field(None, ge=1)  # transfer: column; unset: 1
     transfer_read: Literal["exact", "mvm"] = "exact"  # 'mvm': one-hot MVMs (aihwkit's form)
     transfer_write: Literal["counts", "pulse_train"] = "counts"  # tiki_taka / residual
     mvm_read: Literal["tiles", "summed"] = "tiles"  # 'summed': W + gamma P read as one array
@@ -148,6 +157,43 @@ class AlgorithmConfig(_Strict):
     zero_shift: bool = False
     max_pulses: int | None = Field(None, ge=1)
     digital_lr: float | None = Field(None, gt=0)  # biases; default: lr
+    # options of some algorithms only (hil.algorithms.OPTIONS; unset: the algorithm's
+    # default; docs/aihwkit.md maps them to aihwkit's names)
+    buffer_granularity: float | None = Field(None, gt=0)  # threshold, in dw_min
+    max_steps: int | None = Field(None, ge=1)  # pulses a device per threshold transfer
+    forget_buffer: bool | None = None  # H reset (x momentum) after it fires
+    momentum: float | None = Field(None, ge=0, le=1)
+    buffer_cap: float | None = Field(None, ge=0)  # |H| <= cap x max_steps thresholds
+    in_chop_prob: float | None = Field(None, ge=0, le=1)
+    in_chop_random: bool | None = None
+    out_chop_prob: float | None = Field(None, ge=0, le=1)
+    tail_weightening: float | None = Field(None, gt=0)
+    granularity: float | None = Field(None, gt=0)  # mixed precision; default dw_min
+    n_rows_per_transfer: int | None = Field(None, ge=1)  # default: all rows
+    random_row: bool | None = None
+    n_x_bins: int | None = Field(None, ge=0)
+    n_d_bins: int | None = Field(None, ge=0)
+    stoc_round_x: bool | None = None
+    stoc_round_d: bool | None = None
+
+    @field_validator("n_x_bins", "n_d_bins")
+    @classmethod
+    def _bins(cls, v: int | None) -> int | None:
+        if v == 1:
+            raise ValueError("must be 0 (no quantization) or >= 2")
+        return v
+
+    @model_validator(mode="after")
+    def _mixed_precision_default(self) -> AlgorithmConfig:
+        if self.name == "mixed_precision" and "transfer_lr" not in self.model_fields_set:
+            self.transfer_lr = 1.0  # whole pulses as they are (aihwkit's default)
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The algorithm-specific options that are set (for make_algorithm)."""
+        from hil.algorithms.options import OPTIONS
+
+        return {key: getattr(self, key) for key in OPTIONS if getattr(self, key) is not None}
 
 
 class TrainConfig(_Strict):
@@ -191,6 +237,15 @@ def parse_config(data: Any, path: str = "<config>") -> RunConfig:
         raise ConfigError(path, "data.image_size", f"{cfg.data.name} holds no images")
     if cfg.model.kind == "cnn":
         _check_cnn(cfg, path)
+    from hil.algorithms.options import OPTIONS
+
+    if (cfg.algorithm.columns_per_transfer or 1) != 1 and cfg.algorithm.transfer != "column":
+        raise ConfigError(path, "algorithm.columns_per_transfer",
+                          "applies to transfer: column only")
+    for key, names in OPTIONS.items():
+        if getattr(cfg.algorithm, key) is not None and cfg.algorithm.name not in names:
+            raise ConfigError(path, f"algorithm.{key}",
+                              f"applies to {', '.join(names)}, not {cfg.algorithm.name}")
     if cfg.data.name == "mnist":
         if not cfg.data.path:
             raise ConfigError(path, "data.path", "mnist needs the directory of the IDX files")

@@ -117,7 +117,9 @@ def make_analog(model: nn.Module, cfg: RunConfig, backend: Backend, program_init
             transfer_read=a.transfer_read, transfer_write=a.transfer_write,
             mvm_read=a.mvm_read, update=a.update,
             max_pulses=a.max_pulses, prefix=prefix,
-            seed=cfg.seed * 1000 + next(counter), **resumed)
+            seed=cfg.seed * 1000 + next(counter), **resumed, **a.options(),
+            **({"columns_per_transfer": a.columns_per_transfer}
+               if a.columns_per_transfer else {}))
 
     convert_to_analog(model, backend, factory, io=a.io, program_init=program_init)
 

@@ -148,14 +148,24 @@ class AnalogAlgorithm(ABC):
         With ``cols``, ``delta`` holds those columns only (the others get no pulse).
         With ``max_pulses`` the desired counts are clipped to +-max_pulses first and the
         clipped part is added to ``clipped_pulses``."""
-        n = self.count_map(tile, delta)
+        return self.pulse_want(tile, delta / tile.dw_min, cols)
+
+    def pulse_want(self, tile: Tile, want: torch.Tensor, cols: slice | None = None
+                   ) -> torch.Tensor:
+        """Apply desired pulse counts (real numbers) as stochastically rounded counts, after
+        the ``max_pulses`` clip; return the counts (see ``pulse_delta``)."""
+        n = self.round_want(tile, want)
         self.pulse_counts(tile, n, cols)
         return n
 
     def count_map(self, tile: Tile, delta: torch.Tensor) -> torch.Tensor:
         """The stochastically rounded pulse counts of a desired change (clipped to
         ``max_pulses``, see :meth:`pulse_delta`); nothing is sent."""
-        want = delta / tile.dw_min
+        return self.round_want(tile, delta / tile.dw_min)
+
+    def round_want(self, tile: Tile, want: torch.Tensor) -> torch.Tensor:
+        """Desired pulse counts (real numbers) clipped to ``max_pulses`` (the clipped part
+        counted in ``clipped_pulses``) and stochastically rounded; nothing is sent."""
         if self.max_pulses is not None:
             check_finite(want, "desired change", tile=tile.name, op="step")
             excess = float((want.abs() - self.max_pulses).clamp_min(0).sum())

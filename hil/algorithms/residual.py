@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil.algorithms.base import AnalogAlgorithm, TransferSchedule, UpdateMode, _whole
+from hil.algorithms.base import AnalogAlgorithm, TransferSchedule, UpdateMode
 from hil.backend import Backend, Tile, check_finite, claim_tile
 from hil.program import program
 
@@ -30,7 +30,8 @@ class _TwoTile(AnalogAlgorithm):
 
     Transfer schedule: every ``transfer_every`` steps either the full array
     (``transfer='full'``) or one column, cycling through the columns
-    (``transfer='column'``, Tiki-Taka's usual schedule).
+    (``transfer='column'``, Tiki-Taka's usual schedule), or ``columns_per_transfer``
+    columns one after the other (aihwkit's transfer of one column per sample of a batch).
 
     Zero-shifting (``zero_shift=True``): P is driven to its own symmetric point by
     alternating up/down pulses, a reference tile ``{prefix}.P_ref`` is write-verified
@@ -64,6 +65,7 @@ class _TwoTile(AnalogAlgorithm):
         max_pulses: int | None = None,
         transfer_every: int = 1,
         transfer: TransferSchedule = "full",
+        columns_per_transfer: int = 1,
         zero_shift: bool = False,
         zero_shift_cycles: int = 1000,
         transfer_read: str = "exact",
@@ -81,6 +83,12 @@ class _TwoTile(AnalogAlgorithm):
             raise ValueError(f"transfer must be 'full' or 'column', got {transfer!r}")
         if int(transfer_every) < 1:
             raise ValueError("transfer_every must be >= 1")
+        if isinstance(columns_per_transfer, bool) or \
+                int(columns_per_transfer) != columns_per_transfer or columns_per_transfer < 1:
+            raise ValueError(f"columns_per_transfer must be an integer >= 1, "
+                             f"got {columns_per_transfer!r}")
+        if columns_per_transfer != 1 and transfer != "column":
+            raise ValueError("columns_per_transfer applies to transfer='column'")
         check_finite(float(transfer_lr), "transfer rate transfer_lr", op="algorithm")
         check_finite(float(gamma), "mixing gamma", op="algorithm")
         super().__init__(backend, shape, lr, prefix=prefix, seed=seed, update=update,
@@ -89,6 +97,7 @@ class _TwoTile(AnalogAlgorithm):
         self.gamma = float(gamma)
         self.transfer_every = int(transfer_every)
         self.transfer = transfer
+        self.columns_per_transfer = int(columns_per_transfer)
         self.transfer_read = transfer_read
         self.mvm_read = mvm_read
         self.column = 0  # next column of the 'column' schedule
@@ -149,7 +158,8 @@ class _TwoTile(AnalogAlgorithm):
             return
         self.gradient_update(self.tiles["P"], lr, grad, x, d)
         if transfer:
-            self._transfer(self._columns())
+            for _ in range(self.columns_per_transfer if self.transfer == "column" else 1):
+                self._transfer(self._columns())
 
     def _fused(self, x: torch.Tensor | None, d: torch.Tensor | None) -> bool:
         """Whether this step's gradient pulses on P and the transfer's read of P can be one
@@ -224,12 +234,37 @@ class TikiTaka(ResidualLearning):
 
 class _Buffered(_TwoTile):
     """A digital buffer H between P and W with the threshold transfer of PAPER.md:
-    where |H| >= dw_min, one pulse of sign(H) on W and H gives back sign(H) dw_min."""
+    where |H| >= dw_min, one pulse of sign(H) on W and H gives back sign(H) dw_min.
+
+    The threshold transfer has aihwkit's knobs (its BufferedTransferCompound and the
+    chopped compounds; docs/aihwkit.md): the threshold is ``buffer_granularity`` x W's
+    dw_min; where it is crossed, n = trunc(H / threshold) pulses, at most ``max_steps``
+    a device, go to W; then H gives back (1 - momentum) n threshold (``forget_buffer``
+    False), or H is reset to momentum x H (``forget_buffer`` True); ``buffer_cap`` (> 0,
+    with ``forget_buffer`` False) bounds |H| to buffer_cap x max_steps thresholds.
+    The defaults are the paper's transfer (one pulse, H gives back what it sent)."""
 
     decay: bool = True
+    forget_default: bool = False  # the variant's default of ``forget_buffer``
 
-    def __init__(self, *args: Any, **kw: Any):
+    def __init__(self, *args: Any, buffer_granularity: float = 1.0, max_steps: int = 1,
+                 forget_buffer: bool | None = None, momentum: float = 0.0,
+                 buffer_cap: float = 0.0, **kw: Any):
+        check_finite(float(buffer_granularity), "buffer_granularity", op="algorithm")
+        if not float(buffer_granularity) > 0:
+            raise ValueError(f"buffer_granularity must be > 0, got {buffer_granularity!r}")
+        if isinstance(max_steps, bool) or int(max_steps) != max_steps or max_steps < 1:
+            raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum!r}")
+        if not 0.0 <= float(buffer_cap) < float("inf"):
+            raise ValueError(f"buffer_cap must be >= 0 (0: no cap), got {buffer_cap!r}")
         super().__init__(*args, **kw)
+        self.buffer_granularity = float(buffer_granularity)
+        self.max_steps = int(max_steps)
+        self.forget_buffer = self.forget_default if forget_buffer is None else bool(forget_buffer)
+        self.momentum = float(momentum)
+        self.buffer_cap = float(buffer_cap)
         # H^T [cols, rows]: a column transfer reads and writes one contiguous row of it
         self._h_t = torch.zeros(self.shape[::-1], dtype=torch.float32)
 
@@ -238,22 +273,43 @@ class _Buffered(_TwoTile):
         """The buffer H [rows, cols] (a view of the stored transpose)."""
         return self._h_t.t()
 
+    def _buffer(self, cols: slice) -> np.ndarray:
+        """The columns ``cols`` of H as a writable numpy view of H^T ([cols, rows])."""
+        return self._h_t.numpy()[cols]
+
     def _transfer(self, cols: slice, p: torch.Tensor | None = None) -> None:
         # numpy views of the float32 CPU tensors: the same float32 arithmetic as torch's
         # at a fraction of the per-op cost on one column
         p = (self.transfer_p(cols) if p is None else p).numpy().T
         b = self.transfer_lr
-        h = self._h_t.numpy()[cols]  # a view: updated in place below
-        h_new = (1 - b) * h + b * p if self.decay else h + b * p
-        dw = self.tiles["W"].dw_min
-        n = np.where(np.abs(h_new) >= dw, np.sign(h_new), np.float32(0.0))
-        h[...] = h_new - n * dw
-        if n.any():  # single pulses: within any backend's per-command limit
+        h = self._buffer(cols)
+        self._threshold(h, (1 - b) * h + b * p if self.decay else h + b * p, cols)
+
+    def _threshold(self, h: np.ndarray, h_new: np.ndarray, cols: slice,
+                   write: bool = True) -> None:
+        """The threshold transfer: H's columns ``cols`` (the view ``h``, [cols, rows]) take
+        ``h_new`` less what fires; what fires goes to W as pulses (unless ``write`` is
+        False: then H still gives it back, as aihwkit's AGAD does before its first
+        chopper periods are complete)."""
+        thr = self.buffer_granularity * self.tiles["W"].dw_min
+        fire = np.abs(h_new) >= thr
+        if self.max_steps == 1:
+            n = np.where(fire, np.sign(h_new), np.float32(0.0))
+        else:
+            n = np.where(fire, np.clip(np.trunc(h_new / thr), -self.max_steps,
+                                       self.max_steps), np.float32(0.0)).astype(np.float32)
+        if self.forget_buffer:
+            h[...] = np.where(fire, h_new * np.float32(self.momentum), h_new)
+        else:
+            left = h_new - n * thr if self.momentum == 0.0 else \
+                h_new - (1.0 - self.momentum) * n * thr
+            if self.buffer_cap:
+                cap = self.buffer_cap * self.max_steps * thr
+                left = np.clip(left, -cap, cap)
+            h[...] = left
+        if write and n.any():  # at most max_steps pulses a device
             counts = torch.from_numpy(np.ascontiguousarray(n.T, dtype=np.int32))
-            if _whole(cols):
-                self.tiles["W"].pulse(counts)
-            else:
-                self.tiles["W"].pulse_columns(counts, cols)
+            self.pulse_counts(self.tiles["W"], counts, cols)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "H": self.H.clone(memory_format=torch.contiguous_format)}
