@@ -24,6 +24,7 @@ from hil.algorithms import (
     TTv2,
     make_algorithm,
 )
+from hil.algorithms.residual import _TwoTile
 from hil.cli import main
 from hil.config import load_config
 from hil.errors import NonFiniteError
@@ -457,3 +458,21 @@ def test_a_run_configured_before_these_options_still_resumes():
     for key in ("buffer_granularity", "in_chop_prob", "granularity", "columns_per_transfer"):
         del old["algorithm"][key]
     assert config_changes(old, cfg.model_dump()) == []
+
+
+@pytest.mark.parametrize("name", ["chopped_ttv2", "agad"])
+def test_full_transfer_fused_with_pulse_read_matches_pulse_then_read(name, monkeypatch):
+    """A full exact transfer fuses P's gradient pulses and its read (Tile.pulse_read); the
+    chopped transfers take that read and end bit for bit where pulse-then-read ends."""
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        b = open_backend("sim://?seed=3&model=power&asym=0.3&c2c=0.1")
+        a = make_algorithm(name, b, (4, 6), lr=0.1, transfer="full", transfer_lr=0.5,
+                           in_chop_prob=0.3, seed=5)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(12):
+            a.step(torch.randn(4, 6, generator=g))
+        return a.weight(), a.H.clone()
+
+    fused = run()
+    monkeypatch.setattr(_TwoTile, "_fused", lambda self, x, d: False)
+    assert all(torch.equal(u, v) for u, v in zip(fused, run(), strict=True))
