@@ -6,9 +6,10 @@ Traces: soft-bounds (``linear``) and power-law (gamma 2) devices from the emulat
 (``calibration.synthetic``: d2d 0.3, c2c 0.1, dw_min 0.02 on bounds near -1 / +1, one read
 per pulse, cycles x (pulses up, pulses down)). Ours fits every device at once (one call
 for all of them); aihwkit fits one device per call, so it runs on the first ``--subset``
-devices of each family. Prints, per family and fitter, the median relative error of
-dw_min, tau_min, tau_max, gamma (power) and the asymmetry (absolute error), the
-symmetric point's error relative to the device's range, and the time per device.
+devices of each family (``--subset 16,12``: 16 soft-bounds, 12 power-law). Prints, per
+family and fitter, the median relative error of dw_min, tau_min, tau_max, gamma (power)
+and the asymmetry (absolute error), the symmetric point's error relative to the device's
+range, and the time per device.
 
     .peers/venv/bin/python benchmarks/aihwkit_fitting.py [--devices 256] [--subset 16]
         [--cache aihwkit_fits.json]
@@ -116,11 +117,14 @@ def _save(path: str | None, cache: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=256, help="devices per family")
-    ap.add_argument("--subset", type=int, default=16, help="devices per family for aihwkit")
+    ap.add_argument("--subset", default="16",
+                    help="devices per family for aihwkit: N, or N_SOFT,N_POWER")
     ap.add_argument("--pulses", type=int, default=400)
     ap.add_argument("--cycles", type=int, default=2)
     ap.add_argument("--cache", help="JSON file of aihwkit's fits, reused by later runs")
     args = ap.parse_args()
+    subsets = [int(v) for v in args.subset.split(",")]
+    subsets = subsets * 2 if len(subsets) == 1 else subsets
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     for k, family in enumerate(("linear", "power")):
@@ -131,7 +135,7 @@ def main() -> None:
         ours_t = (time.perf_counter() - t0) / args.devices
         ours = {"dw_min": res.dw_min, "tau_min": res.tau_min, "tau_max": res.tau_max,
                 "gamma": res.gamma, "asym": res.asym}
-        sub = np.arange(min(args.subset, args.devices))
+        sub = np.arange(min(subsets[k], args.devices))
         cache = _load(args.cache)
         fits, times = [], []
         for i in sub:
