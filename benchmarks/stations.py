@@ -28,20 +28,30 @@ from drivers.station.profile import station_profile  # noqa: E402
 from drivers.station.url import connect, dialect_class  # noqa: E402
 
 
-def _profile(name: str, rows: int, cols: int, cards: int):
+def _profile(name: str, rows: int, cols: int, cards: int, expansion: tuple[int, ...] = ()):
+    """The shipped profile with one rows x cols array on outputs 1.., its matrix with
+    ``cards`` cards and expansion frames of ``expansion`` cards each."""
     raw = yaml.safe_load(profile_path(name).read_text())
     raw["arrays"] = [{"rows": rows, "cols": cols, "row_lines": f"1-{rows}",
                       "col_lines": f"{rows + 1}-{rows + cols}"}]
     raw["matrix"]["cards"] = cards
+    node = raw["matrix"].get("tsplink_node")  # frames on TSP-Link: the next node numbers
+    raw["matrix"]["expansion"] = [{"resource": f"GPIB0::{30 + k}::INSTR",
+                                   "idn_contains": raw["matrix"]["idn_contains"], "cards": n,
+                                   **({"tsplink_node": node + 1 + k} if node else {})}
+                                  for k, n in enumerate(expansion)]
     raw["limits"]["allowed_rows"] = [0, rows - 1]
     raw["limits"]["allowed_cols"] = [0, cols - 1]
     return station_profile(raw, name)
 
 
-# (family, profile, array rows, cols, matrix cards): a B2200A holds 4 cards (48 outputs),
-# so its row uses a 24x24 array; the 707B's 6 slots (72 outputs) take the 32x32 array.
-FAMILIES = [("Keysight B2900 + B2200A", "keysight-b2900-b2200", 24, 24, 4),
-            ("Keithley 2600B + 707B", "keithley-2600b-707b", 32, 32, 6)]
+# (family, profile, array rows, cols, matrix cards, expansion frames' cards for a 32x32
+# RLv2 layer): a B2200A holds 4 cards (48 outputs), so its characterization row uses a 24x24
+# array; the 707B's 6 slots (72 outputs) take the 32x32 array. A 32x32 layer's W and P side
+# by side need 32 + 64 = 96 lines: two B2200A frames of 4 cards, or a 707B and a second 707B
+# with 2 cards.
+FAMILIES = [("Keysight B2900 + B2200A", "keysight-b2900-b2200", 24, 24, 4, (4,)),
+            ("Keithley 2600B + 707B", "keithley-2600b-707b", 32, 32, 6, (2,))]
 
 
 def naive(cls):
@@ -50,11 +60,13 @@ def naive(cls):
 
     class Naive(cls):
         def _route(self, route, where):
+            held = sorted({frame for frame, _, _ in self.relays(self.routed)}) or [0]
             self.routed = None
-            if self.profile.dialect == "keysight":
-                self._message(self.matrix, ":ROUT:OPEN:CARD ALL", "open")
-            else:
-                self._message(self.matrix, 'channel.open("allslots")', "open")
+            for frame in held:  # every frame that holds a closed relay
+                if self.profile.dialect == "keysight":
+                    self._message(self.frames[frame], ":ROUT:OPEN:CARD ALL", "open")
+                else:
+                    self._message(self.frames[frame], 'channel.open("allslots")', "open")
             super()._route(route, where)
 
         def _pulses(self, route, count, at):
@@ -95,7 +107,7 @@ def run(profile, driver: str, proto: SweepProtocol, tmp: str) -> dict[str, float
             characterize(be, w, {"cal": (rows, cols)}, proto)
         seconds = be.chip.clock.seconds - start
         messages = be.dialect.messages
-        relays = station.matrix.relay_operations
+        relays = station.relay_operations
         device_pulses = be.chip.device_pulses
     finally:
         be.close()
@@ -117,14 +129,14 @@ def run_rlv2(profile, driver: str, shape: tuple[int, int]) -> dict[str, float]:
         alg = ResidualLearningV2(be, shape, lr=0.1, transfer_lr=0.3, prefix="fc")
         grad = 0.03 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
         start, msgs, relays = be.chip.clock.seconds, be.dialect.messages, \
-            be.chip.station.matrix.relay_operations
+            be.chip.station.relay_operations
         pulses = be.chip.device_pulses
         with be.step():
             alg.weight()  # the forward pass reads W (digital MVM from read-out weights)
             alg.step(grad)
         return {"seconds": be.chip.clock.seconds - start,
                 "messages": be.dialect.messages - msgs,
-                "relays": be.chip.station.matrix.relay_operations - relays,
+                "relays": be.chip.station.relay_operations - relays,
                 "device_pulses": be.chip.device_pulses - pulses}
     finally:
         be.close()
@@ -145,7 +157,7 @@ def main() -> None:
     print(f"{'station':28s} {'array':>6s} {'driver':>8s} {'seconds':>10s} "
           f"{'msgs/dev-pulse':>15s} {'relay ops/dev-pulse':>20s}")
     with tempfile.TemporaryDirectory() as tmp:
-        for family, name, rows, cols, cards in FAMILIES:
+        for family, name, rows, cols, cards, _ in FAMILIES:
             profile = _profile(name, rows, cols, cards)
             got = {d: run(copy.deepcopy(profile), d, proto, tmp) for d in ("ordered", "naive")}
             for driver, r in got.items():
@@ -161,18 +173,21 @@ def main() -> None:
                 be.close()
             print(f"{'':28s} full `hil characterize` (defaults) estimate, ordered: "
                   f"{est / 3600:.2f} h")
-        print("\none RLv2 step on a 16x16 layer (W and P side by side: 16 row + 32 column "
-              "lines; a 32x32 layer's 96 lines exceed one B2200A (48) or 707B (72))")
-        for family, name, _, _, cards in FAMILIES:
-            profile = _profile(name, 16, 32, cards)
-            got = {d: run_rlv2(copy.deepcopy(profile), d, (16, 16)) for d in ("ordered", "naive")}
-            for driver, r in got.items():
-                dp = max(1, r["device_pulses"])
-                print(f"{family:28s} {'16x16':>6s} {driver:>8s} {r['seconds']:10.2f} "
-                      f"{r['messages'] / dp:15.2f} {r['relays'] / dp:20.2f}")
-            ratio = got["naive"]["seconds"] / got["ordered"]["seconds"]
-            print(f"{'':28s} naive / ordered instrument time: {ratio:.1f}x "
-                  f"({got['ordered']['device_pulses']} device-pulses)")
+        print("\none RLv2 step on a layer (W and P side by side: n row + 2n column lines; "
+              "16x16 on one matrix frame, 32x32 on two)")
+        for family, name, _, _, cards, expansion in FAMILIES:
+            for n, frames in ((16, ()), (32, expansion)):
+                profile = _profile(name, n, 2 * n, cards, frames)
+                got = {d: run_rlv2(copy.deepcopy(profile), d, (n, n))
+                       for d in ("ordered", "naive")}
+                for driver, r in got.items():
+                    dp = max(1, r["device_pulses"])
+                    print(f"{family:28s} {f'{n}x{n}':>6s} {driver:>8s} {r['seconds']:10.2f} "
+                          f"{r['messages'] / dp:15.2f} {r['relays'] / dp:20.2f}")
+                ratio = got["naive"]["seconds"] / got["ordered"]["seconds"]
+                print(f"{'':28s} naive / ordered instrument time: {ratio:.1f}x "
+                      f"({got['ordered']['device_pulses']} device-pulses, "
+                      f"{1 + len(frames)} matrix frame{'s' if frames else ''})")
     if not args.smu_only:
         sys.path.insert(0, str(Path(__file__).parent))
         import station_arc2  # benchmarks/station_arc2.py: the ArC TWO family's rows

@@ -3,7 +3,8 @@
 Every device's binned mean step is fitted by weighted least squares (Levenberg-Marquardt,
 all devices at once in torch) for the linear, power and exponential families; the
 tabulated family is the binned means themselves. An information criterion (BIC by
-default) on the chi-square of the bin means picks a family per device.
+default) on the chi-square of the bin means picks a family per device, in Occam's window:
+the family with the fewest parameters among those within a margin of the best.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ FAMILIES: tuple[str, ...] = ("linear", "power", "exp", "tabulated")
 N_PARAMS = {"linear": 4, "power": 5, "exp": 5}
 GAMMA_LIMITS = {"power": (0.05, 20.0), "exp": (-20.0, 20.0)}
 STEP_CHUNK = 2048  # devices per batch of the unbinned final fit
+OCCAM_MARGIN = 6.0  # criterion difference that counts as strong evidence for a richer family
 
 
 def _shape(family: str, u: Tensor, g: Tensor) -> Tensor:
@@ -284,12 +286,14 @@ def _refine_on_steps(family: str, p: Tensor, states: Tensor, d: Tensor, c2: Tens
 
 
 def _step_pass(fits: dict[str, Tensor], chi2: dict[str, Tensor], choice: Tensor,
-               has_steps: Tensor, st: StepBins, states: Tensor, d: Tensor,
+               par_choice: Tensor, has_steps: Tensor, st: StepBins, states: Tensor, d: Tensor,
                iters: int) -> tuple[Tensor, Tensor]:
     """The selected family's parameters, and c2c and read noise, from the unbinned steps.
 
     Per device (where the states are the reads themselves, see :func:`_refine_on_steps`)
-    the selected parametric family is refined on the steps (updating ``fits`` in place).
+    the selected parametric family, and the one whose parameters are reported
+    (``par_choice``) where they differ, are refined on the steps (updating ``fits`` in
+    place).
     The noise comes from the residuals of the parametric family that fits the bins best
     (least chi-square, no penalty): the families are nested (linear is power at gamma 1
     and exp at gamma 0), so the most flexible family that fits leaves the noise alone, at
@@ -306,7 +310,7 @@ def _step_pass(fits: dict[str, Tensor], chi2: dict[str, Tensor], choice: Tensor,
     for j, fam in enumerate(FAMILIES[:3]):
         if fam not in fits:
             continue
-        own, noise = (choice == j) & direct, (best == j) & direct
+        own, noise = ((choice == j) | (par_choice == j)) & direct, (best == j) & direct
         for idx in (own | noise).nonzero().squeeze(1).split(STEP_CHUNK):
             p_r, c2_r, s2_r = _refine_on_steps(fam, fits[fam][idx], states[:, idx], d,
                                                c2c_var[idx], read_var[idx], iters)
@@ -315,6 +319,60 @@ def _step_pass(fits: dict[str, Tensor], chi2: dict[str, Tensor], choice: Tensor,
             c2c_var[idx] = torch.where(n, c2_r, c2c_var[idx])
             read_var[idx] = torch.where(n, s2_r, read_var[idx])
     return c2c_var, read_var
+
+
+def _occam(ic: Tensor, k: Tensor, margin: float) -> Tensor:
+    """Index of the chosen family per device: the one with the fewest parameters among
+    those whose criterion is within ``margin`` of the best (lowest criterion among ties).
+
+    The families are nested (power at gamma 1 and exp at gamma 0 are linear; the table
+    holds every bin mean), so a bare minimum of the criterion picks the richer family on
+    noise alone whenever the data cannot tell them apart. Occam's window (Madigan and
+    Raftery 1994) asks for strong evidence before leaving a simpler family: a difference
+    of 6 in BIC is posterior odds of e^3, about 20 : 1 ("strong" on Kass and Raftery's scale).
+    """
+    ok = torch.isfinite(ic)
+    best = ic.amin(1, keepdim=True)
+    window = ok & (ic <= best + margin)
+    k_min = torch.where(window, k, torch.full_like(k, float("inf"))).amin(1, keepdim=True)
+    cand = window & (k == k_min)
+    return torch.where(cand, ic, torch.full_like(ic, float("inf"))).argmin(1)
+
+
+POWER_LINES = (0.3, 0.5, 2.0, 3.0)  # gammas whose linearized steps give starting bounds
+
+
+def _power_bounds(bins: StepBins, wt: Tensor, gamma: float) -> Tensor:
+    """Start whose bounds are where lines through |y|^(1/gamma) reach zero.
+
+    For a power-law device the step's 1/gamma-th power falls linearly to zero at the
+    bound it approaches; the linear family's zero crossings (gamma 1) land far from the
+    bounds of a strongly curved device (a gamma-0.3 step barely changes until just
+    before the bound), a start from which the fit does not recover. Weights follow the
+    transform (delta method), with the step floored at a twentieth of a typical step.
+    """
+    typical = (bins.y.abs() * bins.n).sum((1, 2)) / bins.n.sum((1, 2)).clamp_min(1)
+    mag = torch.maximum(bins.y.abs(), 0.05 * typical.view(-1, 1, 1))
+    z = bins.y.sign() * bins.y.abs().pow(1 / gamma)
+    wz = wt * gamma / mag.pow(1 / gamma - 1)
+    return _initial(StepBins(x=bins.x, y=z, n=bins.n, var=bins.var, n_steps=bins.n_steps,
+                             read_noise=bins.read_noise, c2c=bins.c2c), wz)
+
+
+def _start(family: str, p_lin: Tensor, bins: StepBins, wt: Tensor) -> Tensor:
+    """Best start of a curved family: the gamma grid of :func:`_gamma_start` from the linear
+    fit's bounds and, for power, from the bounds of :func:`_power_bounds` (lowest cost)."""
+    best = _gamma_start(family, p_lin, bins, wt)
+    if family != "power":
+        return best
+    best_c = _cost(family, best, bins, wt)
+    for g in POWER_LINES:
+        p = _gamma_start(family, _power_bounds(bins, wt, g), bins, wt)
+        c = _cost(family, p, bins, wt)
+        better = c < best_c
+        best = torch.where(better.unsqueeze(1), p, best)
+        best_c = torch.where(better, c, best_c)
+    return best
 
 
 @dataclass
@@ -450,26 +508,30 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def fit_traces(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *,
                criterion: str = "bic", bins: int = 24, window: int = 8, iters: int = 40,
                families: tuple[str, ...] = FAMILIES, grid_size: int = 32,
-               threads: int | None = None) -> FitResult:
+               margin: float = OCCAM_MARGIN, threads: int | None = None) -> FitResult:
     """Fit response families to the traces of every device at once and pick one per device.
 
     states [n_steps + 1, n_devices] (the read before the first pulse and after each
     pulse, any unit; NaN breaks a sequence), directions [n_steps] (+1 potentiation,
     -1 depression; +-n for n pulses between reads). Invariant to the states' unit and offset.
+    ``margin``: Occam's window, how much lower a richer family's criterion must be to be
+    chosen over a simpler one (0: the bare minimum).
     ``threads``: torch threads for the fit (default: 1 below 16384 devices, where the
     many small batched operations gain nothing from more).
     """
     n_dev = int(np.shape(states)[1]) if len(np.shape(states)) == 2 else 1
     with torch_threads(threads if threads is not None else (1 if n_dev < 16384 else None)):
         return _fit(states, directions, criterion=criterion, bins=bins, window=window,
-                    iters=iters, families=families, grid_size=grid_size)
+                    iters=iters, families=families, grid_size=grid_size, margin=margin)
 
 
 def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criterion: str,
          bins: int, window: int, iters: int, families: tuple[str, ...],
-         grid_size: int) -> FitResult:
+         grid_size: int, margin: float) -> FitResult:
     if criterion not in ("bic", "aic"):
         raise ValueError("criterion must be 'bic' or 'aic'")
+    if not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
     unknown = set(families) - set(FAMILIES)
     if unknown or not {"linear", "power", "exp"} & set(families):
         raise ValueError(f"families must include a parametric one from {FAMILIES}")
@@ -511,8 +573,7 @@ def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criter
     for fam in ("linear", "power", "exp"):
         if fam not in families:
             continue
-        p0 = p_lin0 if fam == "linear" else _gamma_start(fam, fits.get("linear", p_lin0),
-                                                         st, wt)
+        p0 = p_lin0 if fam == "linear" else _start(fam, fits.get("linear", p_lin0), st, wt)
         p = _levenberg_marquardt(fam, p0, st, wt, iters)
         fits[fam] = p
         chi2[fam] = _cost(fam, p, st, wt)
@@ -520,22 +581,24 @@ def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criter
     penalty = 2.0 if criterion == "aic" else None
     n_bins = (st.n > 0).sum((1, 2)).to(torch.float64)
     ic = torch.full((n_dev, len(FAMILIES)), float("inf"), dtype=torch.float64)
+    k_fam = torch.full_like(ic, float("inf"))
     for j, fam in enumerate(FAMILIES):
         if fam == "tabulated":
             if fam in families:
-                k = n_bins
-                ic[:, j] = k * (penalty if penalty else n_eff.log())
+                k_fam[:, j] = n_bins
+                ic[:, j] = n_bins * (penalty if penalty else n_eff.log())
             continue
         if fam in fits:
-            k = N_PARAMS[fam]
-            ic[:, j] = chi2[fam] + k * (penalty if penalty else n_eff.log())
+            k_fam[:, j] = N_PARAMS[fam]
+            ic[:, j] = chi2[fam] + N_PARAMS[fam] * (penalty if penalty else n_eff.log())
     ic = torch.nan_to_num(ic, nan=float("inf"))
-    choice = ic.argmin(1)
+    choice = _occam(ic, k_fam, margin)
     # best parametric family gives dw_min, bounds, gamma, asym (also for tabulated devices)
     par_ic = ic.clone()
     par_ic[:, FAMILIES.index("tabulated")] = float("inf")
     par_choice = par_ic.argmin(1)
-    c2c_var, read_var = _step_pass(fits, chi2, choice, has_steps, st, sn, d, iters)
+    c2c_var, read_var = _step_pass(fits, chi2, choice, par_choice, has_steps, st, sn, d,
+                                    iters)
 
     def to_units(fam: str) -> dict[str, Tensor]:
         p = fits[fam]

@@ -243,19 +243,40 @@ def _chunk(s: Tensor, d: Tensor, bins: int, window: int) -> tuple[Tensor, ...]:
     fill = torch.where(cnt3 > 0, y13, dir_mean.unsqueeze(2)).reshape(-1)
     base = (binner.dev * 2) * bins + binner.bin
     x_c = x_b + lag[0] * fill[base] + lag[1] * fill[base + bins]
-    sx = binner.add(x_c)
     # noise from lines through the lag-corrected states (the binning stays on x_b)
     _, r1 = _noise(x_c, y, ok, npulse, binner)
     f_trend, g_trend, _ = _trend(x_c, y, ok, direction)
     c2c_var, read_var = _c2c_var(y, ok, d, npulse, f_trend, g_trend, r1, ~use_lag)
+    # The cells the fit sees leave out the held steps: those that push a device from its
+    # highest read further up or from its lowest further down. They measure the bound,
+    # not q: a device that reaches a hard bound (power gamma < 1 does in a finite number
+    # of pulses; the step overshoots and is clipped) sits there, and its hundreds of zero
+    # steps from the bound state, binned with the steep approach, make a bin mean no
+    # q(x) can match. With read noise one such step per extreme is left out. A device with
+    # nothing else (one that jumps between its bounds in a pulse) keeps them.
+    top = torch.where(valid, s, -torch.inf).amax(0)
+    bottom = torch.where(valid, s, torch.inf).amin(0)
+    held = ((dk > 0) & (sf[:-1] >= top)) | ((dk < 0) & (sf[:-1] <= bottom))
+    fit_ok, cells = ok, binner
+    if bool((held & ok).any()):
+        fit_ok = ok & ~held
+        cells = _Binner(x_b, fit_ok, direction, bins)
+        filled = (cells.add(torch.ones_like(y)).view(n_dev, 2, bins) > 0).sum(2)
+        bare = (filled < 2).any(1)
+        if bool(bare.any()):
+            fit_ok = torch.where(bare, ok, fit_ok)
+            cells = _Binner(x_b, fit_ok, direction, bins)
+    cnt = cells.add(torch.ones_like(y))
+    sx = cells.add(x_c)
     # contiguous runs of steps in one (direction, bin): read noise telescopes within a run
-    flat = binner.flat
-    prev_same = torch.zeros_like(ok)
-    prev_same[1:] = ok[:-1] & ok[1:] & (flat[:-1] == flat[1:])
-    runs = binner.add((~prev_same).to(s.dtype))
-    sy = binner.add(y)
-    sxx = _run_slopes(sf, d, ok, prev_same, flat, binner.size, use_lag, sy, cnt)
-    return (cnt, sx, sy, runs, ok.sum(0).to(s.dtype), read_var, c2c_var, sxx, use_lag)
+    flat = cells.flat
+    prev_same = torch.zeros_like(fit_ok)
+    prev_same[1:] = fit_ok[:-1] & fit_ok[1:] & (flat[:-1] == flat[1:])
+    runs = cells.add((~prev_same).to(s.dtype))
+    sy = cells.add(y)
+    sxx = _run_slopes(sf, d, fit_ok, prev_same, flat, cells.size, use_lag, sy, cnt)
+    return (cnt, sx, sy, runs, fit_ok.sum(0).to(s.dtype), read_var, c2c_var, sxx,
+            use_lag)
 
 
 def _run_slopes(sf: Tensor, d: Tensor, ok: Tensor, prev_same: Tensor, flat: Tensor, size: int,

@@ -1,11 +1,12 @@
 """Training runs: model and backend from a RunConfig, the epoch loop, atomic checkpoints,
 ``--resume`` to the same final weights, the HDF5 run file and PNG curves.
 
-Used by ``hil train``, by ``hil sweep`` and by the demo (``demo_training``).
+Used by ``hil train``, by ``hil sweep`` and by ``hil demo`` (hil/cli/demo_training.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -172,7 +173,8 @@ def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str =
               console: Console | None = None, progress: bool = True,
               stop_after_steps: int | None = None, force: bool = False,
               reprogram: bool = False,
-              wrap_backend: Callable[[Backend], Backend] | None = None) -> RunResult:
+              wrap_backend: Callable[[Backend], Backend] | None = None,
+              bar: Progress | None = None) -> RunResult:
     """Train as ``cfg`` says; checkpoint atomically (also at step 0 and at an interrupted
     step's end); with ``resume`` continue from the checkpoint in ``out_dir``: a config
     that differs from the run's is refused unless ``force``; on a backend without
@@ -180,7 +182,9 @@ def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str =
     ``reprogram`` writes them back. ``stop_after_steps`` stops abruptly after that many
     global steps without a final checkpoint (what a kill leaves; used by tests).
     ``wrap_backend`` wraps the opened backend (``hil validate`` records each step's
-    pulses)."""
+    pulses). ``bar``: a started Progress of the caller's (several runs side by side) that
+    gets this run's task, named after the run, instead of a bar of its own; the per-epoch
+    lines and the figure (curves.png) are then the caller's."""
     console = console or Console()
     if backend_url is not None:
         cfg = parse_config({**cfg.model_dump(), "backend": backend_url}, config_path)
@@ -212,7 +216,7 @@ def train_run(cfg: RunConfig, out_dir: Path | None = None, *, config_path: str =
             backend = wrap_backend(backend)
     try:
         return _train(cfg, ds, out, backend, ckpt, console, progress, stop_after_steps,
-                      reprogram)
+                      reprogram, bar)
     finally:
         if backend is not None:
             backend.close()
@@ -274,7 +278,8 @@ def check_devices(model: nn.Module, saved: dict[str, torch.Tensor], out: Path,
 
 def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
            ckpt: dict[str, Any] | None, console: Console, progress: bool,
-           stop_after_steps: int | None, reprogram: bool = False) -> RunResult:
+           stop_after_steps: int | None, reprogram: bool = False,
+           outer_bar: Progress | None = None) -> RunResult:
     from hil import interrupts
     from hil.optim import AnalogOptimizer
 
@@ -318,14 +323,18 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
     t = cfg.train
     n = ds.x_train.shape[0]
     steps_per_epoch = (n + t.batch_size - 1) // t.batch_size
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-                   console=console, disable=not progress, transient=False)
+    bar = outer_bar or Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+        console=console, disable=not progress, transient=False)
+    name = f"{cfg.name} " if outer_bar is not None else ""
     completed = True
     boundary = True  # the devices, model and position agree (a checkpoint may be written)
     try:
-        with bar:
-            task = bar.add_task("train", total=steps_per_epoch, loss=float("nan"))
+        with bar if outer_bar is None else contextlib.nullcontext():
+            # one task over the whole run (steps), so its elapsed time is the run's
+            task = bar.add_task(f"{name}train", total=steps_per_epoch * t.epochs,
+                                loss=float("nan"))
             while pos["epoch"] < t.epochs:
                 epoch = pos["epoch"]
                 scale = t.lr_decay ** (epoch // t.decay_period)
@@ -335,8 +344,8 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
                     for g in opt.param_groups:
                         g["lr"] = a.lr * scale
                 order = _epoch_order(cfg.seed, epoch, n)
-                bar.update(task, description=f"epoch {epoch + 1}/{t.epochs}",
-                           completed=pos["batch"])
+                bar.update(task, description=f"{name}epoch {epoch + 1}/{t.epochs}",
+                           completed=epoch * steps_per_epoch + pos["batch"])
                 t0 = time.perf_counter()
                 while pos["batch"] < steps_per_epoch:
                     boundary = False
@@ -374,9 +383,11 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
                     pos.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
                     checkpoint()
                     boundary = True
-                acc = f", test accuracy {100 * test_acc:.2f}%" if test_acc is not None else ""
-                console.print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, "
-                              f"test loss {test_loss:.4f}{acc}", highlight=False)
+                if outer_bar is None:
+                    acc = f", test accuracy {100 * test_acc:.2f}%" if test_acc is not None \
+                        else ""
+                    console.print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, "
+                                  f"test loss {test_loss:.4f}{acc}", highlight=False)
     except KeyboardInterrupt:
         completed = False
         if boundary:  # stopped between steps: the checkpoint is exactly where it stopped
@@ -386,7 +397,7 @@ def _train(cfg: RunConfig, ds: Dataset, out: Path, backend: Backend | None,
         run.close()
         if completed:
             metrics = read_metrics(out / RUN_FILE)
-            if len(metrics.get("train_loss", [])):
+            if len(metrics.get("train_loss", [])) and outer_bar is None:
                 plot_curves(metrics, out / CURVES, f"{cfg.name}: {a.name}")
     return RunResult(out, True, pos["global_step"], read_metrics(out / RUN_FILE))
 
@@ -416,27 +427,3 @@ def estimate_train_seconds(cfg: RunConfig, backend: Backend) -> float | None:
     if per_step is None or ds is None:
         return None
     return per_step * t.epochs * ((ds.x_train.shape[0] + t.batch_size - 1) // t.batch_size)
-
-
-def demo_training(console: Console, out_dir: Path, backend_url: str) -> RunResult:
-    """A short run for ``hil demo``: digits (400 training samples, 2 epochs, 80 steps),
-    64-32-10 tanh FCN, RLv2 on any ``backend_url``, through the same code as ``hil train``;
-    prints a summary and writes ``out_dir/training/curves.png`` (and run.h5)."""
-    cfg = parse_config({
-        "name": "demo-digits-rlv2", "seed": 0, "backend": backend_url,
-        "model": {"hidden": [32], "activation": "tanh"},
-        "data": {"name": "digits", "limit_train": 400},
-        "algorithm": {"name": "rlv2", "lr": 0.2, "transfer_lr": 0.1, "gamma": 0.1},
-        "train": {"epochs": 2, "batch_size": 10},
-    }, "<demo>")
-    out = Path(out_dir) / "training"
-    if (out / RUN_FILE).exists() or (out / CHECKPOINT).exists():
-        for name in (RUN_FILE, CHECKPOINT, CURVES):
-            (out / name).unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    result = train_run(cfg, out, console=console, progress=True)
-    acc = result.final_accuracy
-    console.print(f"[bold]training demo[/bold]: RLv2 on {backend_url}, digits 64-32-10, "
-                  f"{result.global_step} steps in {time.perf_counter() - t0:.1f} s, "
-                  f"test accuracy {100 * (acc or 0):.1f}%; curves: {out / CURVES}")
-    return result

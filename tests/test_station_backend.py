@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from station_profiles import shipped, write_changed
 
 from calibration.calibfile import load_calibration, write_calibration
 from calibration.fit import torch_threads
@@ -33,17 +34,7 @@ NOISY = "sim://?model=power&gamma=2&dw_min=0.02&d2d=0.3&c2c=0.1&seed=5"  # as te
 
 def write_profile(tmp_path: Path, name: str, **changes) -> str:
     """A copy of a shipped profile with some fields changed (dotted keys)."""
-    raw = yaml.safe_load(profile_path(name).read_text())
-    raw["dw_min"] = 0.02
-    for key, value in changes.items():
-        node = raw
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    path = tmp_path / f"{name}-test.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
+    return write_changed(tmp_path, shipped(name), f"{name}-test", **changes)
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -71,7 +62,7 @@ def test_scripted_program_reaches_the_devices_bit_for_bit(name):
     got = torch.stack(reads + list(both))
     # the reads went through current = G V, I / V and the weight map: instrument digits
     torch.testing.assert_close(got, torch.stack(expect), rtol=0, atol=1e-6)
-    assert len(sent) > 100
+    assert len(sent) > 20  # (a TSP-Link station sends a batch of devices per message)
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -282,7 +273,7 @@ def test_interrupt_and_instrument_errors_leave_the_station_safe(name):
 
         def interrupted(line: str) -> None:
             seen.append(line)
-            if len(seen) == 5:
+            if len(seen) == 2:  # after switching the output on (on TSP-Link: in the batch)
                 raise KeyboardInterrupt  # Ctrl-C in the middle of a pulse
             write(line)
 

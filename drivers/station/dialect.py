@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from drivers.station.profile import StationProfile
@@ -49,8 +49,36 @@ class Connection(ABC):
         self.write(line)
         return self.read()
 
+    def identity(self) -> str:
+        """What the instrument says it is (its *IDN? reply)."""
+        return self.query("*IDN?")
+
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release the connection."""
+
+
+class NodeConnection(Connection):
+    """A TSP-Link node reached through the master's connection: every chunk runs on the
+    master with ``channel`` bound to ``node[N].channel`` (errors land in the master's error
+    queue, as TSP-Link reports a node's errors)."""
+
+    def __init__(self, master: Connection, node: int):
+        self.master, self.node = master, node
+        self.name = f"{master.name} node[{node}]"
+        self.sent: list[str] = []  # nothing goes out on this connection itself: see master's
+
+    def write(self, line: str) -> None:
+        bind = f"local channel = node[{self.node}].channel "
+        self.master.write("\n".join(bind + part for part in line.split("\n")))
+
+    def read(self) -> str:
+        return self.master.read()
+
+    def identity(self) -> str:
+        # pcall: a node that is not on the network answers "none" instead of an error
+        model = self.master.query(f"local ok, m = pcall(function() return node[{self.node}]"
+                                  ".model end) print(ok and m or 'none')")
+        return f"TSP-Link node {self.node}: Model {model}"
 
 
 class VisaConnection(Connection):
@@ -151,11 +179,14 @@ def current(text: str, where: str) -> float:
 class Dialect(ABC):
     """One station family's command language over two connections (SMU, matrix)."""
 
-    def __init__(self, profile: StationProfile, smu: Connection, matrix: Connection):
+    def __init__(self, profile: StationProfile, smu: Connection, matrix: Connection,
+                 expansion: Sequence[Connection] = ()):
         self.profile = profile
         self.smu = smu
-        self.matrix = matrix
+        self.matrix = matrix  # the first matrix frame
+        self.frames: list[Connection] = [matrix, *expansion]  # every frame, in output order
         self.timing: StationTiming = TIMINGS[profile.dialect]
+        self.cold = profile.matrix.switching == "cold"  # relays switch only at 0 V
         self.routed: Route | None = None  # what the matrix holds now (None: all open)
         self.armed = False  # SMU output on (after open(); off again after safe())
         self.messages = 0  # program messages sent (benchmarks)
@@ -168,8 +199,9 @@ class Dialect(ABC):
     def identify(self) -> None:
         """Both instruments answer *IDN? with what the profile expects (else BackendError)."""
         p = self.profile
-        for conn, inst in ((self.smu, p.smu), (self.matrix, p.matrix)):
-            idn = conn.query("*IDN?")
+        frames = [p.matrix, *p.matrix.expansion]
+        for conn, inst in ((self.smu, p.smu), *zip(self.frames, frames, strict=True)):
+            idn = conn.identity()
             if inst.idn_contains not in idn:
                 raise BackendError(f"{conn.name} identifies as {idn!r}, profile {p.name!r} "
                                    f"expects {inst.idn_contains!r}", op="identify")
@@ -177,6 +209,28 @@ class Dialect(ABC):
     @abstractmethod
     def open(self) -> None:
         """Identify both instruments, reset, configure them, check both error queues."""
+
+    def relays(self, route: Route | None) -> set[tuple[int, int, int]]:
+        """(frame, output on that frame, input) of every relay ``route`` closes."""
+        if route is None:
+            return set()
+        m, locate = self.profile.matrix, self.profile.locate
+        out = {(*locate(route.row), m.force_input), (*locate(route.col), m.ground_input)}
+        if m.sense_input:
+            out.add((*locate(route.row), m.sense_input))
+        return out
+
+    def frame_changes(self, route: Route) -> tuple[dict[int, list], dict[int, list]]:
+        """The relays to open and to close, per frame, to go from the present route to
+        ``route``: {frame: [(output, input), ...]} each, sorted."""
+        old, new = self.relays(self.routed), self.relays(route)
+        opening: dict[int, list] = {}
+        closing: dict[int, list] = {}
+        for frame, out, inp in sorted(old - new):
+            opening.setdefault(frame, []).append((out, inp))
+        for frame, out, inp in sorted(new - old):
+            closing.setdefault(frame, []).append((out, inp))
+        return opening, closing
 
     @abstractmethod
     def _route(self, route: Route, where: str) -> None:
@@ -233,14 +287,22 @@ class Dialect(ABC):
 
     def close(self) -> None:
         self.smu.close()
-        self.matrix.close()
+        for conn in self.frames:
+            conn.close()
 
     # -- the time model (the same timings the simulated instruments' clock uses) -----------
     def access_seconds(self, same_row: bool) -> float:
         """One route change: a column step (row kept) or a new row and column, break before
         make; plus the message that does it."""
         t = self.timing
-        return t.relay_open_s + t.relay_close_s + t.message_s
+        settle = (max(t.relay_open_s, t.relay_close_s) if self.cold
+                  else t.relay_open_s + t.relay_close_s)
+        return settle + (0.0 if self.routes_in_smu_chunk else t.message_s)
+
+    @property
+    def routes_in_smu_chunk(self) -> bool:
+        """Whether routes ride in the SMU's messages (no matrix message of their own)."""
+        return False
 
     def read_seconds(self) -> float:
         t = self.timing

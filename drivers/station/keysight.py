@@ -8,16 +8,14 @@ confirmed before a pulse, a pulse train before the next route."""
 from __future__ import annotations
 
 from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route, current
-from drivers.station.profile import MATRIX_GEOMETRY
 from hil.errors import BackendError, ProtocolError
 
-OUTPUTS = MATRIX_GEOMETRY["keysight"][1]
 
-
-def channel(card_output: int, inp: int) -> str:
-    """Matrix output (1-based, card-major) on input ``inp`` as a B2200A channel cIIOO."""
-    card, out = (card_output - 1) // OUTPUTS + 1, (card_output - 1) % OUTPUTS + 1
-    return f"{card}{inp:02d}{out:02d}"
+def channel(output: int, inp: int) -> str:
+    """Matrix output (1-based, card-major: card 2 output 1 is 13) on input ``inp`` as a
+    B2200A channel in auto configuration mode: card 0, outputs 01..48 across the cards
+    (B2200A User's Guide, [:ROUTe]:FUNCtion ACONfig; the QCoDeS B220x driver's 0IIOO)."""
+    return f"0{inp:02d}{output:02d}"
 
 
 def parse_error(text: str) -> tuple[int, str]:
@@ -52,8 +50,17 @@ class KeysightDialect(Dialect):
         self.identify()
         ch = self.ch = int(str(p.smu.channel).replace("a", "1").replace("b", "2"))
         self.state: dict[str, object] = {}
-        self._message(self.matrix, "*RST;*CLS;:ROUT:OPEN:CARD ALL;:ROUT:CONN:RULE ALL,FREE;"
-                                   ":ROUT:CONN:SEQ ALL,BBM", "configure matrix")
+        # auto configuration mode: the cards as one matrix (card 0, outputs 1..48), so the
+        # rules below hold across cards. cold: the single-route rule (one input per output:
+        # the matrix itself keeps one row on force and one column on ground) with no
+        # sequence, so a CLOSe that moves an input opens its old output and closes the new
+        # one together (B2200A User's Guide, [:ROUTe]:FUNCtion, [:ROUTe]:CONNection:RULE
+        # SROUte and :SEQuence NSEQ; E5250A User's Guide Ed. 9, Table 5-3)
+        rule, seq = ("SROU", "NSEQ") if self.cold else ("FREE", "BBM")
+        for conn in self.frames:
+            self._message(conn, f"*RST;*CLS;:ROUT:FUNC ACON;:ROUT:OPEN:CARD ALL;"
+                                f":ROUT:CONN:RULE ALL,{rule};:ROUT:CONN:SEQ ALL,{seq}",
+                          "configure matrix")
         self.routed = None
         rd = p.read
         self._message(self.smu, f"*RST;*CLS;:SOUR{ch}:FUNC:MODE VOLT;:SOUR{ch}:FUNC:SHAP DC;"
@@ -91,31 +98,37 @@ class KeysightDialect(Dialect):
         return parts[:-1]
 
     def _route(self, route: Route, where: str) -> None:
-        """Only this row on force and this column on ground (break before make)."""
-        m = self.profile.matrix
+        """Only this row on force and this column on ground: break before make, or cold
+        (see open()); on several frames, every frame's opens before any frame's closes."""
         if self.routed == route:
             return
-        new = [channel(route.row, m.force_input), channel(route.col, m.ground_input)]
-        if m.sense_input:
-            new.append(channel(route.row, m.sense_input))
-        if self.routed is None:
-            body = f":ROUT:CLOS (@{','.join(new)})"
+        opening, closing = self.frame_changes(route)
+        if self.cold:  # single route (auto config: over the whole frame): closing an
+            for frame, pairs in list(opening.items()):  # input's new output opens its old one
+                kept = [(out, inp) for out, inp in pairs
+                        if not any(inp == i for _, i in closing.get(frame, []))]
+                if kept:
+                    opening[frame] = kept
+                else:
+                    del opening[frame]
+        def command(verb: str, chans: list[tuple[int, int]]) -> str:
+            return f":ROUT:{verb} (@{','.join(channel(o, i) for o, i in chans)})"
+
+        bodies: list[tuple[int, str]] = []
+        frames = sorted(set(opening) | set(closing))
+        if len(frames) == 1:
+            frame = frames[0]
+            parts = [command(verb, chans) for verb, chans in
+                     (("OPEN", opening.get(frame)), ("CLOS", closing.get(frame))) if chans]
+            bodies.append((frame, ";".join(parts)))
         else:
-            old = self.routed
-            opening, closing = [], []
-            if old.row != route.row:
-                opening.append(channel(old.row, m.force_input))
-                closing.append(new[0])
-                if m.sense_input:
-                    opening.append(channel(old.row, m.sense_input))
-                    closing.append(new[2])
-            if old.col != route.col:
-                opening.append(channel(old.col, m.ground_input))
-                closing.append(new[1])
-            body = f":ROUT:OPEN (@{','.join(opening)});:ROUT:CLOS (@{','.join(closing)})"
+            for verb, changes in (("OPEN", opening), ("CLOS", closing)):
+                bodies += [(frame, command(verb, chans)) for frame, chans in
+                           sorted(changes.items())]
         self.routed = None  # unknown until confirmed
-        self.relay_commands += 1
-        self._message(self.matrix, body, where)
+        for frame, body in bodies:
+            self.relay_commands += 1
+            self._message(self.frames[frame], body, where)
         self.routed = route
 
     def _settings(self, want: dict[str, object]) -> list[str]:
@@ -169,6 +182,8 @@ class KeysightDialect(Dialect):
             if read:
                 commands += self._read()
                 kinds += ["current", "trip"]
+        if self.cold:  # back to 0 V before the matrix switches again
+            commands += self._settings({"volt": 0.0})
         replies = self._smu(commands, where)
         if len(replies) != len(kinds):
             raise ProtocolError(f"{len(replies)} replies to {len(kinds)} queries ({where})",
@@ -198,14 +213,15 @@ class KeysightDialect(Dialect):
                 errors.append("SMU output still on")
         except BackendError as exc:
             errors.append(f"SMU: {exc}")
-        try:
-            self.matrix.query(":ROUT:OPEN:CARD ALL;*OPC?")
-            self.routed = None
-            for card in range(1, self.profile.matrix.cards + 1):
-                closed = self.matrix.query(f":ROUT:CLOS:CARD? {card}").strip()
+        for k, conn in enumerate(self.frames):
+            try:
+                conn.query(":ROUT:OPEN:CARD ALL;*OPC?")
+                closed = conn.query(":ROUT:CLOS:CARD? 0").strip()  # auto config: all cards
                 if closed not in ("(@)", ""):
-                    errors.append(f"matrix card {card} still has {closed} closed")
-        except BackendError as exc:
-            errors.append(f"matrix: {exc}")
+                    errors.append(f"matrix frame {k + 1} still has {closed} closed")
+            except BackendError as exc:
+                errors.append(f"matrix frame {k + 1}: {exc}")
+        if not errors:
+            self.routed = None
         if errors:
             raise BackendError("station not confirmed safe: " + "; ".join(errors), op="safe")

@@ -38,14 +38,42 @@ class Smu(Instrument):
     channel: Literal["a", "b", 1, 2] = 1  # B2902: channel 1/2; 2602B: smua/smub
 
 
-class Matrix(Instrument):
-    """Which matrix inputs (1-based; Keithley rows A=1, B=2, ...) carry the SMU's force line,
-    the ground (GNDU or a grounded SMU) and optionally the SMU's sense line."""
+class MatrixFrame(Instrument):
+    """A further mainframe of the same matrix model (a second B2200A / E5250A on the bus, a
+    second 707B on the LAN): the SMU force, ground and sense lines are wired to the same input
+    numbers on every frame (a triax tee per line), and its outputs continue the numbering of
+    the frames before it (frame 2 output 1 follows the last output of frame 1)."""
 
     cards: int = Field(ge=1)
+    # Keithley: this 707B is node N of the 2600B's TSP-Link network (the SMU is node 1, the
+    # master): the driver reaches it through the SMU's scripts (node[N].channel...), so a whole
+    # batch of devices (routes, trains and reads) is one message the SMU runs by itself
+    # (2600B Reference Manual, "TSP-Link system expansion interface"; 707B Reference Manual
+    # 707B-901-01 Rev. B, Section 7: every channel function is "TSP-Link accessible: Yes").
+    # ``resource`` is then not opened.
+    tsplink_node: int | None = Field(default=None, ge=2, le=64)
+
+
+class Matrix(Instrument):
+    """Which matrix inputs (1-based; Keithley rows A=1, B=2, ...) carry the SMU's force line,
+    the ground (GNDU or a grounded SMU) and optionally the SMU's sense line; ``expansion``:
+    further mainframes when the chip has more lines than one frame has outputs."""
+
+    cards: int = Field(ge=1)
+    tsplink_node: int | None = Field(default=None, ge=2, le=64)  # as MatrixFrame's
+    expansion: list[MatrixFrame] = Field(default_factory=list, max_length=7)
     force_input: int = Field(ge=1)
     ground_input: int = Field(ge=1)
     sense_input: int | None = Field(default=None, ge=1)
+    # How a route change switches its relays. 'break-before-make': every old relay opens and
+    # settles before a new one closes (open + close settle times; safe for any wiring and any
+    # source level). 'cold': the old and the new relays switch together (the longer of the two
+    # settle times) and the driver only ever switches them with the SMU sourcing 0 V, so the
+    # moment both columns may touch nothing is biased ("cold switching"; 707B Reference
+    # Manual 707B-901-01 Rev. B, Section 7 channel.connectrule: channel.OFF takes the maximum
+    # of the open and close settle times; B2200A User's Guide, [:ROUTe]:CONNection:SEQuence
+    # NSEQ with the single-route rule SROUte).
+    switching: Literal["break-before-make", "cold"] = "break-before-make"
 
     @model_validator(mode="after")
     def _distinct(self) -> Matrix:
@@ -156,11 +184,33 @@ class StationProfile(_Strict):
         if self.matrix.cards > max_cards:
             raise ValueError(f"matrix.cards={self.matrix.cards}: a {self.dialect} matrix "
                              f"holds at most {max_cards}")
+        nodes = [self.matrix.tsplink_node] + [f.tsplink_node for f in self.matrix.expansion]
+        if any(nodes):
+            if self.dialect != "keithley":
+                raise ValueError("matrix.tsplink_node: TSP-Link joins Keithley instruments "
+                                 "(dialect keithley)")
+            if None in nodes or len(set(nodes)) != len(nodes):
+                raise ValueError(f"matrix.tsplink_node: every matrix frame needs its own "
+                                 f"TSP-Link node (got {nodes})")
+        resources = [self.matrix.resource]
+        for k, frame in enumerate(self.matrix.expansion):
+            if frame.cards > max_cards:
+                raise ValueError(f"matrix.expansion.{k}.cards={frame.cards}: a {self.dialect} "
+                                 f"matrix holds at most {max_cards}")
+            if frame.resource in resources:
+                raise ValueError(f"matrix.expansion.{k}.resource={frame.resource!r} is "
+                                 "already a frame of this matrix")
+            resources.append(frame.resource)
+        if (self.dialect == "keysight" and self.matrix.switching == "cold"
+                and self.matrix.sense_input is not None):
+            raise ValueError("matrix.switching=cold uses the B2200A's single-route rule, "
+                             "which allows one input per output: drop sense_input or use "
+                             "break-before-make")
         for name in ("force_input", "ground_input", "sense_input"):
             value = getattr(self.matrix, name)
             if value is not None and value > inputs:
                 raise ValueError(f"matrix.{name}={value}: the matrix has {inputs} inputs")
-        outputs = per_card * self.matrix.cards
+        outputs = per_card * sum(self.frame_cards)
         seen: set[int] = set()
         for k, a in enumerate(self.arrays):
             for line in (*a.row_lines, *a.col_lines):
@@ -177,6 +227,27 @@ class StationProfile(_Strict):
                 raise ValueError(f"tiles.{name}.array={p.array} but there are "
                                  f"{len(self.arrays)} arrays")
         return self
+
+    @property
+    def tsplink_nodes(self) -> list[int] | None:
+        """The TSP-Link node of each matrix frame, or None when the host talks to each."""
+        if self.matrix.tsplink_node is None:
+            return None
+        return [self.matrix.tsplink_node] + [f.tsplink_node for f in self.matrix.expansion]
+
+    @property
+    def frame_cards(self) -> list[int]:
+        """Cards of each matrix frame: the first, then the expansion frames."""
+        return [self.matrix.cards] + [f.cards for f in self.matrix.expansion]
+
+    def locate(self, output: int) -> tuple[int, int]:
+        """(frame index, output on that frame) of a global matrix output (1-based)."""
+        per_card = MATRIX_GEOMETRY[self.dialect][1]
+        for frame, cards in enumerate(self.frame_cards):
+            if output <= cards * per_card:
+                return frame, output
+            output -= cards * per_card
+        raise ValueError(f"matrix output beyond the {len(self.frame_cards)} frames")
 
 
 def load_station_profile(name_or_path: str) -> StationProfile:

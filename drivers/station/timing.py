@@ -24,8 +24,10 @@ class StationTiming:
 
 
 KEYSIGHT = StationTiming(
-    # ASSUMED: the B2200A guide's switching-time figure was not in the searched text; 5 ms is
-    # the order of reed/dry relays in such matrices (the 707B manual's example: 4 ms a close).
+    # ASSUMED: the B2200A/E5250A guides' switching-time figure was not in the searched text
+    # (searched again for this revision: only the sequence semantics, E5250A User's Guide
+    # Ed. 9 Table 5-3: BBM waits for the opens, NSEQ does not); 5 ms is the order of reed/dry
+    # relays in such matrices (the 707B manual's example: 4 ms a close).
     relay_close_s=5e-3,
     relay_open_s=5e-3,
     # B2900 User's Guide, Ed. 5, 6-7 "Pulse Output": pulse width 50 us to 100000 s;
@@ -48,14 +50,18 @@ KEYSIGHT = StationTiming(
 KEITHLEY = StationTiming(
     # 707B/708B Reference Manual 707B-901-01 Rev. B, Section 2 "Using sequential connect":
     # "each takes 4 ms to close"; Section 7 channel.connectrule: break-before-make takes the
-    # open settle time plus the close settle time. Open settle ASSUMED equal to close.
+    # open settle time plus the close settle time, channel.OFF the maximum of the two (the
+    # driver's cold switching). Open settle ASSUMED equal to close (not in the searched text).
     relay_close_s=4e-3,
     relay_open_s=4e-3,
     # 2600B Reference Manual, "Pulse concepts"/datasheet pulse characteristics: minimum
     # programmable pulse width 100 us (ASSUMED from the datasheet; not in the searched text).
     min_pulse_width_s=100e-6,
     max_pulse_width_s=1e4,
-    min_period_s=10e-6,  # trigger.timer[N].delay resolution/minimum (ASSUMED: 10 us)
+    # 2600A/2600B Reference Manuals, trigger.timer[N].delay: default 10e-6 s, and a delay
+    # list's intervals must average >= 50 us; the searched text gives no smaller delay, so the
+    # minimum is ASSUMED to be that default.
+    min_period_s=10e-6,
     # 2600B Reference Manual, smua.measure.nplc: 0.001 to 25 PLC (50 Hz: 20 us to 0.5 s).
     min_aperture_s=0.001 / 50,
     max_aperture_s=25 / 50,

@@ -4,7 +4,12 @@ same driver against simulated instruments in-process, driven by the backend at U
 from __future__ import annotations
 
 from drivers.station.backend import StationBackend, station_interlock
-from drivers.station.dialect import Connection, LocalConnection, VisaConnection
+from drivers.station.dialect import (
+    Connection,
+    LocalConnection,
+    NodeConnection,
+    VisaConnection,
+)
 from drivers.station.profile import StationProfile, load_station_profile
 from drivers.weight_map import WeightMap
 from hil.errors import BackendURLError
@@ -21,7 +26,9 @@ def dialect_class(profile: StationProfile):
     return KeithleyDialect
 
 
-STATION_KEYS = ("timeout", "library", "calib", "smu", "matrix", "take_over")
+MAX_FRAMES = 8  # the first matrix frame and up to 7 expansion frames (profile.py)
+STATION_KEYS = ("timeout", "library", "calib", "smu", "matrix", "take_over",
+                *(f"matrix{k}" for k in range(2, MAX_FRAMES + 1)))
 
 
 def _sim_url(url: BackendURL) -> str | None:
@@ -55,11 +62,15 @@ def open_station(url: BackendURL) -> StationBackend:
     take_over = bool(url.get_int("take_over", 0, lo=0, hi=1))
     smu = url.get_str("smu")  # VISA resources overriding the profile's (e.g. a served sim)
     matrix = url.get_str("matrix")
-    if smu or matrix:
+    frames = [url.get_str(f"matrix{k + 2}") for k in range(len(profile.matrix.expansion))]
+    if smu or matrix or any(frames):
+        expansion = [f.model_copy(update={"resource": r or f.resource})
+                     for f, r in zip(profile.matrix.expansion, frames, strict=True)]
         profile = profile.model_copy(update={
             "smu": profile.smu.model_copy(update={"resource": smu or profile.smu.resource}),
             "matrix": profile.matrix.model_copy(
-                update={"resource": matrix or profile.matrix.resource})})
+                update={"resource": matrix or profile.matrix.resource,
+                        "expansion": expansion})})
     url.finish()
     station_interlock(profile)  # refuse a bad profile before any byte
     weight_map = WeightMap.load(calib) if calib else None
@@ -75,26 +86,38 @@ def connect(url: str, profile: StationProfile, sim_url: str | None = None,
             library: str = "@py") -> StationBackend:
     """The backend on real instruments (``sim_url`` None) or on a simulated station."""
     chip = None
+    expansion: list[Connection] = []
     if sim_url is not None:
         from drivers.station.sim.station import SimStation
 
         sim = SimStation(profile, sim_url)
         chip = sim.chip
         smu: Connection = LocalConnection(sim.server("smu"), "sim-smu")
-        matrix: Connection = LocalConnection(sim.server("matrix"), "sim-matrix")
         sim.chip.station = sim
+        if profile.tsplink_nodes is None:
+            matrix: Connection = LocalConnection(sim.server("matrix"), "sim-matrix")
+            expansion = [LocalConnection(sim.server(name), f"sim-{name}")
+                         for name in sim.instruments[2:]]
     else:
         smu = VisaConnection(profile.smu.resource, timeout_s, library)
+        opened: list[Connection] = [smu]
         try:
-            matrix = VisaConnection(profile.matrix.resource, timeout_s, library)
+            if profile.tsplink_nodes is None:
+                matrix = VisaConnection(profile.matrix.resource, timeout_s, library)
+                opened.append(matrix)
+                for frame in profile.matrix.expansion:
+                    expansion.append(VisaConnection(frame.resource, timeout_s, library))
         except BaseException:
-            smu.close()
+            for conn in opened + expansion:
+                conn.close()
             raise
+    if profile.tsplink_nodes is not None:  # the matrices behind the SMU, on TSP-Link
+        matrix, *expansion = [NodeConnection(smu, node) for node in profile.tsplink_nodes]
     try:
-        dialect = dialect_class(profile)(profile, smu, matrix)
+        dialect = dialect_class(profile)(profile, smu, matrix, expansion)
     except BaseException:
-        smu.close()
-        matrix.close()
+        for conn in (smu, matrix, *expansion):
+            conn.close()
         if chip is not None:
             chip.close()
         raise

@@ -148,6 +148,13 @@ class AnalogAlgorithm(ABC):
         With ``cols``, ``delta`` holds those columns only (the others get no pulse).
         With ``max_pulses`` the desired counts are clipped to +-max_pulses first and the
         clipped part is added to ``clipped_pulses``."""
+        n = self.count_map(tile, delta)
+        self.pulse_counts(tile, n, cols)
+        return n
+
+    def count_map(self, tile: Tile, delta: torch.Tensor) -> torch.Tensor:
+        """The stochastically rounded pulse counts of a desired change (clipped to
+        ``max_pulses``, see :meth:`pulse_delta`); nothing is sent."""
         want = delta / tile.dw_min
         if self.max_pulses is not None:
             check_finite(want, "desired change", tile=tile.name, op="step")
@@ -155,9 +162,7 @@ class AnalogAlgorithm(ABC):
             if excess:
                 self.clipped_pulses += round(excess)
                 want = want.clamp(-self.max_pulses, self.max_pulses)
-        n = stochastic_round(want, self.gen, "pulse count", tile.name)
-        self.pulse_counts(tile, n, cols)
-        return n
+        return stochastic_round(want, self.gen, "pulse count", tile.name)
 
     def pulse_counts(self, tile: Tile, n: torch.Tensor, cols: slice | None = None) -> None:
         """Apply signed pulse counts (of the columns ``cols`` only, if given), split into
@@ -190,6 +195,14 @@ class AnalogAlgorithm(ABC):
             send(part.to(torch.int32))
             rest = rest - part
 
+    def fits_one_command(self, n: torch.Tensor) -> bool:
+        """Whether the counts ``n`` go out as one command within the backend's per-command
+        limit and per-step budget (what :meth:`pulse_counts` would send unsplit)."""
+        caps = self.backend.capabilities
+        most = int(n.abs().max()) if n.numel() else 0
+        return most <= caps.max_pulses_per_command and (
+            caps.max_pulses_per_step is None or most <= caps.max_pulses_per_step)
+
     def use_outer(self, x: torch.Tensor | None, d: torch.Tensor | None) -> bool:
         """Whether this step updates through the backend's rank-1 pulse-train update."""
         if x is None or d is None or self.update == "pulse":
@@ -202,6 +215,11 @@ class AnalogAlgorithm(ABC):
         if self.use_outer(x, d):
             tile.outer_update(x.detach(), d.detach(), -lr)
             return
+        self.pulse_delta(tile, -lr * self.gradient(tile, grad, x, d))
+
+    def gradient(self, tile: Tile, grad: torch.Tensor | None, x: torch.Tensor | None,
+                 d: torch.Tensor | None) -> torch.Tensor:
+        """The gradient as float32 [rows, cols] on the CPU: ``grad``, or d^T x."""
         if grad is None:
             if x is None or d is None:
                 raise ValueError("step needs grad, or x and d")
@@ -211,7 +229,7 @@ class AnalogAlgorithm(ABC):
                 x.detach().reshape(-1, self.shape[1]).to("cpu", torch.float32)
         grad = grad.detach().to("cpu", torch.float32).reshape(self.shape)
         check_finite(grad, "gradient", tile=tile.name, op="step")
-        self.pulse_delta(tile, -lr * grad)
+        return grad
 
     def step(self, grad: torch.Tensor | None = None, *, x: torch.Tensor | None = None,
              d: torch.Tensor | None = None, lr_scale: float = 1.0) -> None:

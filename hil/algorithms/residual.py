@@ -143,13 +143,35 @@ class _TwoTile(AnalogAlgorithm):
         return slice(j, j + 1)
 
     def _apply(self, grad, x, d, lr: float) -> None:
+        transfer = (self.step_count + 1) % self.transfer_every == 0
+        if transfer and self._fused(x, d):
+            self._transfer(slice(None), self._update_read_p(grad, x, d, lr))
+            return
         self.gradient_update(self.tiles["P"], lr, grad, x, d)
-        if (self.step_count + 1) % self.transfer_every == 0:
+        if transfer:
             self._transfer(self._columns())
 
+    def _fused(self, x: torch.Tensor | None, d: torch.Tensor | None) -> bool:
+        """Whether this step's gradient pulses on P and the transfer's read of P can be one
+        ``pulse_read`` (a full transfer reading P exactly, no reference tile, pulse counts):
+        on an instrument station each device of P is then routed once for both."""
+        return (self.transfer == "full" and self.transfer_read == "exact"
+                and not self.zero_shift and not self.use_outer(x, d))
+
+    def _update_read_p(self, grad, x, d, lr: float) -> torch.Tensor:
+        """Pulse -lr * grad onto P, then read P: one ``pulse_read`` where the counts fit one
+        command (the same counts, the same device state as pulse then read)."""
+        p = self.tiles["P"]
+        n = self.count_map(p, -lr * self.gradient(p, grad, x, d))
+        if self.fits_one_command(n):
+            return p.pulse_read([n])[0].detach().to("cpu", torch.float32)
+        self.pulse_counts(p, n)
+        return self.read_p()
+
     @abstractmethod
-    def _transfer(self, cols: slice) -> None:
-        """Move the columns ``cols`` of P into W (the variant's transfer rule)."""
+    def _transfer(self, cols: slice, p: torch.Tensor | None = None) -> None:
+        """Move the columns ``cols`` of P into W (the variant's transfer rule); ``p``: those
+        columns of P as read already (else the transfer reads them)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "transfer_lr": self.transfer_lr, "column": self.column}
@@ -182,8 +204,8 @@ class ResidualLearning(_TwoTile):
                              "outer_update")
         self.transfer_write = transfer_write
 
-    def _transfer(self, cols: slice) -> None:
-        p = self.transfer_p(cols)
+    def _transfer(self, cols: slice, p: torch.Tensor | None = None) -> None:
+        p = self.transfer_p(cols) if p is None else p
         if self.transfer_write == "counts":
             self.pulse_delta(self.tiles["W"], self.transfer_lr * p, cols=cols)
             return
@@ -216,10 +238,10 @@ class _Buffered(_TwoTile):
         """The buffer H [rows, cols] (a view of the stored transpose)."""
         return self._h_t.t()
 
-    def _transfer(self, cols: slice) -> None:
+    def _transfer(self, cols: slice, p: torch.Tensor | None = None) -> None:
         # numpy views of the float32 CPU tensors: the same float32 arithmetic as torch's
         # at a fraction of the per-op cost on one column
-        p = self.transfer_p(cols).numpy().T
+        p = (self.transfer_p(cols) if p is None else p).numpy().T
         b = self.transfer_lr
         h = self._h_t.numpy()[cols]  # a view: updated in place below
         h_new = (1 - b) * h + b * p if self.decay else h + b * p

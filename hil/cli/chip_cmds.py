@@ -33,7 +33,7 @@ def serve_virtual_chip(
                                           help="Stop after this many seconds (default: Ctrl-C)."),
     station: str | None = typer.Option(
         None, "--station", help="Serve a station profile's simulated SMU and matrix instead "
-        "(two VISA TCPIP SOCKET resources; --port is the SMU's, the matrix's the next)."),
+        "(VISA TCPIP SOCKET resources; --port is the SMU's, each matrix frame's the next)."),
 ) -> None:
     """Serve BACKEND as a virtual crossbar test chip until Ctrl-C; prints the URL to open."""
     from drivers.virtual_chip import Faults, VirtualChip
@@ -82,8 +82,7 @@ def _serve_station(name: str, backend: str, port: int | None, duration: float | 
 
     profile = load_station_profile(name)
     station_interlock(profile)
-    ports = (port, port + 1) if port else (0, 0)
-    server = StationServer(profile, name, backend, ports)
+    server = StationServer(profile, name, backend, port or 0)
     try:
         for which, resource in server.resources.items():
             typer.echo(f"{which}: {resource}", err=True)

@@ -111,11 +111,10 @@ def pulse_response_sweep(console: Console, out_dir: Path) -> None:
 
 
 CALIBRATION_URL = "sim://?model=power&gamma=2&dw_min=0.02&d2d=0.3&c2c=0.1&seed=1"
-TRAINING_URL = "sim://?model=power&gamma=0.5&tau=0.6&dw_min=1e-3&c2c=0.1&seed=2"
 
 
 def calibration_via_virtual_chip(console: Console, out_dir: Path) -> None:
-    """Calibration through the SCPI driver: characterize -> fit -> zero-shift -> report"""
+    """Calibration via the SCPI driver: characterize, fit, zero-shift, report"""
     from calibration.demo import demo_calibration
     from drivers.virtual_chip import running
 
@@ -125,26 +124,28 @@ def calibration_via_virtual_chip(console: Console, out_dir: Path) -> None:
         demo_calibration(console, out_dir / "calibration", url)
 
 
-def training_via_virtual_chip(console: Console, out_dir: Path) -> None:
-    """Residual Learning v2 on digits through the SCPI driver to a virtual chip"""
-    from drivers.virtual_chip import running
-    from hil.runs import demo_training
+def training_comparison(console: Console, out_dir: Path) -> None:
+    """Why RLv2: Analog SGD vs Tiki-Taka vs RLv2 on asymmetric devices"""
+    from hil.cli.demo_training import compare_algorithms
 
-    with running(TRAINING_URL, protocol="scpi") as url:
-        console.print(f"virtual chip serving [bold]{TRAINING_URL}[/bold] at [bold]{url}[/bold]",
-                      highlight=False)
-        demo_training(console, out_dir, url)
+    compare_algorithms(console, out_dir / "training")
 
 
 STEPS: list[DemoStep] = [pulse_response_sweep, calibration_via_virtual_chip,
-                         training_via_virtual_chip]
+                         training_comparison]
+
+
+def step_rule(k: int, n: int, step: DemoStep) -> str:
+    """The rule title of step ``k`` of ``n``: its docstring's first line (it must fit an
+    80-column terminal)."""
+    title = (step.__doc__ or step.__name__).strip().splitlines()[0]
+    return f"[bold]{k}/{n}[/bold] {title}"
 
 
 def run_steps(steps: list[DemoStep], console: Console, out_dir: Path) -> None:
     """Run each step under a rule titled with its docstring's first line."""
     for k, step in enumerate(steps, start=1):
-        title = (step.__doc__ or step.__name__).strip().splitlines()[0]
-        console.rule(f"[bold]{k}/{len(steps)}[/bold] {title}")
+        console.rule(step_rule(k, len(steps), step))
         step(console, out_dir)
 
 

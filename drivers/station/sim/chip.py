@@ -79,10 +79,18 @@ class SimChip:
             self.backend.close()
             raise
         self.connections: dict[int, set[str]] = {}  # matrix output -> terminals on it
+        self._frames: dict[int, dict[int, set[str]]] = {}  # the same, per matrix frame
 
     # -- wiring (the matrix model sets it) ---------------------------------------------------
-    def set_connections(self, connections: dict[int, set[str]]) -> None:
-        self.connections = {k: set(v) for k, v in connections.items() if v}
+    def set_connections(self, connections: dict[int, set[str]], frame: int = 0) -> None:
+        """What matrix frame ``frame`` connects now (global output -> terminals); the chip
+        sees the union over all frames."""
+        self._frames[frame] = {k: set(v) for k, v in connections.items() if v}
+        merged: dict[int, set[str]] = {}
+        for wiring in self._frames.values():
+            for k, v in wiring.items():
+                merged.setdefault(k, set()).update(v)
+        self.connections = merged
 
     def _stressed(self) -> list[tuple[int, int, int, int]]:
         """(array, row, col, sign) of every device across force and ground: sign +1 when the

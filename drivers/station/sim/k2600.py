@@ -24,12 +24,19 @@ class K2600(TspInstrument):
     model = "2602B"
     idn = "Keithley Instruments Inc.,Model 2602B,SIM0003,analog-hil sim"
 
-    def __init__(self, chip: SimChip):
+    def __init__(self, chip: SimChip, links: dict[int, TspInstrument] | None = None):
+        """``links``: the matrices on this SMU's TSP-Link network by node number (this SMU is
+        node 1, the master); its scripts reach them as ``node[N]``."""
         self.chip = chip
         self.t = KEITHLEY
+        self.links = dict(links or {})
         super().__init__()
 
     def reset(self) -> None:
+        """reset(): on a TSP-Link master the whole system, its nodes included (2600B
+        Reference Manual, reset())."""
+        for node in getattr(self, "links", {}).values():
+            node.reset()
         self.s = {"func": OUTPUT_DCVOLTS, "levelv": 0.0, "limiti": 1e-4, "output": OFF,
                   "nplc": 1.0, "compliance": False, "listv": [], "src_action": DISABLE,
                   "endpulse": SOURCE_HOLD, "endpulse_stim": 0, "count": 1,
@@ -109,6 +116,11 @@ class K2600(TspInstrument):
             }, {"EVENT_ID": event}).proxy
         g.trigger = LuaObject(self, {}, {"timer": self.table(*[timers[n] for n in
                                                                sorted(timers)])}).proxy
+        nodes = self.table()
+        for node_id, inst in self.links.items():  # node[N].channel, node[N].model
+            nodes[node_id] = LuaObject(self, {}, {"channel": inst.channel_object(self),
+                                                  "model": inst.model}).proxy
+        g.node = nodes
 
     def _timer(self, n: int, key: str, lo: float, hi: float):
         def put(value: object) -> None:

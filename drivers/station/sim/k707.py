@@ -21,9 +21,11 @@ class K707(TspInstrument):
     idn = "Keithley Instruments Inc.,Model 707B,SIM0004,analog-hil sim"
 
     def __init__(self, chip: SimChip, cards: int, force_input: int, ground_input: int,
-                 sense_input: int | None = None):
+                 sense_input: int | None = None, frame: int = 0,
+                 offset: int = 0):
         self.chip = chip
         self.cards = cards
+        self.frame, self.offset = frame, offset  # which frame; its first output's number - 1
         self.terminals = {force_input: FORCE, ground_input: GROUND}
         if sense_input:
             self.terminals[sense_input] = FORCE
@@ -37,16 +39,21 @@ class K707(TspInstrument):
         self._publish()
 
     def build(self) -> None:
-        def set_rule(value: object) -> None:
-            if value not in (OFF, BREAK_BEFORE_MAKE, MAKE_BEFORE_BREAK):
-                raise TspError(1100, f"Parameter error: channel.connectrule = {value!r}")
-            self.rule = int(value)
+        self.lua.globals().channel = self.channel_object(self).proxy
 
-        self.lua.globals().channel = LuaObject(self, {
-            "connectrule": (lambda: self.rule, set_rule),
+    def channel_object(self, engine: TspInstrument) -> LuaObject:
+        """The ``channel`` object in ``engine``'s Lua: this instrument's own, or a TSP-Link
+        master's ``node[N].channel`` (the same functions, run on this matrix)."""
+        return LuaObject(engine, {
+            "connectrule": (lambda: self.rule, self._set_rule),
         }, {"close": self._close, "open": self._open, "exclusiveclose": self._exclusive,
             "getclose": self._getclose, "OFF": OFF, "BREAK_BEFORE_MAKE": BREAK_BEFORE_MAKE,
-            "MAKE_BEFORE_BREAK": MAKE_BEFORE_BREAK}).proxy
+            "MAKE_BEFORE_BREAK": MAKE_BEFORE_BREAK})
+
+    def _set_rule(self, value: object) -> None:
+        if value not in (OFF, BREAK_BEFORE_MAKE, MAKE_BEFORE_BREAK):
+            raise TspError(1100, f"Parameter error: channel.connectrule = {value!r}")
+        self.rule = int(value)
 
     # -- channels ----------------------------------------------------------------------------
     def _one(self, text: str) -> tuple[int, int, int]:
@@ -87,8 +94,8 @@ class K707(TspInstrument):
         for slot, row, col in self.closed:
             terminal = self.terminals.get(row)
             if terminal:
-                wiring.setdefault((slot - 1) * COLS + col, set()).add(terminal)
-        self.chip.set_connections(wiring)
+                wiring.setdefault(self.offset + (slot - 1) * COLS + col, set()).add(terminal)
+        self.chip.set_connections(wiring, self.frame)
 
     def _switch(self, opening: set, closing: set) -> None:
         opening = (opening & self.closed) - closing

@@ -15,7 +15,6 @@ from drivers.station.sim.station import SimStation
 from drivers.transport import listen_loopback
 
 log = logging.getLogger(__name__)
-INSTRUMENTS = ("smu", "matrix")
 MAX_MESSAGE = 1 << 20  # bytes of one newline-terminated message (a TSP chunk, a SCPI list)
 
 
@@ -96,15 +95,16 @@ class StationServer:
     matrix, ``url`` the station:// URL that drives them over the sockets."""
 
     def __init__(self, profile: StationProfile, profile_name: str, backend_url: str = "sim://",
-                 ports: tuple[int, int] = (0, 0)):
+                 first_port: int = 0):
         self.sim = SimStation(profile, backend_url)
         self.profile_name = profile_name
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.listeners: dict[str, _Listener] = {}
         try:
-            for which, port in zip(INSTRUMENTS, ports, strict=True):
-                self.listeners[which] = _Listener(self, which, port)
+            for k, which in enumerate(self.sim.instruments):  # smu, matrix, matrix2, ...
+                self.listeners[which] = _Listener(self, which, first_port + k if first_port
+                                                  else 0)
         except BaseException:
             self.close()
             raise
@@ -115,8 +115,8 @@ class StationServer:
 
     @property
     def url(self) -> str:
-        r = self.resources
-        return f"station://{self.profile_name}?smu={r['smu']}&matrix={r['matrix']}"
+        return f"station://{self.profile_name}?" + "&".join(
+            f"{which}={resource}" for which, resource in self.resources.items())
 
     def close(self) -> None:
         self.stop.set()

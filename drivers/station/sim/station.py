@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from drivers.station.profile import StationProfile
+from drivers.station.profile import MATRIX_GEOMETRY, StationProfile
 from drivers.station.sim.chip import SimChip
 from drivers.station.timing import TIMINGS
+
+
+def frame_index(which: str) -> int:
+    """'matrix' -> 0, 'matrix2' -> 1, ... (the names of a station's matrix frames)."""
+    return int(which[len("matrix"):] or 1) - 1
 
 
 class SimStation:
@@ -21,19 +26,26 @@ class SimStation:
         m = profile.matrix
         try:
             if profile.dialect == "keysight":
-                from drivers.station.sim.b2200 import B2200
+                from drivers.station.sim.b2200 import B2200 as frame_class
+            else:
+                from drivers.station.sim.k707 import K707 as frame_class
+            per_card = MATRIX_GEOMETRY[profile.dialect][1]
+            self.frames = []  # one matrix model per frame (the profile's expansion frames)
+            offset = 0
+            for k, cards in enumerate(profile.frame_cards):
+                self.frames.append(frame_class(self.chip, cards, m.force_input, m.ground_input,
+                                               m.sense_input, frame=k, offset=offset))
+                offset += cards * per_card
+            self.matrix = self.frames[0]
+            if profile.dialect == "keysight":
                 from drivers.station.sim.b2900 import B2900
 
                 self.smu = B2900(self.chip, channels=2)
-                self.matrix = B2200(self.chip, m.cards, m.force_input, m.ground_input,
-                                    m.sense_input)
             else:
-                from drivers.station.sim.k707 import K707
                 from drivers.station.sim.k2600 import K2600
 
-                self.smu = K2600(self.chip)
-                self.matrix = K707(self.chip, m.cards, m.force_input, m.ground_input,
-                                   m.sense_input)
+                nodes = profile.tsplink_nodes or []
+                self.smu = K2600(self.chip, dict(zip(nodes, self.frames, strict=False)))
         except BaseException:
             self.chip.close()
             raise
@@ -41,13 +53,23 @@ class SimStation:
         self.owner: dict[str, object] = {}  # instrument -> the controlling client
 
     def server(self, which: str) -> Callable[[str], str | None]:
-        inst = self.smu if which == "smu" else self.matrix
+        inst = self.smu if which == "smu" else self.frames[frame_index(which)]
 
         def serve(line: str) -> str | None:
             self.chip.clock.spend("message", self.message_s)
             return inst.message(line)
 
         return serve
+
+    @property
+    def relay_operations(self) -> int:
+        """Relay operations of every matrix frame."""
+        return sum(f.relay_operations for f in self.frames)
+
+    @property
+    def instruments(self) -> list[str]:
+        """The names :meth:`server` answers: 'smu', 'matrix', then 'matrix2', ..."""
+        return ["smu", "matrix"] + [f"matrix{k + 1}" for k in range(1, len(self.frames))]
 
     @property
     def clock(self):
