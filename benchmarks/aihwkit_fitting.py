@@ -6,11 +6,18 @@ Traces: soft-bounds (``linear``) and power-law (gamma 2) devices from the emulat
 (``calibration.synthetic``: d2d 0.3, c2c 0.1, dw_min 0.02 on bounds near -1 / +1, one read
 per pulse, cycles x (pulses up, pulses down)). Ours fits every device at once (one call
 for all of them); aihwkit fits one device per call, so it runs on the first ``--subset``
-devices of each family. Prints, per family and fitter, the median relative error of
-dw_min, tau_min, tau_max, gamma (power) and the asymmetry (absolute error), the
-symmetric point's error relative to the device's range, and the time per device.
+devices of each family (``--subset 16,12``: 16 soft-bounds, 12 power-law). Prints, per
+family and fitter, the median relative error of dw_min, tau_min, tau_max, gamma (power)
+and the asymmetry (absolute error), the symmetric point's error relative to the device's
+range, and the time per device.
 
     .peers/venv/bin/python benchmarks/aihwkit_fitting.py [--devices 256] [--subset 16]
+        [--cache aihwkit_fits.json]
+
+``--cache``: aihwkit's per-device fits are stored in (and reused from) this JSON file,
+keyed by family, seed, trace length and device index (the traces are seeded, so the
+same key is the same trace): a rerun after a change to ours fits only devices not yet
+in the cache.
 
 Needs aihwkit (1.2.0) and lmfit in the peers venv (docs/aihwkit.md).
 """
@@ -18,6 +25,7 @@ Needs aihwkit (1.2.0) and lmfit in the peers venv (docs/aihwkit.md).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -67,7 +75,8 @@ def aihwkit_fit(family: str, states: np.ndarray, directions: np.ndarray) -> dict
         s = 0.5 * (w_max - w_min)
         kp, km = scale_up / w_max, scale_down / abs(w_min)
         dw, asym = 0.5 * s * (kp + km), (kp - km) / (kp + km)
-    return {"dw_min": dw, "tau_min": w_min, "tau_max": w_max, "gamma": gamma, "asym": asym}
+    return {k: float(v) for k, v in (("dw_min", dw), ("tau_min", w_min), ("tau_max", w_max),
+                                       ("gamma", gamma), ("asym", asym))}
 
 
 def symmetric_points(family: str, p: dict[str, np.ndarray]) -> np.ndarray:
@@ -92,13 +101,30 @@ def errors(family: str, est: dict[str, np.ndarray], sw, idx: np.ndarray) -> dict
     return out
 
 
+def _load(path: str | None) -> dict:
+    if path and Path(path).exists():
+        return json.loads(Path(path).read_text())
+    return {}
+
+
+def _save(path: str | None, cache: dict) -> None:
+    if path:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=256, help="devices per family")
-    ap.add_argument("--subset", type=int, default=16, help="devices per family for aihwkit")
+    ap.add_argument("--subset", default="16",
+                    help="devices per family for aihwkit: N, or N_SOFT,N_POWER")
     ap.add_argument("--pulses", type=int, default=400)
     ap.add_argument("--cycles", type=int, default=2)
+    ap.add_argument("--cache", help="JSON file of aihwkit's fits, reused by later runs")
     args = ap.parse_args()
+    subsets = [int(v) for v in args.subset.split(",")]
+    subsets = subsets * 2 if len(subsets) == 1 else subsets
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     for k, family in enumerate(("linear", "power")):
@@ -109,10 +135,19 @@ def main() -> None:
         ours_t = (time.perf_counter() - t0) / args.devices
         ours = {"dw_min": res.dw_min, "tau_min": res.tau_min, "tau_max": res.tau_max,
                 "gamma": res.gamma, "asym": res.asym}
-        sub = np.arange(min(args.subset, args.devices))
-        t0 = time.perf_counter()
-        fits = [aihwkit_fit(family, sw.states[:, i], sw.directions) for i in sub]
-        kit_t = (time.perf_counter() - t0) / len(sub)
+        sub = np.arange(min(subsets[k], args.devices))
+        cache = _load(args.cache)
+        fits, times = [], []
+        for i in sub:
+            key = f"{family}/seed{10 + k}/{args.cycles}x{args.pulses}/d2d0.3/c2c0.1/{i}"
+            if key not in cache:
+                t1 = time.perf_counter()
+                fit = aihwkit_fit(family, sw.states[:, i], sw.directions)
+                cache[key] = {"fit": fit, "seconds": time.perf_counter() - t1}
+                _save(args.cache, cache)
+            fits.append(cache[key]["fit"])
+            times.append(cache[key]["seconds"])
+        kit_t = float(np.mean(times))
         kit = {name: np.array([f[name] for f in fits]) for name in fits[0]}
         ours_sub = {name: v[sub] for name, v in ours.items()}
         e_all = errors(family, ours, sw, np.arange(args.devices))

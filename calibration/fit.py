@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from calibration.steps import StepBins, bin_steps
+from calibration.steps import StepBins, bin_steps, noise_from_residuals, per_step
 from hil.errors import ConfigError
 from hil.response import (
     ExpResponse,
@@ -32,6 +32,7 @@ Tensor = torch.Tensor
 FAMILIES: tuple[str, ...] = ("linear", "power", "exp", "tabulated")
 N_PARAMS = {"linear": 4, "power": 5, "exp": 5}
 GAMMA_LIMITS = {"power": (0.05, 20.0), "exp": (-20.0, 20.0)}
+STEP_CHUNK = 2048  # devices per batch of the unbinned final fit
 OCCAM_MARGIN = 6.0  # criterion difference that counts as strong evidence for a richer family
 
 
@@ -118,11 +119,13 @@ def _jacobian(family: str, p: Tensor, bins: StepBins, wt: Tensor) -> tuple[Tenso
 
 
 def _levenberg_marquardt(family: str, p: Tensor, bins: StepBins, wt: Tensor,
-                         iters: int) -> Tensor:
+                         iters: int, atol: float = 1e-12) -> Tensor:
     """Minimize the weighted squared residual of every device at once (analytic Jacobian).
 
     Devices drop out of the batch once a step no longer improves them (active set), so
-    late iterations only touch the few devices still moving.
+    late iterations only touch the few devices still moving: an accepted step that gains
+    at most 1e-9 of the cost plus ``atol`` (chi-square units where the weights are inverse
+    standard deviations) ends a device.
     """
     free = [0, 1, 3, 4] if family == "linear" else [0, 1, 2, 3, 4]
     n_free = len(free)
@@ -157,7 +160,7 @@ def _levenberg_marquardt(family: str, p: Tensor, bins: StepBins, wt: Tensor,
         lam_a = torch.where(better, lam_a * 0.3, lam_a * 4).clamp(1e-9, 1e9)
         lam[active] = lam_a
         # done: an accepted step that gains almost nothing, or a step that keeps failing
-        tiny = better & (c_a - c_new <= 1e-9 * c_a + 1e-12)
+        tiny = better & (c_a - c_new <= 1e-9 * c_a + atol)
         keep = ~tiny & (lam_a < 1e5)
         active = active[keep]
     return p
@@ -216,6 +219,106 @@ def _gamma_start(family: str, p0: Tensor, bins: StepBins, wt: Tensor) -> Tensor:
             best_p = torch.where(better.unsqueeze(1), p, best_p)
             best_c = torch.where(better, c, best_c)
     return best_p
+
+
+def _step_response(family: str, p: Tensor, x: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """Fitted signed per-pulse step f and its slope df/dx at every step's state
+    (x [T-1, D], up [T-1]: potentiation steps; p [D, 5])."""
+    tmin, tmax, g, la_p, la_m = (p[:, i] for i in range(5))
+    half = 0.5 * (tmax - tmin)
+    upc = up.unsqueeze(1)
+    u = torch.where(upc, (tmax - x) / half, (x - tmin) / half)
+    h, hu, _ = _shape_grad(family, u, g)
+    amp = torch.where(upc, la_p.exp(), -la_m.exp())
+    return amp * h, -amp.abs() * hu / half
+
+
+def _by_direction(up: Tensor, down: Tensor, *values: Tensor) -> list[Tensor]:
+    """[T-1, D] per-step values packed as [D, 2, M] (branch 0: up steps, 1: down; zero
+    padded), the layout of StepBins, so the binned fit's cost and Jacobian serve."""
+    iu, idn = up.nonzero().squeeze(1), down.nonzero().squeeze(1)
+    m = max(iu.numel(), idn.numel())
+    out = []
+    for v in values:
+        o = v.new_zeros((v.shape[1], 2, m))
+        o[:, 0, :iu.numel()] = v[iu].t()
+        o[:, 1, :idn.numel()] = v[idn].t()
+        out.append(o)
+    return out
+
+
+def _refine_on_steps(family: str, p: Tensor, states: Tensor, d: Tensor, c2: Tensor,
+                     s2: Tensor, iters: int, rounds: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    """Final fit of one family on the unbinned steps, and c2c / read noise from its residuals.
+
+    Bins lose what the response does within a bin (the mean step of a bin is not the step
+    at its mean state where q curves, and the steps near a bound, where the state is
+    pinned best, share one bin), and a bin's variance from its mean step misweights steps
+    of very different size. Here every step k is its own data point, y_k = f(x_k) + e_k
+    with Var e_k = c^2 f_k^2 / n + s^2 (1 / n^2 + (1 / n + f'_k)^2) (see
+    :func:`calibration.steps.noise_from_residuals`), weighted by its inverse variance at
+    the previous round's f and noise: iteratively reweighted least squares from the binned
+    fit. For states read directly (read noise small against a step): where reads are
+    averaged over a window, regressing on them is biased and the binned fit stays.
+    ``states`` [T, D] normalized, ``p`` [D, 5] the binned fit, ``c2``, ``s2`` [D] the
+    binned noise estimates. Returns the refined p, c^2 and s^2."""
+    x, y, npulse, ok = per_step(states, d)
+    up, down = d > 0, d < 0
+    n = npulse.unsqueeze(1)
+    typical = (y.abs() * ok).sum(0) / ok.sum(0).clamp_min(1)
+    floor = (1e-3 * typical) ** 2 + 1e-30
+    xs, ys = _by_direction(up, down, x, y)
+    f, fp = _step_response(family, p, x, up)
+    for r in range(rounds):
+        var = c2 * f * f / n + s2 * (1 / n ** 2 + (1 / n + fp) ** 2) + floor
+        (ws,) = _by_direction(up, down, torch.where(ok, var.rsqrt(), 0.0))
+        steps = StepBins(x=xs, y=ys, n=(ws > 0).to(ys.dtype), var=ws, n_steps=ok.sum(0),
+                         read_noise=s2.sqrt(), c2c=c2.sqrt())
+        # a chi-square gain of 0.01 moves the parameters by a tenth of their error
+        p_new = _levenberg_marquardt(family, p, steps, ws, min(iters, 12), atol=1e-2)
+        p = torch.where(torch.isfinite(p_new).all(1, keepdim=True), p_new, p)
+        f, fp = _step_response(family, p, x, up)
+        e = torch.where(ok, y - f, 0.0)
+        # the noise between rounds only sets the next round's weights: one reweighting
+        c2, s2 = noise_from_residuals(e, f, fp, npulse, ok, c2, s2, floor, N_PARAMS[family],
+                                      rounds=2 if r == rounds - 1 else 1)
+    return p, c2, s2
+
+
+def _step_pass(fits: dict[str, Tensor], chi2: dict[str, Tensor], choice: Tensor,
+               par_choice: Tensor, has_steps: Tensor, st: StepBins, states: Tensor, d: Tensor,
+               iters: int) -> tuple[Tensor, Tensor]:
+    """The selected family's parameters, and c2c and read noise, from the unbinned steps.
+
+    Per device (where the states are the reads themselves, see :func:`_refine_on_steps`)
+    the selected parametric family, and the one whose parameters are reported
+    (``par_choice``) where they differ, are refined on the steps (updating ``fits`` in
+    place).
+    The noise comes from the residuals of the parametric family that fits the bins best
+    (least chi-square, no penalty): the families are nested (linear is power at gamma 1
+    and exp at gamma 0), so the most flexible family that fits leaves the noise alone, at
+    the cost of one degree of freedom (counted), where a sparser selected family could
+    leave misfit in its residuals that would read as noise. Devices selected as
+    ``tabulated`` (no family fits) and those with averaged states keep the bins'
+    estimates. Returns c^2 and s^2 [D] (normalized units)."""
+    c2c_var, read_var = st.c2c ** 2, st.read_noise ** 2
+    direct = has_steps if st.lagged is None else has_steps & ~st.lagged
+    direct = direct & (choice != FAMILIES.index("tabulated"))
+    inf = torch.full_like(c2c_var, float("inf"))
+    best = torch.stack([torch.nan_to_num(chi2[f], nan=float("inf")) if f in chi2 else inf
+                        for f in FAMILIES[:3]], 1).argmin(1)
+    for j, fam in enumerate(FAMILIES[:3]):
+        if fam not in fits:
+            continue
+        own, noise = ((choice == j) | (par_choice == j)) & direct, (best == j) & direct
+        for idx in (own | noise).nonzero().squeeze(1).split(STEP_CHUNK):
+            p_r, c2_r, s2_r = _refine_on_steps(fam, fits[fam][idx], states[:, idx], d,
+                                               c2c_var[idx], read_var[idx], iters)
+            o, n = own[idx].unsqueeze(1), noise[idx]
+            fits[fam][idx] = torch.where(o, p_r, fits[fam][idx])
+            c2c_var[idx] = torch.where(n, c2_r, c2c_var[idx])
+            read_var[idx] = torch.where(n, s2_r, read_var[idx])
+    return c2c_var, read_var
 
 
 def _occam(ic: Tensor, k: Tensor, margin: float) -> Tensor:
@@ -494,6 +597,8 @@ def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criter
     par_ic = ic.clone()
     par_ic[:, FAMILIES.index("tabulated")] = float("inf")
     par_choice = par_ic.argmin(1)
+    c2c_var, read_var = _step_pass(fits, chi2, choice, par_choice, has_steps, st, sn, d,
+                                    iters)
 
     def to_units(fam: str) -> dict[str, Tensor]:
         p = fits[fam]
@@ -578,7 +683,8 @@ def _fit(states: np.ndarray | Tensor, directions: np.ndarray | Tensor, *, criter
     return FitResult(
         model=model, family_index=fam_idx, dw_min=npy(dw_min), tau_min=npy(tmin),
         tau_max=npy(tmax), gamma=npy(pick("gamma")), asym=npy(pick("asym")),
-        symmetric_point=npy(sym), c2c=npy(st.c2c), read_noise=npy(st.read_noise * scale_safe),
+        symmetric_point=npy(sym), c2c=npy(c2c_var.sqrt()),
+        read_noise=npy(read_var.sqrt() * scale_safe),
         r2=npy(r2), r2_const=npy(r2_const), chi2_red=npy(chi2_red),
         n_steps=st.n_steps.numpy().astype(np.int64), ic=ic.numpy(), criterion=criterion,
         params=params,

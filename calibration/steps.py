@@ -28,6 +28,7 @@ class StepBins:
     n_steps: Tensor  # [D] steps used
     read_noise: Tensor  # [D] read-noise std (normalized units)
     c2c: Tensor  # [D] relative cycle-to-cycle noise of one pulse
+    lagged: Tensor | None = None  # [D] states from the reads before a step (read noise large)
 
 
 def _prefix(c: Tensor) -> Tensor:
@@ -274,7 +275,8 @@ def _chunk(s: Tensor, d: Tensor, bins: int, window: int) -> tuple[Tensor, ...]:
     runs = cells.add((~prev_same).to(s.dtype))
     sy = cells.add(y)
     sxx = _run_slopes(sf, d, fit_ok, prev_same, flat, cells.size, use_lag, sy, cnt)
-    return (cnt, sx, sy, runs, fit_ok.sum(0).to(s.dtype), read_var, c2c_var, sxx)
+    return (cnt, sx, sy, runs, fit_ok.sum(0).to(s.dtype), read_var, c2c_var, sxx,
+            use_lag)
 
 
 def _run_slopes(sf: Tensor, d: Tensor, ok: Tensor, prev_same: Tensor, flat: Tensor, size: int,
@@ -333,8 +335,8 @@ def bin_steps(states: Tensor, directions: Tensor, bins: int = 24, window: int = 
     n_dev = states.shape[1]
     parts = [_chunk(states[:, i:i + chunk], directions, bins, window)
              for i in range(0, n_dev, chunk)]
-    cnt, sx, sy, runs, n_ok, read_var, c2c_var, sxx = (torch.cat(p) for p in zip(*parts,
-                                                                                  strict=True))
+    cnt, sx, sy, runs, n_ok, read_var, c2c_var, sxx, lagged = (
+        torch.cat(p) for p in zip(*parts, strict=True))
     shape = (n_dev, 2, bins)
     cnt, sx, sy, runs, sxx = (v.view(shape) for v in (cnt, sx, sy, runs, sxx))
     n = cnt
@@ -352,4 +354,68 @@ def bin_steps(states: Tensor, directions: Tensor, bins: int = 24, window: int = 
     floor = (1e-3 * typical).view(n_dev, 1, 1) ** 2 / n.clamp_min(1) + 1e-30
     var = torch.where(n > 0, var + floor, torch.full_like(var, float("inf")))
     return StepBins(x=x, y=y, n=n, var=var, n_steps=n_ok, read_noise=read_var.sqrt(),
-                    c2c=c2c_var.sqrt())
+                    c2c=c2c_var.sqrt(), lagged=lagged)
+
+
+def per_step(states: Tensor, directions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every step of every device unbinned: the state before it (the read), the per-pulse
+    step, the pulses per step [T-1] and where both reads are finite (states [T, D])."""
+    d = directions.reshape(-1)
+    ok = torch.isfinite(states[:-1]) & torch.isfinite(states[1:]) & (d != 0).unsqueeze(1)
+    npulse = d.abs().clamp_min(1).to(states.dtype)
+    y = torch.where(ok, (states[1:] - states[:-1]) / npulse.unsqueeze(1), 0.0)
+    return torch.where(ok, states[:-1], 0.0), y, npulse, ok
+
+
+def noise_from_residuals(e: Tensor, f: Tensor, fprime: Tensor, npulse: Tensor, ok: Tensor,
+                         c2: Tensor, s2: Tensor, floor: Tensor, n_params: int,
+                         rounds: int = 4) -> tuple[Tensor, Tensor]:
+    """Relative c2c variance c^2 and read-noise variance s^2 from each step's residual
+    about the *fitted* response at its own measured state (e, f, f' = df/dx: [T-1, D]).
+
+    The emulator's (and the model's) pulse moves the state by f(w) (1 + c xi): with the
+    fitted f evaluated at each step's own state, what the response does within a bin or
+    between steps is gone, however large the steps (the noise of earlier steps only
+    moved the state, which f(x_k) follows). With reads x = w + eps (std s), n pulses
+    per read:
+
+        e_k = c f_k xi / sqrt(n) + eps_(k+1) / n - (1 / n + f'_k) eps_k
+        E[e_k^2]         = c^2 f_k^2 / n + s^2 (1 / n^2 + (1 / n + f'_k)^2)
+        E[e_k e_(k+1)]   = -s^2 (1 / n_(k+1) + f'_(k+1)) / n_k
+
+    c^2 and s^2 are the weighted least-squares solution of these moment equations, each
+    moment weighted by its inverse variance (2 sigma_k^4, sigma_k^2 sigma_(k+1)^2) at the
+    current estimate (``rounds`` reweightings from ``c2``, ``s2``; ``floor`` keeps the
+    weights of steps the model puts at zero finite); the residuals' degrees of freedom
+    (``n_params`` fitted per device) scale the result, as the fit absorbed that much of
+    the noise."""
+    n = npulse.unsqueeze(1)
+    okf = ok.to(e.dtype)
+    a = f * f / n
+    b = 1 / n ** 2 + (1 / n + fprime) ** 2
+    e2 = e * e
+    pair = (ok[:-1] & ok[1:]).to(e.dtype)
+    lag = -(1 / n[1:] + fprime[1:]) / n[:-1]
+    q = e[:-1] * e[1:]
+    c2, s2 = c2.clamp_min(0), s2.clamp_min(0)
+    for _ in range(rounds):
+        sig = c2 * a + s2 * b + floor
+        w0 = okf / (2 * sig * sig)
+        w1 = pair / (sig[:-1] * sig[1:])
+        a11 = (w0 * a * a).sum(0)
+        a12 = (w0 * a * b).sum(0)
+        a22 = (w0 * b * b).sum(0) + (w1 * lag * lag).sum(0)
+        r1 = (w0 * a * e2).sum(0)
+        r2 = (w0 * b * e2).sum(0) + (w1 * lag * q).sum(0)
+        det = a11 * a22 - a12 * a12
+        c_j = (r1 * a22 - r2 * a12) / det
+        s_j = (r2 * a11 - r1 * a12) / det
+        c_only = r1 / a11  # s^2 = 0
+        s_only = r2 / a22  # c^2 = 0
+        c2 = torch.where(s_j < 0, c_only, torch.where(c_j < 0, 0.0, c_j))
+        s2 = torch.where(s_j < 0, 0.0, torch.where(c_j < 0, s_only, s_j))
+        c2 = torch.nan_to_num(c2, nan=0.0, posinf=0.0).clamp_min(0)
+        s2 = torch.nan_to_num(s2, nan=0.0, posinf=0.0).clamp_min(0)
+    m = okf.sum(0)
+    dof = m / (m - n_params).clamp_min(1)
+    return c2 * dof, s2 * dof

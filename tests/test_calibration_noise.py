@@ -1,6 +1,6 @@
-"""Cycle-to-cycle noise within 5 % where steps are up to 1/300 of the range, and on the
-demo's chip (1/100); the full grid and where it fails: benchmarks/calibration_accuracy.py and
-docs/calibration.md."""
+"""Cycle-to-cycle noise within 5 % for every parametric family where steps are 1/1000 to
+1/20 of the range and c2c 0.05 to 0.5, and on the demo's chip (1/100); the full grid:
+benchmarks/calibration_accuracy.py and docs/calibration.md."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from calibration.synthetic import sweep_population
 
 @pytest.mark.slow
 @torch_threads(1)
-@pytest.mark.parametrize("family,largest", [("linear", 0.5), ("power", 0.5), ("exp", 0.2)])
-def test_c2c_relative_error_below_5_percent(family, largest):
-    # exp with c2c 0.5 at 1/300 reads 4-7 % high depending on the draw (docs/calibration.md)
+@pytest.mark.parametrize("family", ["linear", "power", "exp"])
+def test_c2c_relative_error_below_5_percent(family):
+    # the corners of the grid, and 1/20, where the response changes most within a step
+    # (power and exp devices read +50 % and more before the unbinned step pass)
     errors = {}
-    for ratio in (1 / 1000, 1 / 300):  # dw_min / range
-        for c2c in (0.05, largest):
+    for ratio in (1 / 1000, 1 / 300, 1 / 20):  # dw_min / range
+        for c2c in (0.05, 0.5):
             sw = sweep_population([family] * 48, dw_min=2 * ratio, c2c=c2c, d2d=0.1,
                                   seed=5)
             fitted = fit_traces(sw.states, sw.directions).c2c
