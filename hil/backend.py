@@ -28,7 +28,10 @@ def check_finite(value: torch.Tensor | np.ndarray | float, what: str, *,
     Every value that becomes pulses passes here before any byte leaves the host:
     gradients, layer inputs and errors, rates, programming targets."""
     if isinstance(value, torch.Tensor):
-        ok = bool(torch.isfinite(value).all()) if value.is_floating_point() else True
+        # one reduction: a sum is finite only if every element is (NaN and inf propagate);
+        # a non-finite sum of finite values (overflow) falls back to the element check
+        ok = not value.is_floating_point() or bool(torch.isfinite(value.sum())) or \
+            bool(torch.isfinite(value).all())
     elif isinstance(value, np.ndarray):
         ok = bool(np.isfinite(value).all()) if value.dtype.kind in "fc" else True
     else:

@@ -9,6 +9,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from calibration.calibfile import load_calibration
@@ -16,10 +17,10 @@ from calibration.measfile import load_measurement
 from calibration.protocols import SweepProtocol
 from calibration.workflow import run_characterize, run_fit
 from drivers.profile import load_profile
-from hil.backend import open_backend
+from hil.backend import check_finite, open_backend
 from hil.cli import main
 from hil.config import load_config, load_yaml
-from hil.errors import BackendURLError, ConfigError
+from hil.errors import BackendURLError, ConfigError, NonFiniteError
 from hil.url import BackendURL
 
 CONFIG = {
@@ -247,3 +248,25 @@ def test_calibration_without_any_fitted_device_cannot_zero_shift(tmp_path, capsy
 def test_good_files_still_load(files):
     assert load_measurement(files[0]).shape("cal") == (2, 3)
     assert load_calibration(files[1]).tiles["cal"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "inf-inf"])
+def test_check_finite_finds_one_bad_element_in_a_large_tensor(dtype, bad):
+    """check_finite's one-reduction fast path: a single NaN or inf anywhere is refused, also
+    where infinities of both signs cancel in the sum (it gives NaN)."""
+    t = torch.zeros(200_003, dtype=dtype)
+    if bad == "inf-inf":
+        t[5], t[-7] = float("inf"), -float("inf")
+    else:
+        t[123_457] = bad
+    with pytest.raises(NonFiniteError):
+        check_finite(t, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_check_finite_passes_finite_values_whose_sum_overflows(dtype):
+    """Finite values whose sum overflows are finite: the fast path falls back to checking
+    every element instead of refusing them."""
+    big = torch.finfo(dtype).max / 2
+    check_finite(torch.full((1000,), big, dtype=dtype), "gradient")
