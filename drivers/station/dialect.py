@@ -281,9 +281,35 @@ class Dialect(ABC):
         self.idle()  # after an error the caller makes the station safe instead
         return out
 
-    @abstractmethod
     def safe(self) -> None:
-        """SMU output off, every relay open; raises unless both instruments confirm it."""
+        """SMU output off, every relay open on every frame; raises unless the instruments
+        confirm it (each by a query)."""
+        errors = []
+        self.state = {}
+        self.armed = False
+        try:
+            if not self._output_off():
+                errors.append("SMU output still on")
+        except (BackendError, ValueError) as exc:
+            errors.append(f"SMU: {exc}")
+        for k, conn in enumerate(self.frames):
+            try:
+                closed = self._open_all(conn)
+                if closed:
+                    errors.append(f"matrix frame {k + 1} still has {closed} closed")
+            except BackendError as exc:
+                errors.append(f"matrix frame {k + 1}: {exc}")
+        if errors:
+            raise BackendError("station not confirmed safe: " + "; ".join(errors), op="safe")
+        self.routed = None
+
+    @abstractmethod
+    def _output_off(self) -> bool:
+        """Switch the SMU output off; whether the SMU then reports it off."""
+
+    @abstractmethod
+    def _open_all(self, conn: Connection) -> str:
+        """Open every relay of one matrix frame; what it still reports closed ('' if none)."""
 
     def close(self) -> None:
         self.smu.close()

@@ -6,7 +6,14 @@ host needs (readings, the compliance flag, the error count), so each reply confi
 
 from __future__ import annotations
 
-from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route, current
+from drivers.station.dialect import (
+    ComplianceTrip,
+    Connection,
+    Dialect,
+    InstrumentError,
+    Route,
+    current,
+)
 from drivers.station.profile import MATRIX_GEOMETRY
 from hil.errors import BackendError, ProtocolError
 
@@ -278,27 +285,13 @@ class KeithleyDialect(Dialect):
         if self.state.get("volt"):
             self._smu(self._settings({"volt": 0.0}), 0, "idle")
 
-    def safe(self) -> None:
-        errors = []
+    def _output_off(self) -> bool:
         s = getattr(self, "s", "smua")
-        self.state = {}
-        self.armed = False
-        try:
-            state = self.smu.query(f"{s}.source.output = {s}.OUTPUT_OFF waitcomplete() "
-                                   f"print({s}.source.output)")
-            if float(state) != 0:
-                errors.append("SMU output still on")
-        except (BackendError, ValueError) as exc:
-            errors.append(f"SMU: {exc}")
-        for k, conn in enumerate(self.frames):
-            try:
-                closed = conn.query('channel.open("allslots") waitcomplete() '
-                                    'print(channel.getclose("allslots"))')
-                if closed.strip() != "nil":
-                    errors.append(f"matrix frame {k + 1} still has {closed} closed")
-            except BackendError as exc:
-                errors.append(f"matrix frame {k + 1}: {exc}")
-        if not errors:
-            self.routed = None
-        if errors:
-            raise BackendError("station not confirmed safe: " + "; ".join(errors), op="safe")
+        state = self.smu.query(f"{s}.source.output = {s}.OUTPUT_OFF waitcomplete() "
+                               f"print({s}.source.output)")
+        return float(state) == 0
+
+    def _open_all(self, conn: Connection) -> str:
+        closed = conn.query('channel.open("allslots") waitcomplete() '
+                            'print(channel.getclose("allslots"))').strip()
+        return "" if closed == "nil" else closed

@@ -7,7 +7,14 @@ confirmed before a pulse, a pulse train before the next route."""
 
 from __future__ import annotations
 
-from drivers.station.dialect import ComplianceTrip, Dialect, InstrumentError, Route, current
+from drivers.station.dialect import (
+    ComplianceTrip,
+    Connection,
+    Dialect,
+    InstrumentError,
+    Route,
+    current,
+)
 from hil.errors import BackendError, ProtocolError
 
 
@@ -202,26 +209,12 @@ class KeysightDialect(Dialect):
         if self.state.get("volt"):
             self._smu(self._settings({"volt": 0.0}), "idle")
 
-    def safe(self) -> None:
-        """Output off and all relays open, each confirmed by a query."""
-        errors = []
-        self.state = {}
-        self.armed = False
-        try:
-            self.smu.query(f":OUTP{getattr(self, 'ch', 1)} OFF;*OPC?")
-            if self.smu.query(f":OUTP{getattr(self, 'ch', 1)}?").strip() not in ("0", "OFF"):
-                errors.append("SMU output still on")
-        except BackendError as exc:
-            errors.append(f"SMU: {exc}")
-        for k, conn in enumerate(self.frames):
-            try:
-                conn.query(":ROUT:OPEN:CARD ALL;*OPC?")
-                closed = conn.query(":ROUT:CLOS:CARD? 0").strip()  # auto config: all cards
-                if closed not in ("(@)", ""):
-                    errors.append(f"matrix frame {k + 1} still has {closed} closed")
-            except BackendError as exc:
-                errors.append(f"matrix frame {k + 1}: {exc}")
-        if not errors:
-            self.routed = None
-        if errors:
-            raise BackendError("station not confirmed safe: " + "; ".join(errors), op="safe")
+    def _output_off(self) -> bool:
+        ch = getattr(self, "ch", 1)
+        self.smu.query(f":OUTP{ch} OFF;*OPC?")
+        return self.smu.query(f":OUTP{ch}?").strip() in ("0", "OFF")
+
+    def _open_all(self, conn: Connection) -> str:
+        conn.query(":ROUT:OPEN:CARD ALL;*OPC?")
+        closed = conn.query(":ROUT:CLOS:CARD? 0").strip()  # auto config: all cards
+        return "" if closed in ("(@)", "") else closed
