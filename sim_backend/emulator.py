@@ -18,6 +18,7 @@ from sim_backend.kernels import (
     device_hash,
     get_kernel,
     hash_uniform,
+    output_normals,
     pulse_normal,
 )
 
@@ -120,12 +121,14 @@ class SimTile(Tile):
             return y.reshape(-1) if squeeze else y
         in_res = _resolution(c.inp_bound, c.inp_bits)
         out_res = _resolution(c.out_bound, c.out_bits)
-        noise = (torch.randn((x.shape[0], n_out), generator=self.gen, device=x.device)
-                 if c.out_noise > 0 else None)
-        if _use_native(c.engine, self.w):  # the whole MVM in one call
-            y = native.mvm(x, terms, transpose, noise, c.out_noise, c.inp_bound, in_res,
+        # the output noise: counter-hash normals under one key from the tile generator
+        key = _call_keys(self.gen, 1)[0] if c.out_noise > 0 else None
+        if _use_native(c.engine, self.w):  # the whole MVM in one call, noise drawn there
+            y = native.mvm(x, terms, transpose, key, c.out_noise, c.inp_bound, in_res,
                            c.out_bound, out_res)
         else:
+            noise = None if key is None else output_normals(
+                _key_tensor(key, x.device), (x.shape[0], n_out), x.device)
             # noise management: scale each input vector to the DAC range, undo after the ADC
             scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / c.inp_bound
             y = _quantize(x / scale, c.inp_bound, in_res) @ _operand(terms, transpose)

@@ -28,6 +28,7 @@ FUSED_TYPES = {LinearResponse: "linear", PowerResponse: "power", ExpResponse: "e
 _GOLDEN = -1640531527  # 0x9E3779B9 as int32
 _TWO_PI = 2.0 * math.pi
 _HALF_PI = 0.5 * math.pi
+_OUTPUT_SALT = 0x2545F491  # separates an MVM's output-noise stream from the pulse streams
 
 
 def _mix(x: Tensor) -> Tensor:
@@ -55,6 +56,15 @@ def pulse_normal(h: Tensor, t: Tensor | int) -> Tensor:
     u2 = ((b >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 16777216.0)
     # sin(a) = cos(a - pi/2): one transcendental per element for either half
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2 - (t & 1) * _HALF_PI)
+
+
+def output_normals(key: Tensor, shape: tuple[int, int], device: torch.device) -> Tensor:
+    """The output noise of one MVM call under ``key``: standard normals [B, n_out], that of
+    output e = b n_out + i being pulse_normal(mix(key ^ salt), e) (the native kernel draws
+    the same in registers, so no noise tensor is made or passed there)."""
+    n = shape[0] * shape[1]
+    t = torch.arange(n, dtype=torch.int64, device=device).to(torch.int32)
+    return pulse_normal(_mix(key ^ _OUTPUT_SALT), t).view(shape)
 
 
 def hash_uniform(key: Tensor, numel: int, device: torch.device) -> Tensor:

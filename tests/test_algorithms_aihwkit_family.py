@@ -447,6 +447,28 @@ def test_budget_refuses_or_clips_before_any_command():
         assert all(t.commands == [] for t in alg.tiles.values())
 
 
+def test_mixed_precision_refuses_an_update_that_breaks_chi_and_keeps_chi():
+    """chi is checked once after the update, before it is kept: a gradient that is finite
+    but overflows chi (NonFiniteError), or a chi beyond any pulse command (2^31 granules:
+    SafetyLimitError, never wrapped to int32), is refused with chi as it was and nothing
+    sent; a NaN gradient is named as the gradient."""
+    from hil.errors import SafetyLimitError
+
+    mp = MixedPrecision(ExactBackend(dw=0.01), (1, 2), lr=1.0, granularity=1e30,
+                        transfer_every=5)
+    mp.step(torch.tensor([[-3e38, 0.0]]))  # chi = 3e38: finite, within 2^31 granules
+    before = mp.chi.clone()
+    with pytest.raises(NonFiniteError, match="chi would not be finite"):
+        mp.step(torch.tensor([[-3e38, 0.0]]))  # 6e38 overflows float32
+    with pytest.raises(NonFiniteError, match="gradient"):
+        mp.step(torch.tensor([[0.0, math.nan]]))
+    assert torch.equal(mp.chi, before)
+    big = MixedPrecision(ExactBackend(dw=0.01), (1, 2), lr=1.0)
+    with pytest.raises(SafetyLimitError, match="beyond any pulse command"):
+        big.step(x=torch.tensor([[1.0, 0.0]]), d=torch.tensor([[-3e7]]))  # 3e9 granules
+    assert torch.equal(big.chi, torch.zeros(1, 2)) and big.tiles["W"].commands == []
+
+
 def test_a_run_configured_before_these_options_still_resumes():
     """A checkpoint's config from before the new options (none of their keys) matches a
     config that leaves them unset: no 'differs from the run's config' refusal."""

@@ -9,7 +9,7 @@ import torch
 import hil
 import sim_backend.emulator as em
 from sim_backend import native
-from sim_backend.kernels import pulse_normal
+from sim_backend.kernels import output_normals, pulse_normal
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native kernel unavailable: {native.unavailable_reason()}")
@@ -108,6 +108,24 @@ def test_native_column_pulses_equal_the_padded_map(first, width):
     assert torch.equal(out["columns"], out["padded"])
     moved = (out["columns"] - w0).abs() > 0
     assert bool(moved[:, first:first + width].any()) and not bool(moved[:, :first].any())
+
+
+@pytest.mark.parametrize("batch, n_out", [(9, 37), (4, 16), (1, 3), (70, 300)])
+def test_native_mvm_draws_the_torch_output_normals_from_the_call_key(batch, n_out):
+    """An MVM's output noise comes from one call key: the native kernel draws output e's
+    normal in registers (pulse_normal of the salted key at counter e), the torch path
+    builds the same with kernels.output_normals; standard normal, a new key new noise."""
+    w, x = torch.zeros(n_out, 5), torch.ones(batch, 5)  # y = sigma * noise, fine levels
+
+    def drawn(key: int) -> torch.Tensor:
+        return native.mvm(x, [(w, 1.0)], False, key, 1.0, 1.0, 1e-7, 1e6, 1e-7)
+
+    for key in (0, 12345, -(2**31), 2**31 - 1):
+        ref = output_normals(torch.tensor(key, dtype=torch.int32), (batch, n_out), "cpu")
+        assert float((drawn(key) - ref).abs().max()) < 5e-6
+    big = output_normals(torch.tensor(7, dtype=torch.int32), (400, 500), "cpu")
+    assert abs(float(big.mean())) < 0.01 and float(big.std()) == pytest.approx(1.0, abs=0.01)
+    assert not torch.equal(drawn(1), drawn(2)) and torch.equal(drawn(3), drawn(3))
 
 
 @pytest.mark.parametrize("transpose", [False, True])

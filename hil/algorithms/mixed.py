@@ -14,12 +14,14 @@ rpu_mixedprec_device_base.cpp; docs/aihwkit.md maps the parameters.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from hil.algorithms.base import AnalogAlgorithm, UpdateMode
+from hil.algorithms.base import MAX_COUNT, AnalogAlgorithm, UpdateMode
 from hil.backend import Backend, check_finite
+from hil.errors import NonFiniteError, SafetyLimitError
 
 
 def _bins(value: int, name: str) -> int:
@@ -107,46 +109,69 @@ class MixedPrecision(AnalogAlgorithm):
         return q.clamp(-half, half) * width
 
     def _apply(self, grad, x, d, lr: float) -> None:
+        name = self.tiles["W"].name
         if grad is None:
             if x is None or d is None:
                 raise ValueError("step needs grad, or x and d")
-            name = self.tiles["W"].name
             check_finite(x, "layer input x", tile=name, op="step")
             check_finite(d, "output error d", tile=name, op="step")
             qx = self._quantize(x.detach().reshape(-1, self.shape[1]).to("cpu", torch.float32),
                                 self.n_x_bins, self.stoc_round_x)
             qd = self._quantize(d.detach().reshape(-1, self.shape[0]).to("cpu", torch.float32),
                                 self.n_d_bins, self.stoc_round_d)
-            grad = qd.t() @ qx
-        grad = grad.detach().to("cpu", torch.float32).reshape(self.shape)
-        check_finite(grad, "gradient", tile=self.tiles["W"].name, op="step")
-        self.chi.sub_(lr * grad)
+            chi = torch.addmm(self.chi, qd.t(), qx, alpha=-lr)  # chi - lr d^T x, one pass
+        else:
+            grad = grad.detach().to("cpu", torch.float32).reshape(self.shape)
+            chi = torch.add(self.chi, grad, alpha=-lr)
+        # one read of the new chi checks it (finite, within a pulse command) before it is
+        # kept: a refused step leaves chi as it was
+        lo, hi = torch.aminmax(chi)
+        peak = max(-float(lo), float(hi))  # NaN propagates through aminmax
+        if not peak < MAX_COUNT * self.granularity:
+            self._refuse(peak, grad, qd.t() @ qx if grad is None else grad)
+        self.chi = chi
         if (self.step_count + 1) % self.transfer_every == 0:
-            self._transfer()
+            self._transfer(peak)
 
-    def _transfer(self) -> None:
+    def _refuse(self, peak: float, grad: torch.Tensor, update: torch.Tensor) -> None:
+        """Raise for an update that would leave chi non-finite or beyond any pulse command
+        (the gradient named when it is the cause)."""
+        name = self.tiles["W"].name
+        check_finite(update, "gradient", tile=name, op="step")
+        if not math.isfinite(peak):
+            raise NonFiniteError("digital accumulator chi would not be finite (the update "
+                                 "overflows)", tile=name, op="step")
+        raise SafetyLimitError(f"digital accumulator chi would reach {peak / self.granularity:.3g}"
+                               " pulses, beyond any pulse command", tile=name, op="step")
+
+    def _transfer(self, peak: float) -> None:
+        """Move the next rows' whole granules of chi to W; ``peak``: max |chi| (below one
+        granule nothing moves, and no pass over chi is made)."""
         rows, n = self.shape[0], self.n_rows_per_transfer
         first = self.row
         if self.random_row and n < rows:
             first = min(int(torch.rand(1, generator=self.gen, dtype=torch.float64) * rows),
                         rows - 1)
         self.row = (first + n) % rows
+        if peak < self.granularity:
+            return
         whole = n == rows  # every row, in whichever order: the same result
         idx = None if whole else (torch.arange(n) + first) % rows
         chi = self.chi if whole else self.chi[idx]
-        steps = torch.trunc(chi / self.granularity)
+        # trunc(chi / granularity) by the float -> int conversion (|chi| < 2^31 granules:
+        # checked in _apply); chi keeps the remainder
+        steps = torch.div(chi, self.granularity).to(torch.int32)
         if whole:
-            self.chi.sub_(steps * self.granularity)
+            self.chi.sub_(steps, alpha=self.granularity)
         else:
-            self.chi[idx] = chi - steps * self.granularity
-        if not bool(steps.any()):
-            return
+            self.chi[idx] = chi.sub(steps, alpha=self.granularity)
         ratio = self.granularity * self.transfer_lr / self.tiles["W"].dw_min
-        want = steps if whole else torch.zeros(self.shape, dtype=torch.float32).index_copy_(
+        want = steps if whole else torch.zeros(self.shape, dtype=torch.int32).index_copy_(
             0, idx, steps)
         if ratio == 1.0 and self.max_pulses is None:  # whole pulses already: no rounding
-            self.pulse_counts(self.tiles["W"], want.to(torch.int32))
-        else:
+            self.pulse_counts(self.tiles["W"], want)  # no pulse at all: nothing is sent
+        elif bool(steps.any()):
+            want = want.to(torch.float32)
             self.pulse_want(self.tiles["W"], want if ratio == 1.0 else want * ratio)
 
     def state_dict(self) -> dict[str, Any]:

@@ -727,6 +727,69 @@ inline void axpy4(const float* a, const float* __restrict w, int64_t stride,
              a[3] * w[3 * stride + c]));
 }
 
+// the salt that separates the MVM output-noise stream of a call key from the pulse streams
+constexpr uint32_t OUTPUT_SALT = 0x2545F491u;
+
+// The output noise of one MVM call: the normal of output e (b n_out + i) is
+// pulse_normal(mix(key ^ OUTPUT_SALT), e), as kernels.output_normals; one pair of draws
+// serves outputs 2p and 2p + 1.
+void output_normals(uint32_t key, int64_t n, float* z, int nthreads) {
+  const vu h = vu{} + mix(key ^ OUTPUT_SALT);
+  const int64_t blocks = ((n + 1) / 2 + L - 1) / L;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    vu p;
+    for (int k = 0; k < L; ++k) p[k] = static_cast<uint32_t>(blk * L + k);
+    vf z0, z1;
+    pair_normals(h, p, z0, z1);
+    const int64_t e0 = 2 * blk * L;
+    if (e0 + 2 * L <= n) {  // a whole block: interleave without tests
+      float* out = z + e0;
+      for (int k = 0; k < L; ++k) {
+        out[2 * k] = z0[k];
+        out[2 * k + 1] = z1[k];
+      }
+      continue;
+    }
+    for (int k = 0; k < L; ++k) {
+      if (e0 + 2 * k < n) z[e0 + 2 * k] = z0[k];
+      if (e0 + 2 * k + 1 < n) z[e0 + 2 * k + 1] = z1[k];
+    }
+  }
+}
+
+// The DAC: scale[b] = max(max_j |x[b][j]|, 1e-12) / inp_bound (noise management), xq =
+// x / scale quantized to levels inp_res apart within +-inp_bound.
+void dac(const float* x, int64_t batch, int64_t n_in, float inp_bound, float inp_res,
+         float* xq, float* scale) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const float s = std::max(row_abs_max(x + b * n_in, n_in), 1e-12f) / inp_bound;
+    scale[b] = s;
+    for (int64_t j = 0; j < n_in; ++j)
+      xq[b * n_in + j] = quantize(x[b * n_in + j] / s, inp_bound, inp_res);
+  }
+}
+
+// The ADC, in place: y = quantize(y + sigma * noise) * scale[b], to out_res levels within
+// +-out_bound; the noise is given, or drawn from key (keyed, as output_normals), or none.
+void adc(float* y, int64_t batch, int64_t n_out, const float* noise, int keyed, int32_t key,
+         float sigma, float out_bound, float out_res, const float* scale, int nthreads) {
+  std::vector<float> drawn;  // keyed: the output noise, drawn here (no tensor to pass)
+  if (keyed) {
+    drawn.resize(static_cast<size_t>(batch * n_out));
+    output_normals(static_cast<uint32_t>(key), batch * n_out, drawn.data(),
+                   batch * n_out >= (1 << 14) ? nthreads : 1);
+    noise = drawn.data();
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < n_out; ++i) {
+      float v = y[b * n_out + i];
+      if (noise) v = v + sigma * noise[b * n_out + i];
+      y[b * n_out + i] = quantize(v, out_bound, out_res) * scale[b];
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -786,20 +849,16 @@ int hil_outer_update(float* w, int64_t rows, int64_t cols, const float* x, const
 // rows], y = x sum_k cs[k] W_k, n_out = cols; else y = x (sum_k cs[k] W_k)^T, n_out = rows).
 // The DAC side: scale[b] = max(max_j |x[b][j]|, 1e-12) / inp_bound, x / scale quantized to
 // levels inp_res apart; the ADC side: (y + sigma * noise) quantized to out_res levels of
-// +-out_bound, times scale[b] (noise may be null). SimTile.mvm's torch ops, with the
+// +-out_bound, times scale[b] (noise may be null; with keyed, the noise is drawn here from
+// key, as output_normals). SimTile.mvm's torch ops, with the
 // products summed in another order (float rounding apart, the same outputs).
 void hil_mvm(const float* x, int64_t batch, int64_t rows, int64_t cols, int transpose,
              int nterms, const float* const* ws, const float* cs, const float* noise,
-             float sigma, float inp_bound, float inp_res, float out_bound, float out_res,
-             float* y, int nthreads) {
+             int keyed, int32_t key, float sigma, float inp_bound, float inp_res,
+             float out_bound, float out_res, float* y, int nthreads) {
   const int64_t n_in = transpose ? rows : cols, n_out = transpose ? cols : rows;
   std::vector<float> xq(static_cast<size_t>(batch * n_in)), scale(batch);
-  for (int64_t b = 0; b < batch; ++b) {
-    const float s = std::max(row_abs_max(x + b * n_in, n_in), 1e-12f) / inp_bound;
-    scale[b] = s;
-    for (int64_t j = 0; j < n_in; ++j)
-      xq[b * n_in + j] = quantize(x[b * n_in + j] / s, inp_bound, inp_res);
-  }
+  dac(x, batch, n_in, inp_bound, inp_res, xq.data(), scale.data());
   // W_0 + c_1 W_1 is summed on the fly; other sums are built row by row
   const bool fused = cs[0] == 1.0f && nterms <= 2;
   if (!transpose) {  // y[b][i] = <xq[b], w_i>, samples in blocks sharing the row's loads
@@ -856,13 +915,21 @@ void hil_mvm(const float* x, int64_t batch, int64_t rows, int64_t cols, int tran
       }
     }
   }
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t i = 0; i < n_out; ++i) {
-      float v = y[b * n_out + i];
-      if (noise) v = v + sigma * noise[b * n_out + i];
-      y[b * n_out + i] = quantize(v, out_bound, out_res) * scale[b];
-    }
-  }
+  adc(y, batch, n_out, noise, keyed, key, sigma, out_bound, out_res, scale.data(), nthreads);
+}
+
+// The periphery alone, for an MVM whose product runs elsewhere (torch's BLAS on large
+// ones): hil_dac gives xq and scale (as hil_mvm's DAC side), hil_adc turns the product y
+// into the outputs in place (as hil_mvm's ADC side).
+void hil_dac(const float* x, int64_t batch, int64_t n_in, float inp_bound, float inp_res,
+             float* xq, float* scale) {
+  dac(x, batch, n_in, inp_bound, inp_res, xq, scale);
+}
+
+void hil_adc(float* y, int64_t batch, int64_t n_out, const float* noise, int keyed,
+             int32_t key, float sigma, float out_bound, float out_res, const float* scale,
+             int nthreads) {
+  adc(y, batch, n_out, noise, keyed, key, sigma, out_bound, out_res, scale, nthreads);
 }
 
 // 1 when built with OpenMP (the kernel's loops run on torch's OpenMP threads), else 0.
