@@ -158,13 +158,14 @@ class MixedPrecision(AnalogAlgorithm):
         whole = n == rows  # every row, in whichever order: the same result
         idx = None if whole else (torch.arange(n) + first) % rows
         chi = self.chi if whole else self.chi[idx]
-        # trunc(chi / granularity) by the float -> int conversion (|chi| < 2^31 granules:
-        # checked in _apply); chi keeps the remainder
-        steps = torch.div(chi, self.granularity).to(torch.int32)
+        # whole granules trunc(chi / granularity) (|chi| < 2^31 granules: checked in
+        # _apply, so the int32 counts never wrap); chi keeps the remainder
+        q = torch.div(chi, self.granularity).trunc_()
         if whole:
-            self.chi.sub_(steps, alpha=self.granularity)
+            self.chi.sub_(q, alpha=self.granularity)
         else:
-            self.chi[idx] = chi.sub(steps, alpha=self.granularity)
+            self.chi[idx] = chi.sub(q, alpha=self.granularity)
+        steps = q.to(torch.int32)
         ratio = self.granularity * self.transfer_lr / self.tiles["W"].dw_min
         want = steps if whole else torch.zeros(self.shape, dtype=torch.int32).index_copy_(
             0, idx, steps)

@@ -637,10 +637,20 @@ void side_probabilities(const float* v, const float* vmax_own, const float* vmax
   }
 }
 
-// max |v_j| of one row of n values
+// max |v_j| of one row of n values (L running maxima: no serial dependency chain; a NaN
+// is passed over, as std::max(m, NaN) does)
 inline float row_abs_max(const float* v, int64_t n) {
+  vf acc{};
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    vf a;
+    std::memcpy(&a, v + j, sizeof(a));
+    a = (vf)((vu)a & 0x7FFFFFFFu);
+    acc = a > acc ? a : acc;
+  }
   float m = 0.0f;
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, std::fabs(v[j]));
+  for (int k = 0; k < L; ++k) m = std::max(m, acc[k]);
+  for (; j < n; ++j) m = std::max(m, std::fabs(v[j]));
   return m;
 }
 
@@ -649,9 +659,13 @@ void abs_max(const float* v, int64_t batch, int64_t n, float* out) {
   for (int64_t b = 0; b < batch; ++b) out[b] = std::max(row_abs_max(v + b * n, n), 1e-30f);
 }
 
-// Clip to +-bound, round to the converter's levels res (half to even, as torch.round)
+// Clip to +-bound, round to the converter's levels res (half to even, as torch.round).
+// Rounding by adding and taking away 1.5 * 2^23 is nearbyint for |q| < 2^22 (a converter's
+// level count is far below) and vectorizes (no contraction: -ffp-contract=off).
 inline float quantize(float v, float bound, float res) {
-  return std::nearbyint(std::min(std::max(v, -bound), bound) / res) * res;
+  constexpr float MAGIC = 12582912.0f;  // 1.5 * 2^23
+  const float q = std::min(std::max(v, -bound), bound) / res;
+  return ((q + MAGIC) - MAGIC) * res;
 }
 
 // Row r of sum_k cs[k] W_k (arrays of `cols` columns), columns c0 .. c1-1, into out.
@@ -743,12 +757,16 @@ void output_normals(uint32_t key, int64_t n, float* z, int nthreads) {
     vf z0, z1;
     pair_normals(h, p, z0, z1);
     const int64_t e0 = 2 * blk * L;
-    if (e0 + 2 * L <= n) {  // a whole block: interleave without tests
-      float* out = z + e0;
-      for (int k = 0; k < L; ++k) {
-        out[2 * k] = z0[k];
-        out[2 * k + 1] = z1[k];
-      }
+    if (e0 + 2 * L <= n) {  // a whole block: interleave by two shuffles
+#if defined(__clang__)
+      const vf lo = __builtin_shufflevector(z0, z1, 0, 8, 1, 9, 2, 10, 3, 11);
+      const vf hi = __builtin_shufflevector(z0, z1, 4, 12, 5, 13, 6, 14, 7, 15);
+#else
+      const vf lo = __builtin_shuffle(z0, z1, vi{0, 8, 1, 9, 2, 10, 3, 11});
+      const vf hi = __builtin_shuffle(z0, z1, vi{4, 12, 5, 13, 6, 14, 7, 15});
+#endif
+      std::memcpy(z + e0, &lo, sizeof(lo));
+      std::memcpy(z + e0 + L, &hi, sizeof(hi));
       continue;
     }
     for (int k = 0; k < L; ++k) {
