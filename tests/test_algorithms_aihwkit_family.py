@@ -61,6 +61,20 @@ def test_threshold_transfer_options_match_the_equations(forget):
             TTv2(ExactBackend(), (1, 2), lr=0.1, transfer_lr=0.1, **bad)
 
 
+@pytest.mark.parametrize("cls", [TTv2, ChoppedTTv2, AGAD])
+def test_threshold_counts_in_w_dw_min_for_ttv2_and_in_p_dw_min_for_the_chopped(cls):
+    """aihwkit: BufferedTransferCompound's threshold is thres_scale x the slow device's
+    (W's) dw_min, the chopped compounds' buffer_granularity x the fast one's (P's)."""
+    kw = {} if cls is TTv2 else dict(in_chop_prob=0.5)
+    alg = cls(ExactBackend(dw=0.01), (1, 1), lr=1.0, transfer_lr=0.75, forget_buffer=False,
+              **kw)
+    alg.tiles["P"].dw_min = 0.02  # P's pulses twice W's
+    alg.tiles["P"].w[:] = 0.02
+    alg.step(torch.zeros(1, 1))  # H = 0.75 x 0.02 = 0.015: over W's dw_min, under P's
+    fired = 0.01 if cls is TTv2 else 0.0  # TTv2 fires and H gives back W's dw_min
+    assert float(alg.H) == pytest.approx(0.015 - fired)
+
+
 # -- chopped TTv2 ---------------------------------------------------------------------------
 def test_chopped_ttv2_writes_chopped_gradients_and_unchops_the_transfer():
     """P <- P - lr (c_out c_in^T) grad; H <- H + b c_out c_in P (forget_buffer: H reset to

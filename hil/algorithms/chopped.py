@@ -54,6 +54,7 @@ class ChoppedTTv2(_Buffered):
 
     decay = False
     forget_default = True
+    threshold_role = "P"  # aihwkit: buffer_granularity x the fast (from) device's dw_min
 
     def __init__(self, backend: Backend, shape: tuple[int, int], lr: float,
                  transfer_lr: float, *, in_chop_prob: float = 0.1,

@@ -285,8 +285,10 @@ class _Buffered(_TwoTile):
     where |H| >= dw_min, one pulse of sign(H) on W and H gives back sign(H) dw_min.
 
     The threshold transfer has aihwkit's knobs (its BufferedTransferCompound and the
-    chopped compounds; docs/aihwkit.md): the threshold is ``buffer_granularity`` x W's
-    dw_min; where it is crossed, n = trunc(H / threshold) pulses, at most ``max_steps``
+    chopped compounds; docs/aihwkit.md): the threshold is ``buffer_granularity`` x the
+    dw_min of the tile ``threshold_role`` names (W here, as aihwkit's
+    BufferedTransferCompound's thres_scale; P for the chopped variants, as aihwkit's
+    buffer_granularity); where it is crossed, n = trunc(H / threshold) pulses, at most ``max_steps``
     a device, go to W; then H gives back (1 - momentum) n threshold (``forget_buffer``
     False), or H is reset to momentum x H (``forget_buffer`` True); ``buffer_cap`` (> 0,
     with ``forget_buffer`` False) bounds |H| to buffer_cap x max_steps thresholds.
@@ -294,6 +296,7 @@ class _Buffered(_TwoTile):
 
     decay: bool = True
     forget_default: bool = False  # the variant's default of ``forget_buffer``
+    threshold_role: str = "W"  # whose dw_min the threshold counts in
 
     def __init__(self, *args: Any, buffer_granularity: float = 1.0, max_steps: int = 1,
                  forget_buffer: bool | None = None, momentum: float = 0.0,
@@ -339,7 +342,7 @@ class _Buffered(_TwoTile):
         ``h_new`` less what fires; what fires goes to W as pulses (unless ``write`` is
         False: then H still gives it back, as aihwkit's AGAD does before its first
         chopper periods are complete)."""
-        thr = self.buffer_granularity * self.tiles["W"].dw_min
+        thr = self.buffer_granularity * self.tiles[self.threshold_role].dw_min
         fire = np.abs(h_new) >= thr
         if self.max_steps == 1:
             n = np.where(fire, np.sign(h_new), np.float32(0.0))
