@@ -9,7 +9,8 @@ mapping is benchmarks/vs_aihwkit.py's (docs/aihwkit.md). Needs aihwkit; never in
 
     .peers/venv/bin/python benchmarks/aihwkit_accuracy.py [--epochs 30] [--seeds 3] \\
         [--act sigmoid|tanh] [--transfer-read as-mapped|exact|noisy|mvm] \\
-        [--transfer-write counts|pulse_train] [--out FILE.json]
+        [--transfer-write counts|pulse_train] [--chop-form sample|step] \\
+        [--lr 0.05] [--transfer-lr 0.1] [--out FILE.json]
 
 Prints one markdown row per method and device: test accuracy here and in aihwkit after
 the last epoch and over the last 5 (mean +- sd over seeds), their differences +- standard
@@ -72,6 +73,11 @@ class Setting:
     train_limit: int = 0  # 0: all 1438 training images
     transfer_read: str = "as-mapped"  # how Tiki-Taka reads P; see TRANSFER_READS
     transfer_write: str = "counts"  # how Tiki-Taka writes W here: counts or pulse_train
+    # c-TTv2 / AGAD here: 'sample' (P updated sample by sample, one column transferred
+    # after each: aihwkit's order) or 'step' (the batch's update, then 10 columns); the
+    # dataclass default is 'step' so that result files from before the option read as such
+    chop_form: str = "step"
+    transfer_lr: float = 0.0  # > 0: every two-tile method's transfer_lr, on both sides
 
 
 def initial_weights(seed: int, tau: float) -> list[torch.Tensor]:
@@ -84,10 +90,28 @@ def initial_weights(seed: int, tau: float) -> list[torch.Tensor]:
 StepFn = Callable[[float], None]  # one update with the lr scaled by the argument
 
 
-def method_of(key: str):
-    """The benchmark's method for ``key``: the chopped ones transfer one column a sample
-    (10 a step here), aihwkit's default units, so that their chopper periods fit the run."""
-    return METHODS[f"{key}-b10" if key in ("cttv2", "agad") else key]
+def method_of(key: str, chop_form: str = "sample"):
+    """The benchmark's method for ``key``: the chopped ones transfer one column a sample,
+    aihwkit's default units, so that their chopper periods fit the run: here either in
+    aihwkit's order (``chop_form='sample'``: each sample's update of P, then its column)
+    or the batch's whole update followed by its 10 columns ('step')."""
+    if key not in ("cttv2", "agad"):
+        return METHODS[key]
+    return METHODS[f"{key}-ps" if chop_form == "sample" else f"{key}-b10"]
+
+
+def configured(key: str, s: Setting):
+    """The method of ``key`` with this invocation's options: the transfer's read and write
+    (here only: aihwkit's side takes them from TRANSFER_READS), the chopped ones' form,
+    and ``transfer_lr`` (both sides alike)."""
+    method = method_of(key, s.chop_form)
+    if key == "tt":
+        method = replace(method, transfer_write=s.transfer_write)
+    if key in READS_P:
+        method = replace(method, transfer_read=TRANSFER_READS[s.transfer_read][2])
+    if s.transfer_lr > 0 and key != "sgd":
+        method = replace(method, transfer_lr=s.transfer_lr)
+    return method
 
 
 def build_here(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting, seed: int
@@ -95,10 +119,7 @@ def build_here(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting
     """The FCN over hil.layers.AnalogLinear on sim://, updated by outer_update."""
     noise = TRANSFER_READS[s.transfer_read][1]
     backend = hil.open_backend(spec.sim_url(seed=seed) + (f"&read_noise={noise}" if noise else ""))
-    method = replace(METHODS[key], transfer_write=s.transfer_write,
-                     transfer_read=TRANSFER_READS[s.transfer_read][2]) if key == "tt" \
-        else replace(method_of(key), transfer_read=TRANSFER_READS[s.transfer_read][2]) \
-        if key in READS_P else method_of(key)
+    method = configured(key, s)
     layers = [our_layer(backend, spec, method, o, i, s.lr, f"fc{k}", seed=seed, init=w)
               for k, ((i, o), w) in enumerate(zip(SIZES, inits, strict=True))]
 
@@ -115,7 +136,7 @@ def build_peer(spec: DeviceSpec, key: str, inits: list[torch.Tensor], s: Setting
     from aihwkit.optim import AnalogSGD
 
     torch.manual_seed(seed)
-    cfg = peer_rpu_config(spec, method_of(key))
+    cfg = peer_rpu_config(spec, configured(key, s))
     if key in READS_P and TRANSFER_READS[s.transfer_read][0] == "perfect":
         from aihwkit.simulator.configs import IOParameters
 
@@ -242,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transfer-write", default="counts", choices=["counts", "pulse_train"],
                     help="Tiki-Taka's write of W here: stochastically rounded counts (the "
                     "paper's form) or a pulse train through outer_update (aihwkit's form)")
+    ap.add_argument("--chop-form", default="sample", choices=["sample", "step"],
+                    help="c-TTv2 / AGAD here: sample (P updated sample by sample, one column "
+                    "transferred after each, aihwkit's order) or step (the batch's update, "
+                    "then its 10 columns; the form before transfer_unit existed)")
+    ap.add_argument("--transfer-lr", type=float, default=0.0,
+                    help="> 0: the transfer_lr of every method that has one, on both sides "
+                    "(default: the method's, 0.1; mixed precision 1)")
     ap.add_argument("--train-limit", type=int, default=0, help="first N training images only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None,
@@ -262,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     s = Setting(epochs=args.epochs, lr=args.lr, act=args.act, c2c=args.c2c,
                 train_limit=args.train_limit, transfer_read=args.transfer_read,
-                transfer_write=args.transfer_write)
+                transfer_write=args.transfer_write, chop_form=args.chop_form,
+                transfer_lr=args.transfer_lr)
     data = load_digits(test_fraction=0.2, seed=0)
     seeds = list(range(args.seeds))
     runs: dict[str, dict] = {}

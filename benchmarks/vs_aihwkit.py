@@ -154,8 +154,10 @@ def more_peer_rpu_config(spec: DeviceSpec, method: Method):
     )
 
     io, upd, opts = peer_io(spec), peer_update(spec), dict(method.options)
-    # here k columns after each step's update; there one column after each sample (k = batch)
-    per_sample = opts.pop("columns_per_transfer", 1) > 1
+    # one column after each sample there (units_in_mbatch=False): here either the same
+    # (transfer_unit='sample') or k = batch columns after the step's whole update
+    k, unit = opts.pop("columns_per_transfer", 1), opts.pop("transfer_unit", "step")
+    per_sample = k > 1 or unit == "sample"
     if method.peer == "mixedprec":
         device = MixedPrecisionCompound(device=peer_device(spec), transfer_every=1,
                                         n_rows_per_transfer=-1, granularity=0.0,
@@ -265,6 +267,10 @@ METHODS["cttv2-b10"] = replace(METHODS["cttv2"], options=METHODS["cttv2"].option
     ("columns_per_transfer", 10),))
 METHODS["agad-b10"] = replace(METHODS["agad"], options=METHODS["agad"].options + (
     ("columns_per_transfer", 10),))
+# ... or, as aihwkit does it, one column after each sample's update (transfer_unit='sample')
+for _key in ("cttv2", "agad"):
+    METHODS[f"{_key}-ps"] = replace(METHODS[_key], options=METHODS[_key].options + (
+        ("transfer_unit", "sample"),))
 CASES = [  # (label, spec, method key)
     ("Analog SGD, soft bounds", DeviceSpec("linear", c2c=0.3), "sgd"),
     ("Analog SGD, power gamma=0.5", DeviceSpec("power", gamma=0.5, c2c=0.3), "sgd"),

@@ -149,6 +149,9 @@ class AlgorithmConfig(_Strict):
     transfer_every: int = Field(1, ge=1)
     transfer: Literal["full", "column"] = "full"
     columns_per_transfer: int | None = Field(None, ge=1)  # transfer: column; unset: 1
+    # what transfer_every counts: steps, or samples (P updated sample by sample, each
+    # followed by its transfer: aihwkit's units_in_mbatch=False); unset: step
+    transfer_unit: Literal["step", "sample"] | None = None
     transfer_read: Literal["exact", "mvm"] = "exact"  # 'mvm': one-hot MVMs (aihwkit's form)
     transfer_write: Literal["counts", "pulse_train"] = "counts"  # tiki_taka / residual
     mvm_read: Literal["tiles", "summed"] = "tiles"  # 'summed': W + gamma P read as one array

@@ -61,6 +61,20 @@ def test_threshold_transfer_options_match_the_equations(forget):
             TTv2(ExactBackend(), (1, 2), lr=0.1, transfer_lr=0.1, **bad)
 
 
+@pytest.mark.parametrize("cls", [TTv2, ChoppedTTv2, AGAD])
+def test_threshold_counts_in_w_dw_min_for_ttv2_and_in_p_dw_min_for_the_chopped(cls):
+    """aihwkit: BufferedTransferCompound's threshold is thres_scale x the slow device's
+    (W's) dw_min, the chopped compounds' buffer_granularity x the fast one's (P's)."""
+    kw = {} if cls is TTv2 else dict(in_chop_prob=0.5)
+    alg = cls(ExactBackend(dw=0.01), (1, 1), lr=1.0, transfer_lr=0.75, forget_buffer=False,
+              **kw)
+    alg.tiles["P"].dw_min = 0.02  # P's pulses twice W's
+    alg.tiles["P"].w[:] = 0.02
+    alg.step(torch.zeros(1, 1))  # H = 0.75 x 0.02 = 0.015: over W's dw_min, under P's
+    fired = 0.01 if cls is TTv2 else 0.0  # TTv2 fires and H gives back W's dw_min
+    assert float(alg.H) == pytest.approx(0.015 - fired)
+
+
 # -- chopped TTv2 ---------------------------------------------------------------------------
 def test_chopped_ttv2_writes_chopped_gradients_and_unchops_the_transfer():
     """P <- P - lr (c_out c_in^T) grad; H <- H + b c_out c_in P (forget_buffer: H reset to
@@ -326,6 +340,88 @@ def test_columns_per_transfer_transfers_k_columns_a_step_in_order():
     assert alg.column == 1 and alg.transfer_count == 1
 
 
+@pytest.mark.parametrize("cls,kw", [
+    (ChoppedTTv2, dict(in_chop_prob=1.0, in_chop_random=True)),  # flips after every read
+    (AGAD, dict(in_chop_prob=0.5)),  # n = 2: flips after every 2nd full cycle
+])
+def test_transfer_unit_sample_interleaves_updates_and_transfers_as_aihwkit(cls, kw):
+    """transfer_unit='sample' (aihwkit's units_in_mbatch=False, one column a sample): sample
+    k's update of P, then one column's transfer, then sample k + 1's update: each transfer
+    reads P part-way through the batch, and a chopper flip at a transfer changes the sign
+    of the later samples' pulses in the same batch. 'step' updates with the whole batch
+    first (one command) and then transfers."""
+    dw = 0.01
+    alg = cls(ExactBackend(dw=dw), (1, 1), lr=1.0, transfer_lr=0.1, transfer="column",
+              transfer_unit="sample", **kw)
+    reads, signs = [], []
+    transfer, transfer_p = alg._transfer, alg.transfer_p
+
+    def logged_read(cols):
+        p = transfer_p(cols)
+        reads.append(float(p))
+        return p
+
+    def logged_transfer(cols, p=None):
+        transfer(cols, p)
+        signs.append(-1 if alg.in_chopper[0] else 1)  # the sign after this transfer
+    alg.transfer_p, alg._transfer = logged_read, logged_transfer
+    x, d = torch.ones(6, 1), torch.full((6, 1), -0.05)  # each sample wants P += 0.05
+    alg.step(x=x, d=d)  # one step of a batch of 6
+    cmds = [int(c) for c in alg.tiles["P"].commands]
+    want = [5 * s for s in [1] + signs[:-1]]  # each sample under the sign then in force
+    assert cmds == want and len(set(want)) == 2  # the sign did change mid-batch
+    assert reads == pytest.approx(list(np.cumsum(want) * dw), abs=1e-7)  # partial batch
+    assert alg.sample_count == 6 and alg.step_count == 1
+    whole = cls(ExactBackend(dw=dw), (1, 1), lr=1.0, transfer_lr=0.1, transfer="column",
+                **kw)
+    whole.step(x=x, d=d)
+    assert [int(c) for c in whole.tiles["P"].commands] == [30]
+
+
+def test_transfer_unit_sample_counts_samples_across_steps_and_validates():
+    alg = TTv2(ExactBackend(), (2, 5), lr=0.1, transfer_lr=0.1, transfer="column",
+               transfer_every=3, transfer_unit="sample")
+    x, d = torch.zeros(2, 5), torch.zeros(2, 2)
+    columns = []
+    for _ in range(4):  # 2 samples a step: transfers after samples 3, 6 (steps 2, 3)
+        alg.step(x=x, d=d)
+        columns.append(alg.column)
+    assert columns == [0, 1, 2, 2] and alg.sample_count == 8
+    assert alg.state_dict()["sample_count"] == 8
+    with pytest.raises(ValueError, match="needs step\\(x=, d=\\)"):
+        alg.step(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="3 samples but d holds 2"):
+        alg.step(x=torch.zeros(3, 5), d=d)
+    with pytest.raises(ValueError, match="transfer_unit must be"):
+        TTv2(ExactBackend(), (2, 2), lr=0.1, transfer_lr=0.1, transfer_unit="batch")
+    with pytest.raises(ValueError, match="applies to"):
+        make_algorithm("mixed_precision", ExactBackend(), (2, 2), lr=0.1,
+                       transfer_unit="sample")
+    # a non-finite sample anywhere in the batch: refused before the first sample's pulses
+    bad = ChoppedTTv2(ExactBackend(), (1, 2), lr=1.0, transfer_lr=0.1, transfer="column",
+                      transfer_unit="sample")
+    with pytest.raises(NonFiniteError):
+        bad.step(x=torch.tensor([[1.0, 0.0], [math.nan, 0.0]]), d=torch.ones(2, 1))
+    assert all(t.commands == [] for t in bad.tiles.values()) and bad.sample_count == 0
+
+
+@pytest.mark.parametrize("name", ["chopped_ttv2", "agad"])
+def test_transfer_unit_sample_at_batch_one_is_the_step_form(name):
+    """With one sample a step both units give the same run bit for bit (outer_update on
+    sim://, transfer reads through the periphery)."""
+    def run(unit: str) -> list[torch.Tensor]:
+        with open_backend("sim://?seed=3&model=power&gamma=0.5&c2c=0.1") as be:
+            a = make_algorithm(name, be, (4, 6), lr=0.1, transfer_lr=0.5, transfer="column",
+                               transfer_read="mvm", in_chop_prob=0.3, seed=5,
+                               update="outer", transfer_unit=unit)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(40):
+                a.step(x=torch.randn(1, 6, generator=g), d=torch.randn(1, 4, generator=g))
+            return [a.read("W"), a.read("P"), a.H.clone()]
+
+    assert all(torch.equal(u, v) for u, v in zip(run("step"), run("sample"), strict=True))
+
+
 # -- hil train ------------------------------------------------------------------------------
 TRAIN = {
     "name": "tiny", "seed": 1, "backend": "sim://?model=power&gamma=0.5&tau=0.6&c2c=0.1&seed=3",
@@ -338,7 +434,8 @@ ALGS = {
                      "transfer": "column", "columns_per_transfer": 2, "in_chop_prob": 0.3,
                      "out_chop_prob": 0.1},
     "agad": {"name": "agad", "lr": 0.1, "transfer_lr": 0.2, "in_chop_prob": 0.5,
-             "tail_weightening": 2.0, "forget_buffer": False, "buffer_cap": 4.0},
+             "tail_weightening": 2.0, "forget_buffer": False, "buffer_cap": 4.0,
+             "transfer": "column", "transfer_unit": "sample"},
     "mixed_precision": {"name": "mixed_precision", "lr": 0.1, "transfer_every": 2,
                         "n_x_bins": 8, "n_d_bins": 4},
 }
@@ -373,6 +470,8 @@ def test_hil_train_yaml_runs_and_resumes_bit_identical(tmp_path, name):
     ({"name": "agad", "out_chop_prob": 0.1}, "algorithm.out_chop_prob"),
     ({"name": "mixed_precision", "n_x_bins": 1}, "algorithm.n_x_bins"),
     ({"name": "chopped_ttv2", "columns_per_transfer": 4}, "algorithm.columns_per_transfer"),
+    ({"name": "mixed_precision", "transfer_unit": "sample"}, "algorithm.transfer_unit"),
+    ({"name": "agad", "transfer_unit": "batch"}, "algorithm.transfer_unit"),
     ({"name": "chopped_ttv2", "in_chop_prob": 2.0}, "algorithm.in_chop_prob"),
     ({"name": "agad", "forget_buffer": "yes"}, "algorithm.forget_buffer"),
 ])
@@ -477,7 +576,8 @@ def test_a_run_configured_before_these_options_still_resumes():
 
     cfg = parse_config({**TRAIN, "algorithm": {"name": "rlv2", "lr": 0.1}})
     old = cfg.model_dump()
-    for key in ("buffer_granularity", "in_chop_prob", "granularity", "columns_per_transfer"):
+    for key in ("buffer_granularity", "in_chop_prob", "granularity", "columns_per_transfer",
+                "transfer_unit"):
         del old["algorithm"][key]
     assert config_changes(old, cfg.model_dump()) == []
 

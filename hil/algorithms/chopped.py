@@ -54,6 +54,7 @@ class ChoppedTTv2(_Buffered):
 
     decay = False
     forget_default = True
+    threshold_role = "P"  # aihwkit: buffer_granularity x the fast (from) device's dw_min
 
     def __init__(self, backend: Backend, shape: tuple[int, int], lr: float,
                  transfer_lr: float, *, in_chop_prob: float = 0.1,
@@ -80,16 +81,17 @@ class ChoppedTTv2(_Buffered):
         return (torch.from_numpy(1.0 - 2.0 * self.out_chopper.astype(np.float32)),
                 torch.from_numpy(1.0 - 2.0 * self.in_chopper.astype(np.float32)))
 
-    def _apply(self, grad, x, d, lr: float) -> None:
-        if self.in_chopper.any() or self.out_chopper.any():
-            c_out, c_in = self._signs()
-            if grad is not None:
-                grad = grad.detach().to("cpu", torch.float32).reshape(self.shape) * \
-                    (c_out[:, None] * c_in[None, :])
-            if x is not None and d is not None:
-                x = x.detach() * c_in.to(x.device, x.dtype)
-                d = d.detach() * c_out.to(d.device, d.dtype)
-        super()._apply(grad, x, d, lr)
+    def _signed(self, grad, x, d):
+        if not (self.in_chopper.any() or self.out_chopper.any()):
+            return grad, x, d
+        c_out, c_in = self._signs()
+        if grad is not None:
+            grad = grad.detach().to("cpu", torch.float32).reshape(self.shape) * \
+                (c_out[:, None] * c_in[None, :])
+        if x is not None and d is not None:
+            x = x.detach() * c_in.to(x.device, x.dtype)
+            d = d.detach() * c_out.to(d.device, d.dtype)
+        return grad, x, d
 
     # -- transfer --------------------------------------------------------------------
     def _chop(self, cols: slice) -> np.ndarray:

@@ -8,7 +8,9 @@ from __future__ import annotations
 # (hil.algorithms.chopped) and mixed precision's (hil.algorithms.mixed)
 _BUFFER = ("rlv2", "ttv2", "chopped_ttv2", "agad")
 _MIXED = ("mixed_precision",)
+_TWO_TILE = ("tiki_taka", "residual") + _BUFFER  # hil.algorithms.residual._TwoTile
 OPTIONS: dict[str, tuple[str, ...]] = {
+    "transfer_unit": _TWO_TILE,
     "buffer_granularity": _BUFFER, "max_steps": _BUFFER, "forget_buffer": _BUFFER,
     "momentum": _BUFFER, "buffer_cap": _BUFFER,
     "in_chop_prob": ("chopped_ttv2", "agad"), "in_chop_random": ("chopped_ttv2", "agad"),

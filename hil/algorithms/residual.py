@@ -31,7 +31,18 @@ class _TwoTile(AnalogAlgorithm):
     Transfer schedule: every ``transfer_every`` steps either the full array
     (``transfer='full'``) or one column, cycling through the columns
     (``transfer='column'``, Tiki-Taka's usual schedule), or ``columns_per_transfer``
-    columns one after the other (aihwkit's transfer of one column per sample of a batch).
+    columns one after the other.
+
+    ``transfer_unit``: what ``transfer_every`` counts. 'step' (default): steps; the whole
+    batch's update of P comes first, then the transfer. 'sample': samples (the rows of
+    ``step(x=, d=)``'s x and d, counted across steps; aihwkit's ``units_in_mbatch=False``):
+    the batch's update of P is split into one outer update per sample, and after every
+    ``transfer_every``-th sample's update the transfer follows before the next sample's,
+    so a transfer reads P part-way through the batch and what it changes (a chopper's
+    sign) applies to the rest of the batch. With ``transfer='column'`` and
+    ``transfer_every=1`` that is aihwkit's default for its chopped compounds: one column
+    after each sample. Needs x and d (``step(grad)`` is refused: a summed gradient cannot
+    be split).
 
     Zero-shifting (``zero_shift=True``): P is driven to its own symmetric point by
     alternating up/down pulses, a reference tile ``{prefix}.P_ref`` is write-verified
@@ -70,7 +81,10 @@ class _TwoTile(AnalogAlgorithm):
         zero_shift_cycles: int = 1000,
         transfer_read: str = "exact",
         mvm_read: str = "tiles",
+        transfer_unit: str = "step",
     ):
+        if transfer_unit not in ("step", "sample"):
+            raise ValueError(f"transfer_unit must be 'step' or 'sample', got {transfer_unit!r}")
         if mvm_read not in ("tiles", "summed"):
             raise ValueError(f"mvm_read must be 'tiles' or 'summed', got {mvm_read!r}")
         if mvm_read == "summed" and not backend.capabilities.mvm_sum:
@@ -100,7 +114,9 @@ class _TwoTile(AnalogAlgorithm):
         self.columns_per_transfer = int(columns_per_transfer)
         self.transfer_read = transfer_read
         self.mvm_read = mvm_read
+        self.transfer_unit = transfer_unit
         self.column = 0  # next column of the 'column' schedule
+        self.sample_count = 0  # samples updated so far (transfer_unit='sample')
         self.zero_shift = bool(zero_shift)
         if self.zero_shift:
             self.tiles["P_ref"] = claim_tile(backend, f"{prefix}.P_ref", self.shape,
@@ -152,7 +168,15 @@ class _TwoTile(AnalogAlgorithm):
         return slice(j, j + 1)
 
     def _apply(self, grad, x, d, lr: float) -> None:
-        transfer = (self.step_count + 1) % self.transfer_every == 0
+        if self.transfer_unit == "sample":
+            self._apply_samples(x, d, lr)
+            return
+        self._update_and_transfer(grad, x, d, lr,
+                                  (self.step_count + 1) % self.transfer_every == 0)
+
+    def _update_and_transfer(self, grad, x, d, lr: float, transfer: bool) -> None:
+        """P's update from (grad or x, d), then, if ``transfer``, the transfer."""
+        grad, x, d = self._signed(grad, x, d)
         if transfer and self._fused(x, d):
             self._transfer(slice(None), self._update_read_p(grad, x, d, lr))
             return
@@ -160,6 +184,28 @@ class _TwoTile(AnalogAlgorithm):
         if transfer:
             for _ in range(self.columns_per_transfer if self.transfer == "column" else 1):
                 self._transfer(self._columns())
+
+    def _apply_samples(self, x, d, lr: float) -> None:
+        """``transfer_unit='sample'``: one update of P per sample, each followed by the
+        transfer when transfer_every samples are complete (see class)."""
+        if x is None or d is None:
+            raise ValueError("transfer_unit='sample' needs step(x=, d=) (a summed gradient "
+                             "cannot be split into samples)")
+        rows, cols = self.shape
+        xs, ds = x.detach().reshape(-1, cols), d.detach().reshape(-1, rows)
+        if xs.shape[0] != ds.shape[0]:
+            raise ValueError(f"x holds {xs.shape[0]} samples but d holds {ds.shape[0]}")
+        # the whole step is checked before its first pulse, not sample by sample
+        check_finite(xs, "layer input x", tile=self.tiles["P"].name, op="step")
+        check_finite(ds, "output error d", tile=self.tiles["P"].name, op="step")
+        for k in range(xs.shape[0]):
+            self.sample_count += 1
+            self._update_and_transfer(None, xs[k:k + 1], ds[k:k + 1], lr,
+                                      self.sample_count % self.transfer_every == 0)
+
+    def _signed(self, grad, x, d):
+        """(grad, x, d) as P takes them (the chopped variants flip signs here)."""
+        return grad, x, d
 
     def _fused(self, x: torch.Tensor | None, d: torch.Tensor | None) -> bool:
         """Whether this step's gradient pulses on P and the transfer's read of P can be one
@@ -184,12 +230,14 @@ class _TwoTile(AnalogAlgorithm):
         columns of P as read already (else the transfer reads them)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "transfer_lr": self.transfer_lr, "column": self.column}
+        return {**super().state_dict(), "transfer_lr": self.transfer_lr, "column": self.column,
+                "sample_count": self.sample_count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.transfer_lr = float(state["transfer_lr"])
         self.column = int(state["column"])
+        self.sample_count = int(state.get("sample_count", 0))  # older checkpoints: none
 
 
 class ResidualLearning(_TwoTile):
@@ -237,8 +285,10 @@ class _Buffered(_TwoTile):
     where |H| >= dw_min, one pulse of sign(H) on W and H gives back sign(H) dw_min.
 
     The threshold transfer has aihwkit's knobs (its BufferedTransferCompound and the
-    chopped compounds; docs/aihwkit.md): the threshold is ``buffer_granularity`` x W's
-    dw_min; where it is crossed, n = trunc(H / threshold) pulses, at most ``max_steps``
+    chopped compounds; docs/aihwkit.md): the threshold is ``buffer_granularity`` x the
+    dw_min of the tile ``threshold_role`` names (W here, as aihwkit's
+    BufferedTransferCompound's thres_scale; P for the chopped variants, as aihwkit's
+    buffer_granularity); where it is crossed, n = trunc(H / threshold) pulses, at most ``max_steps``
     a device, go to W; then H gives back (1 - momentum) n threshold (``forget_buffer``
     False), or H is reset to momentum x H (``forget_buffer`` True); ``buffer_cap`` (> 0,
     with ``forget_buffer`` False) bounds |H| to buffer_cap x max_steps thresholds.
@@ -246,6 +296,7 @@ class _Buffered(_TwoTile):
 
     decay: bool = True
     forget_default: bool = False  # the variant's default of ``forget_buffer``
+    threshold_role: str = "W"  # whose dw_min the threshold counts in
 
     def __init__(self, *args: Any, buffer_granularity: float = 1.0, max_steps: int = 1,
                  forget_buffer: bool | None = None, momentum: float = 0.0,
@@ -291,7 +342,7 @@ class _Buffered(_TwoTile):
         ``h_new`` less what fires; what fires goes to W as pulses (unless ``write`` is
         False: then H still gives it back, as aihwkit's AGAD does before its first
         chopper periods are complete)."""
-        thr = self.buffer_granularity * self.tiles["W"].dw_min
+        thr = self.buffer_granularity * self.tiles[self.threshold_role].dw_min
         fire = np.abs(h_new) >= thr
         if self.max_steps == 1:
             n = np.where(fire, np.sign(h_new), np.float32(0.0))
