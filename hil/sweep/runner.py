@@ -217,10 +217,12 @@ def run_sweep(sweep: Sweep, out: Path, *, address: str | None = None, resume: bo
                       f"rerun with --resume --out {out} to run the others", highlight=False)
         raise
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        if started_here:
-            ray.shutdown()
+        if started_here:  # a local Ray ends with the sweep: its shutdown stops the workers
+            ray.shutdown()  # (no force-cancel first: a cell finishing as it is cancelled
+            # can crash Ray's core worker, "Tried to complete task that was not pending")
+        else:  # a cluster outlives the sweep: its cells are cancelled
+            for ref in pending:
+                ray.cancel(ref, force=True)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if lock is not None:
