@@ -18,6 +18,7 @@ from sim_backend.kernels import (
     device_hash,
     get_kernel,
     hash_uniform,
+    operand,
     output_normals,
     pulse_normal,
 )
@@ -117,7 +118,7 @@ class SimTile(Tile):
                                tile=self.name, op="mvm")
         c = self.cfg
         if c.io == "ideal":
-            y = x @ _operand(terms, transpose)
+            y = x @ operand(terms, transpose)
             return y.reshape(-1) if squeeze else y
         in_res = _resolution(c.inp_bound, c.inp_bits)
         out_res = _resolution(c.out_bound, c.out_bits)
@@ -131,7 +132,7 @@ class SimTile(Tile):
                 _key_tensor(key, x.device), (x.shape[0], n_out), x.device)
             # noise management: scale each input vector to the DAC range, undo after the ADC
             scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / c.inp_bound
-            y = _quantize(x / scale, c.inp_bound, in_res) @ _operand(terms, transpose)
+            y = _quantize(x / scale, c.inp_bound, in_res) @ operand(terms, transpose)
             if noise is not None:
                 y = y + c.out_noise * noise
             y = _quantize(y, c.out_bound, out_res) * scale
@@ -154,15 +155,6 @@ class SimTile(Tile):
                                     dtype=torch.int8 if bl <= 127 else torch.int32)
         # samples in order, as the hardware would apply them
         apply_pulse_trains(self.w, counts, self.devices, self.gen, engine=self.cfg.engine)
-
-
-def _operand(terms: list[tuple[torch.Tensor, float]], transpose: bool) -> torch.Tensor:
-    """The right-hand matrix of an MVM x @ (.) over the weighted sum sum_k c_k w_k of the
-    terms: its transpose for the forward MVM, the sum itself for the backward one."""
-    w = terms[0][0] if terms[0][1] == 1.0 else terms[0][1] * terms[0][0]
-    for wk, ck in terms[1:]:
-        w = torch.add(w, wk, alpha=ck)
-    return w if transpose else w.t()
 
 
 def _fire_probabilities(x: torch.Tensor, d: torch.Tensor, lr: float, dw_min: float,

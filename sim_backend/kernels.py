@@ -58,6 +58,15 @@ def pulse_normal(h: Tensor, t: Tensor | int) -> Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2 - (t & 1) * _HALF_PI)
 
 
+def operand(terms: list[tuple[Tensor, float]], transpose: bool) -> Tensor:
+    """The right-hand matrix of an MVM x @ (.) over the weighted sum sum_k c_k w_k of the
+    terms: its transpose for the forward MVM, the sum itself for the backward one."""
+    w = terms[0][0] if terms[0][1] == 1.0 else terms[0][1] * terms[0][0]
+    for wk, ck in terms[1:]:
+        w = torch.add(w, wk, alpha=ck)
+    return w if transpose else w.t()
+
+
 def output_normals(key: Tensor, shape: tuple[int, int], device: torch.device) -> Tensor:
     """The output noise of one MVM call under ``key``: standard normals [B, n_out], that of
     output e = b n_out + i being pulse_normal(mix(key ^ salt), e) (the native kernel draws

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sim_backend.kernels import FusedParams
+from sim_backend.kernels import FusedParams, operand
 
 SOURCE = Path(__file__).with_name("native") / "pulses.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
@@ -98,12 +98,12 @@ def _load() -> ctypes.CDLL:
                                      i64, p, i64, ctypes.c_float, ctypes.c_int32, i32]
     lib.hil_outer_update.restype = i32
     f32 = ctypes.c_float
-    lib.hil_mvm.argtypes = [p, i64, i64, i64, i32, i32, p, p, p, i32, ctypes.c_int32, f32, f32,
+    lib.hil_mvm.argtypes = [p, i64, i64, i64, i32, i32, p, p, i32, ctypes.c_int32, f32, f32,
                             f32, f32, f32, p, i32]
     lib.hil_mvm.restype = None
     lib.hil_dac.argtypes = [p, i64, i64, f32, f32, p, p]
     lib.hil_dac.restype = None
-    lib.hil_adc.argtypes = [p, i64, i64, p, i32, ctypes.c_int32, f32, f32, f32, p, i32]
+    lib.hil_adc.argtypes = [p, i64, i64, i32, ctypes.c_int32, f32, f32, f32, p, i32]
     lib.hil_adc.restype = None
     lib.hil_pulse_normal.argtypes = [ctypes.c_int32, ctypes.c_int32]
     lib.hil_pulse_normal.restype = ctypes.c_float
@@ -216,44 +216,37 @@ def outer_update(w: torch.Tensor, fp: FusedParams, x: torch.Tensor, d: torch.Ten
 
 
 def mvm(x: torch.Tensor, terms: list[tuple[torch.Tensor, float]], transpose: bool,
-        noise: torch.Tensor | int | None, sigma: float, inp_bound: float, inp_res: float,
+        noise_key: int | None, sigma: float, inp_bound: float, inp_res: float,
         out_bound: float, out_res: float) -> torch.Tensor:
     """A whole MVM through the periphery (emulator.SimTile.mvm's ops: DAC with noise
     management, the weighted sum of the terms' float32 [rows, cols] arrays, output noise,
-    ADC); x [B, n_in] -> [B, n_out]. ``noise``: the standard normals [B, n_out], or a call
-    key (int) from which the kernel draws them (kernels.output_normals), or None. One call
-    does it all; from MIN_BLAS_MVM multiply-adds on, the product runs in torch's BLAS
-    between the kernel's DAC and ADC (float rounding apart, the same outputs)."""
+    ADC); x [B, n_in] -> [B, n_out]. The output noise is drawn in the kernel from the call
+    key ``noise_key`` (kernels.output_normals; None: no noise). One call does it all; from
+    MIN_BLAS_MVM multiply-adds on, the product runs in torch's BLAS between the kernel's
+    DAC and ADC (float rounding apart, the same outputs)."""
     x = _floats(x)
     rows, cols = terms[0][0].shape
     for w, _ in terms:
         _check_weights(w)
-    batch = x.shape[0]
+    batch, n_in = x.shape
     n_out = rows if not transpose else cols
-    keyed = isinstance(noise, int)
-    key = noise if keyed else 0
-    noise = None if keyed or noise is None else _floats(noise)
+    keyed, key = noise_key is not None, noise_key or 0
     lib = _require()
-    threads = _threads(batch * n_out * x.shape[1], MIN_THREADED_MVM)
-    if batch * n_out * x.shape[1] >= MIN_BLAS_MVM:
-        xq, scale = torch.empty_like(x), torch.empty(batch)
-        lib.hil_dac(x.data_ptr(), batch, x.shape[1], inp_bound, inp_res, xq.data_ptr(),
-                    scale.data_ptr())
-        w = terms[0][0] if terms[0][1] == 1.0 else terms[0][1] * terms[0][0]
-        for wk, ck in terms[1:]:
-            w = torch.add(w, wk, alpha=ck)
-        y = (xq @ (w if transpose else w.t())).contiguous()
-    else:
+    threads = _threads(batch * n_out * n_in, MIN_THREADED_MVM)
+    if batch * n_out * n_in < MIN_BLAS_MVM:
         y = torch.empty((batch, n_out))
         k = len(terms)
         ptrs = (ctypes.c_void_p * k)(*[w.data_ptr() for w, _ in terms])
         coeffs = (ctypes.c_float * k)(*[c for _, c in terms])
         lib.hil_mvm(x.data_ptr(), batch, rows, cols, int(transpose), k, ptrs, coeffs,
-                    _ptr(noise), int(keyed), key, sigma, inp_bound, inp_res, out_bound,
-                    out_res, y.data_ptr(), threads)
+                    int(keyed), key, sigma, inp_bound, inp_res, out_bound, out_res,
+                    y.data_ptr(), threads)
         return y
-    lib.hil_adc(y.data_ptr(), batch, n_out, _ptr(noise), int(keyed), key, sigma, out_bound,
-                out_res, scale.data_ptr(), threads)
+    xq, scale = torch.empty_like(x), torch.empty(batch)
+    lib.hil_dac(x.data_ptr(), batch, n_in, inp_bound, inp_res, xq.data_ptr(), scale.data_ptr())
+    y = (xq @ operand(terms, transpose)).contiguous()
+    lib.hil_adc(y.data_ptr(), batch, n_out, int(keyed), key, sigma, out_bound, out_res,
+                scale.data_ptr(), threads)
     return y
 
 

@@ -23,6 +23,7 @@ ALGORITHMS: dict[str, type[AnalogAlgorithm]] = {
     "mixed_precision": MixedPrecision,
 }
 
+
 def make_algorithm(name: str, backend: Backend, shape: tuple[int, int], **kw: Any
                    ) -> AnalogAlgorithm:
     """Build an algorithm by its config name (one of ``ALGORITHMS``)."""

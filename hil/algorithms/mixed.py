@@ -128,16 +128,16 @@ class MixedPrecision(AnalogAlgorithm):
         lo, hi = torch.aminmax(chi)
         peak = max(-float(lo), float(hi))  # NaN propagates through aminmax
         if not peak < MAX_COUNT * self.granularity:
-            self._refuse(peak, grad, qd.t() @ qx if grad is None else grad)
+            self._refuse(peak, qd.t() @ qx if grad is None else grad)
         self.chi = chi
         if (self.step_count + 1) % self.transfer_every == 0:
             self._transfer(peak)
 
-    def _refuse(self, peak: float, grad: torch.Tensor, update: torch.Tensor) -> None:
+    def _refuse(self, peak: float, grad: torch.Tensor) -> None:
         """Raise for an update that would leave chi non-finite or beyond any pulse command
         (the gradient named when it is the cause)."""
         name = self.tiles["W"].name
-        check_finite(update, "gradient", tile=name, op="step")
+        check_finite(grad, "gradient", tile=name, op="step")
         if not math.isfinite(peak):
             raise NonFiniteError("digital accumulator chi would not be finite (the update "
                                  "overflows)", tile=name, op="step")
@@ -165,14 +165,11 @@ class MixedPrecision(AnalogAlgorithm):
             self.chi.sub_(q, alpha=self.granularity)
         else:
             self.chi[idx] = chi.sub(q, alpha=self.granularity)
-        steps = q.to(torch.int32)
         ratio = self.granularity * self.transfer_lr / self.tiles["W"].dw_min
-        want = steps if whole else torch.zeros(self.shape, dtype=torch.int32).index_copy_(
-            0, idx, steps)
+        want = q if whole else torch.zeros(self.shape).index_copy_(0, idx, q)
         if ratio == 1.0 and self.max_pulses is None:  # whole pulses already: no rounding
-            self.pulse_counts(self.tiles["W"], want)  # no pulse at all: nothing is sent
-        elif bool(steps.any()):
-            want = want.to(torch.float32)
+            self.pulse_counts(self.tiles["W"], want.to(torch.int32))  # none: nothing sent
+        elif bool(q.any()):
             self.pulse_want(self.tiles["W"], want if ratio == 1.0 else want * ratio)
 
     def state_dict(self) -> dict[str, Any]:

@@ -789,20 +789,19 @@ void dac(const float* x, int64_t batch, int64_t n_in, float inp_bound, float inp
 }
 
 // The ADC, in place: y = quantize(y + sigma * noise) * scale[b], to out_res levels within
-// +-out_bound; the noise is given, or drawn from key (keyed, as output_normals), or none.
-void adc(float* y, int64_t batch, int64_t n_out, const float* noise, int keyed, int32_t key,
-         float sigma, float out_bound, float out_res, const float* scale, int nthreads) {
-  std::vector<float> drawn;  // keyed: the output noise, drawn here (no tensor to pass)
+// +-out_bound; the noise drawn here from key (keyed, as output_normals), or none.
+void adc(float* y, int64_t batch, int64_t n_out, int keyed, int32_t key, float sigma,
+         float out_bound, float out_res, const float* scale, int nthreads) {
+  std::vector<float> noise;
   if (keyed) {
-    drawn.resize(static_cast<size_t>(batch * n_out));
-    output_normals(static_cast<uint32_t>(key), batch * n_out, drawn.data(),
+    noise.resize(static_cast<size_t>(batch * n_out));
+    output_normals(static_cast<uint32_t>(key), batch * n_out, noise.data(),
                    batch * n_out >= (1 << 14) ? nthreads : 1);
-    noise = drawn.data();
   }
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t i = 0; i < n_out; ++i) {
       float v = y[b * n_out + i];
-      if (noise) v = v + sigma * noise[b * n_out + i];
+      if (keyed) v = v + sigma * noise[b * n_out + i];
       y[b * n_out + i] = quantize(v, out_bound, out_res) * scale[b];
     }
   }
@@ -867,13 +866,13 @@ int hil_outer_update(float* w, int64_t rows, int64_t cols, const float* x, const
 // rows], y = x sum_k cs[k] W_k, n_out = cols; else y = x (sum_k cs[k] W_k)^T, n_out = rows).
 // The DAC side: scale[b] = max(max_j |x[b][j]|, 1e-12) / inp_bound, x / scale quantized to
 // levels inp_res apart; the ADC side: (y + sigma * noise) quantized to out_res levels of
-// +-out_bound, times scale[b] (noise may be null; with keyed, the noise is drawn here from
-// key, as output_normals). SimTile.mvm's torch ops, with the
-// products summed in another order (float rounding apart, the same outputs).
+// +-out_bound, times scale[b] (the noise drawn here from key when keyed, as
+// output_normals; else none). SimTile.mvm's torch ops, with the products summed in another
+// order (float rounding apart, the same outputs).
 void hil_mvm(const float* x, int64_t batch, int64_t rows, int64_t cols, int transpose,
-             int nterms, const float* const* ws, const float* cs, const float* noise,
-             int keyed, int32_t key, float sigma, float inp_bound, float inp_res,
-             float out_bound, float out_res, float* y, int nthreads) {
+             int nterms, const float* const* ws, const float* cs, int keyed, int32_t key,
+             float sigma, float inp_bound, float inp_res, float out_bound, float out_res,
+             float* y, int nthreads) {
   const int64_t n_in = transpose ? rows : cols, n_out = transpose ? cols : rows;
   std::vector<float> xq(static_cast<size_t>(batch * n_in)), scale(batch);
   dac(x, batch, n_in, inp_bound, inp_res, xq.data(), scale.data());
@@ -933,7 +932,7 @@ void hil_mvm(const float* x, int64_t batch, int64_t rows, int64_t cols, int tran
       }
     }
   }
-  adc(y, batch, n_out, noise, keyed, key, sigma, out_bound, out_res, scale.data(), nthreads);
+  adc(y, batch, n_out, keyed, key, sigma, out_bound, out_res, scale.data(), nthreads);
 }
 
 // The periphery alone, for an MVM whose product runs elsewhere (torch's BLAS on large
@@ -944,10 +943,9 @@ void hil_dac(const float* x, int64_t batch, int64_t n_in, float inp_bound, float
   dac(x, batch, n_in, inp_bound, inp_res, xq, scale);
 }
 
-void hil_adc(float* y, int64_t batch, int64_t n_out, const float* noise, int keyed,
-             int32_t key, float sigma, float out_bound, float out_res, const float* scale,
-             int nthreads) {
-  adc(y, batch, n_out, noise, keyed, key, sigma, out_bound, out_res, scale, nthreads);
+void hil_adc(float* y, int64_t batch, int64_t n_out, int keyed, int32_t key, float sigma,
+             float out_bound, float out_res, const float* scale, int nthreads) {
+  adc(y, batch, n_out, keyed, key, sigma, out_bound, out_res, scale, nthreads);
 }
 
 // 1 when built with OpenMP (the kernel's loops run on torch's OpenMP threads), else 0.
